@@ -1,0 +1,1 @@
+//! WeChat push signatures and safe-mode (AES) encryption.

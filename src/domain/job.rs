@@ -1,0 +1,498 @@
+//! A notification job, as business systems publish it (see CONTRACT.md, "Jobs").
+//!
+//! [`Job::parse`] is the only way to get a [`Job`]: once you hold one, it is valid. Anything
+//! wrong with the input becomes an [`InvalidJob`] that keeps whatever `job_id` could be read, so
+//! the worker can still publish a `send.failed` result for it.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sha1::{Digest, Sha1};
+
+/// Largest job body the worker accepts. WeChat itself caps template content far below this;
+/// a larger body is a bug or an attack, and goes to the dead-letter queue untouched.
+pub const MAX_JOB_BYTES: usize = 64 * 1024;
+/// `job_id` length bounds, in characters (CONTRACT.md).
+pub const MAX_JOB_ID_CHARS: usize = 128;
+/// Longest `client_msg_id` sent as is; a longer one (or a derived one) is hashed down.
+/// WeChat documents no limit for template sends; mass send caps its `clientmsgid` at 64 bytes.
+pub const MAX_CLIENT_MSG_ID_BYTES: usize = 64;
+const MAX_FIELD_CHARS: usize = 1024;
+
+/// The account a job names when it names none.
+pub const DEFAULT_ACCOUNT: &str = "default";
+
+/// A valid notification job.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Job {
+    pub job_id: String,
+    pub account: String,
+    pub touser: String,
+    pub template_id: String,
+    pub url: Option<String>,
+    pub miniprogram: Option<MiniProgram>,
+    pub topcolor: Option<String>,
+    pub data: BTreeMap<String, DataItem>,
+    /// Always set: the job's own value, or one derived from `job_id`, so that every attempt
+    /// and every redelivery of the job carries the same one and WeChat drops duplicates.
+    pub client_msg_id: String,
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MiniProgram {
+    pub appid: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pagepath: Option<String>,
+}
+
+/// One keyword of the template. `value` is kept as JSON so numbers pass through unchanged.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DataItem {
+    pub value: Value,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub color: Option<String>,
+}
+
+/// Why a job could not be accepted, with the `job_id` when one could be read.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("invalid job: {reason}")]
+pub struct InvalidJob {
+    pub job_id: Option<String>,
+    pub reason: String,
+}
+
+impl InvalidJob {
+    fn new(job_id: Option<&str>, reason: impl Into<String>) -> Self {
+        Self { job_id: job_id.map(str::to_owned), reason: reason.into() }
+    }
+}
+
+/// The wire form, read leniently so that each problem can be named precisely afterwards.
+#[derive(Deserialize)]
+struct RawJob {
+    job_id: Option<Value>,
+    account: Option<Value>,
+    touser: Option<Value>,
+    template_id: Option<Value>,
+    url: Option<Value>,
+    miniprogram: Option<Value>,
+    topcolor: Option<Value>,
+    data: Option<Value>,
+    client_msg_id: Option<Value>,
+    expires_at: Option<Value>,
+}
+
+impl Job {
+    /// Parses and validates a job body. `message_id` is the AMQP property, used as `job_id`
+    /// when the body has none.
+    pub fn parse(body: &[u8], message_id: Option<&str>) -> Result<Job, InvalidJob> {
+        let fallback_id = message_id.filter(|id| valid_job_id(id));
+        if body.len() > MAX_JOB_BYTES {
+            return Err(InvalidJob::new(
+                fallback_id,
+                format!("body is {} bytes, over the {MAX_JOB_BYTES}-byte limit", body.len()),
+            ));
+        }
+        let text = std::str::from_utf8(body)
+            .map_err(|e| InvalidJob::new(fallback_id, format!("body is not UTF-8 (at byte {})", e.valid_up_to())))?;
+        let value: Value =
+            serde_json::from_str(text).map_err(|e| InvalidJob::new(fallback_id, format!("body is not JSON: {e}")))?;
+        let Value::Object(_) = value else {
+            return Err(InvalidJob::new(fallback_id, "body is not a JSON object"));
+        };
+        let raw: RawJob = serde_json::from_value(value)
+            .map_err(|e| InvalidJob::new(fallback_id, format!("body is not a job: {e}")))?;
+
+        // The job_id first: every later error can then carry it.
+        let job_id = match &raw.job_id {
+            None | Some(Value::Null) => match message_id {
+                Some(id) if valid_job_id(id) => id.to_owned(),
+                Some(_) => {
+                    return Err(InvalidJob::new(
+                        None,
+                        format!("job_id missing and message_id is not 1 to {MAX_JOB_ID_CHARS} characters"),
+                    ));
+                }
+                None => return Err(InvalidJob::new(None, "job_id missing (and no message_id property)")),
+            },
+            Some(Value::String(id)) if valid_job_id(id) => id.clone(),
+            Some(Value::String(_)) => {
+                return Err(InvalidJob::new(
+                    fallback_id,
+                    format!("job_id must be 1 to {MAX_JOB_ID_CHARS} characters without control characters"),
+                ));
+            }
+            Some(_) => return Err(InvalidJob::new(fallback_id, "job_id must be a string")),
+        };
+        let id = Some(job_id.as_str());
+        let fail = |reason: String| InvalidJob::new(id, reason);
+
+        let account = optional_string(&raw.account, "account").map_err(&fail)?;
+        let account = account.unwrap_or_else(|| DEFAULT_ACCOUNT.to_owned());
+        if account.is_empty() {
+            return Err(fail("account must not be empty".into()));
+        }
+        let touser = required_string(&raw.touser, "touser").map_err(&fail)?;
+        let template_id = required_string(&raw.template_id, "template_id").map_err(&fail)?;
+        let url = optional_string(&raw.url, "url").map_err(&fail)?;
+        let topcolor = optional_string(&raw.topcolor, "topcolor").map_err(&fail)?;
+        let miniprogram = match &raw.miniprogram {
+            None | Some(Value::Null) => None,
+            Some(v) => {
+                let mp: MiniProgram = serde_json::from_value(v.clone()).map_err(|e| {
+                    fail(format!("miniprogram must be {{\"appid\": string, \"pagepath\"?: string}}: {e}"))
+                })?;
+                if mp.appid.is_empty() {
+                    return Err(fail("miniprogram.appid must not be empty".into()));
+                }
+                Some(mp)
+            }
+        };
+        let data = parse_data(raw.data.as_ref()).map_err(&fail)?;
+        let client_msg_id = match optional_string(&raw.client_msg_id, "client_msg_id").map_err(&fail)? {
+            Some(c) if c.is_empty() => return Err(fail("client_msg_id must not be empty".into())),
+            Some(c) if c.len() <= MAX_CLIENT_MSG_ID_BYTES => c,
+            Some(c) => hashed_client_msg_id(&c),
+            None => derive_client_msg_id(&job_id),
+        };
+        let expires_at = match optional_string(&raw.expires_at, "expires_at").map_err(&fail)? {
+            None => None,
+            Some(s) => Some(
+                DateTime::parse_from_rfc3339(&s)
+                    .map_err(|e| fail(format!("expires_at {s:?} is not an RFC 3339 time: {e}")))?
+                    .with_timezone(&Utc),
+            ),
+        };
+        Ok(Job { job_id, account, touser, template_id, url, miniprogram, topcolor, data, client_msg_id, expires_at })
+    }
+
+    /// Whether the job's `expires_at` has passed at `now`.
+    pub fn is_expired(&self, now: DateTime<Utc>) -> bool {
+        self.expires_at.is_some_and(|at| at <= now)
+    }
+
+    /// The body of `POST /cgi-bin/message/template/send`, serialized once.
+    pub fn template_message_body(&self) -> Vec<u8> {
+        #[derive(Serialize)]
+        struct Body<'a> {
+            touser: &'a str,
+            template_id: &'a str,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            url: Option<&'a str>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            miniprogram: Option<&'a MiniProgram>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            topcolor: Option<&'a str>,
+            data: &'a BTreeMap<String, DataItem>,
+            client_msg_id: &'a str,
+        }
+        let body = Body {
+            touser: &self.touser,
+            template_id: &self.template_id,
+            url: self.url.as_deref(),
+            miniprogram: self.miniprogram.as_ref(),
+            topcolor: self.topcolor.as_deref(),
+            data: &self.data,
+            client_msg_id: &self.client_msg_id,
+        };
+        // Serializing plain strings and maps of strings cannot fail.
+        serde_json::to_vec(&body).unwrap_or_default()
+    }
+}
+
+fn valid_job_id(id: &str) -> bool {
+    let chars = id.chars().count();
+    (1..=MAX_JOB_ID_CHARS).contains(&chars) && !id.chars().any(char::is_control)
+}
+
+/// The `client_msg_id` of a job that carries none: the job_id itself when it fits, so that an
+/// operator can match WeChat-side records by eye, else a hash of it.
+pub fn derive_client_msg_id(job_id: &str) -> String {
+    if job_id.len() <= MAX_CLIENT_MSG_ID_BYTES && job_id.is_ascii() {
+        job_id.to_owned()
+    } else {
+        hashed_client_msg_id(job_id)
+    }
+}
+
+fn hashed_client_msg_id(id: &str) -> String {
+    format!("wxpush-{}", hex::encode(Sha1::digest(id.as_bytes())))
+}
+
+fn required_string(v: &Option<Value>, field: &str) -> Result<String, String> {
+    match optional_string(v, field)? {
+        Some(s) if !s.is_empty() => Ok(s),
+        Some(_) => Err(format!("{field} must not be empty")),
+        None => Err(format!("{field} missing")),
+    }
+}
+
+fn optional_string(v: &Option<Value>, field: &str) -> Result<Option<String>, String> {
+    match v {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) if s.chars().count() > MAX_FIELD_CHARS => {
+            Err(format!("{field} is longer than {MAX_FIELD_CHARS} characters"))
+        }
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(other) => Err(format!("{field} must be a string, not {}", kind(other))),
+    }
+}
+
+fn parse_data(v: Option<&Value>) -> Result<BTreeMap<String, DataItem>, String> {
+    let map = match v {
+        None | Some(Value::Null) => return Err("data missing".into()),
+        Some(Value::Object(map)) => map,
+        Some(other) => return Err(format!("data must be an object, not {}", kind(other))),
+    };
+    if map.is_empty() {
+        return Err("data must have at least one keyword".into());
+    }
+    let mut data = BTreeMap::new();
+    for (key, item) in map {
+        let Value::Object(item) = item else {
+            return Err(format!("data.{key} must be an object {{\"value\": …, \"color\"?: …}}, not {}", kind(item)));
+        };
+        let value = match item.get("value") {
+            None | Some(Value::Null) => return Err(format!("data.{key}.value missing")),
+            Some(v @ (Value::String(_) | Value::Number(_) | Value::Bool(_))) => v.clone(),
+            Some(other) => return Err(format!("data.{key}.value must be a string or number, not {}", kind(other))),
+        };
+        let color = match item.get("color") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(c)) => Some(c.clone()),
+            Some(other) => return Err(format!("data.{key}.color must be a string, not {}", kind(other))),
+        };
+        data.insert(key.clone(), DataItem { value, color });
+    }
+    Ok(data)
+}
+
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn full() -> Value {
+        json!({
+            "job_id": "order-42-paid",
+            "account": "default",
+            "touser": "oia2TjuEGTNoeX76QEjQNrcURxG8",
+            "template_id": "ngqIpbwh8bUfcSsECmogfXcV14J0tQlEpBO27izEYtY",
+            "url": "http://weixin.qq.com/download",
+            "miniprogram": {"appid": "wx0123456789abcdef", "pagepath": "pages/order?id=42"},
+            "topcolor": "#FF0000",
+            "data": {
+                "User": {"value": "黄先生", "color": "#173177"},
+                "Money": {"value": "人民币260.00元", "color": "#173177"}
+            },
+            "client_msg_id": "order-42-paid-c",
+            "expires_at": "2026-11-28T12:00:00Z"
+        })
+    }
+
+    fn parse(v: &Value) -> Result<Job, InvalidJob> {
+        Job::parse(&serde_json::to_vec(v).unwrap(), None)
+    }
+
+    fn reason_of(v: Value) -> (Option<String>, String) {
+        let e = parse(&v).unwrap_err();
+        (e.job_id, e.reason)
+    }
+
+    #[test]
+    fn every_field_of_the_contract_example_is_read() {
+        let job = parse(&full()).unwrap();
+        assert_eq!(job.job_id, "order-42-paid");
+        assert_eq!(job.account, "default");
+        assert_eq!(job.touser, "oia2TjuEGTNoeX76QEjQNrcURxG8");
+        assert_eq!(job.template_id, "ngqIpbwh8bUfcSsECmogfXcV14J0tQlEpBO27izEYtY");
+        assert_eq!(job.url.as_deref(), Some("http://weixin.qq.com/download"));
+        let mp = job.miniprogram.clone().unwrap();
+        assert_eq!(mp.appid, "wx0123456789abcdef");
+        assert_eq!(mp.pagepath.as_deref(), Some("pages/order?id=42"));
+        assert_eq!(job.topcolor.as_deref(), Some("#FF0000"));
+        assert_eq!(job.data["User"].value, json!("黄先生"));
+        assert_eq!(job.data["Money"].color.as_deref(), Some("#173177"));
+        assert_eq!(job.client_msg_id, "order-42-paid-c");
+        assert_eq!(job.expires_at.unwrap().to_rfc3339(), "2026-11-28T12:00:00+00:00");
+    }
+
+    #[test]
+    fn the_template_body_carries_every_field_wechat_takes() {
+        let job = parse(&full()).unwrap();
+        let body: Value = serde_json::from_slice(&job.template_message_body()).unwrap();
+        assert_eq!(
+            body,
+            json!({
+                "touser": "oia2TjuEGTNoeX76QEjQNrcURxG8",
+                "template_id": "ngqIpbwh8bUfcSsECmogfXcV14J0tQlEpBO27izEYtY",
+                "url": "http://weixin.qq.com/download",
+                "miniprogram": {"appid": "wx0123456789abcdef", "pagepath": "pages/order?id=42"},
+                "topcolor": "#FF0000",
+                "data": {
+                    "User": {"value": "黄先生", "color": "#173177"},
+                    "Money": {"value": "人民币260.00元", "color": "#173177"}
+                },
+                "client_msg_id": "order-42-paid-c"
+            })
+        );
+    }
+
+    #[test]
+    fn optional_fields_default_and_client_msg_id_is_derived_stably() {
+        let v = json!({"job_id": "j1", "touser": "o1", "template_id": "t1", "data": {"k": {"value": 3}}});
+        let a = parse(&v).unwrap();
+        let b = parse(&v).unwrap();
+        assert_eq!(a.account, "default");
+        assert_eq!(a.client_msg_id, "j1");
+        assert_eq!(a.client_msg_id, b.client_msg_id);
+        assert_eq!(a.data["k"].value, json!(3));
+        assert!(a.url.is_none() && a.miniprogram.is_none() && a.topcolor.is_none() && a.expires_at.is_none());
+        let body: Value = serde_json::from_slice(&a.template_message_body()).unwrap();
+        assert!(body.get("url").is_none() && body.get("miniprogram").is_none());
+    }
+
+    #[test]
+    fn long_or_non_ascii_job_ids_give_a_bounded_hashed_client_msg_id() {
+        let long = "x".repeat(100);
+        let c = derive_client_msg_id(&long);
+        assert!(c.len() <= MAX_CLIENT_MSG_ID_BYTES && c.starts_with("wxpush-"));
+        assert_eq!(c, derive_client_msg_id(&long));
+        assert_ne!(c, derive_client_msg_id(&"y".repeat(100)));
+        assert!(derive_client_msg_id("订单-42").starts_with("wxpush-"));
+    }
+
+    #[test]
+    fn message_id_stands_in_for_a_missing_job_id() {
+        let v = json!({"touser": "o1", "template_id": "t1", "data": {"k": {"value": "v"}}});
+        let body = serde_json::to_vec(&v).unwrap();
+        assert_eq!(Job::parse(&body, Some("mid-7")).unwrap().job_id, "mid-7");
+        let e = Job::parse(&body, None).unwrap_err();
+        assert_eq!(e.job_id, None);
+        assert!(e.reason.contains("job_id missing"), "{}", e.reason);
+    }
+
+    #[test]
+    fn each_kind_of_wrong_input_is_named_and_keeps_the_job_id() {
+        let cases: Vec<(Value, &str)> = vec![
+            (json!({"job_id": "j", "template_id": "t", "data": {"k": {"value": "v"}}}), "touser missing"),
+            (
+                json!({"job_id": "j", "touser": 5, "template_id": "t", "data": {"k": {"value": "v"}}}),
+                "touser must be a string",
+            ),
+            (
+                json!({"job_id": "j", "touser": "", "template_id": "t", "data": {"k": {"value": "v"}}}),
+                "touser must not be empty",
+            ),
+            (json!({"job_id": "j", "touser": "o", "data": {"k": {"value": "v"}}}), "template_id missing"),
+            (json!({"job_id": "j", "touser": "o", "template_id": "t"}), "data missing"),
+            (json!({"job_id": "j", "touser": "o", "template_id": "t", "data": []}), "data must be an object"),
+            (json!({"job_id": "j", "touser": "o", "template_id": "t", "data": {}}), "at least one keyword"),
+            (json!({"job_id": "j", "touser": "o", "template_id": "t", "data": {"k": "v"}}), "data.k must be an object"),
+            (json!({"job_id": "j", "touser": "o", "template_id": "t", "data": {"k": {}}}), "data.k.value missing"),
+            (
+                json!({"job_id": "j", "touser": "o", "template_id": "t", "data": {"k": {"value": [1]}}}),
+                "data.k.value must be a string or number",
+            ),
+            (
+                json!({"job_id": "j", "touser": "o", "template_id": "t", "data": {"k": {"value": "v", "color": 1}}}),
+                "data.k.color must be a string",
+            ),
+            (
+                json!({"job_id": "j", "touser": "o", "template_id": "t", "data": {"k": {"value": "v"}}, "account": 1}),
+                "account must be a string",
+            ),
+            (
+                json!({"job_id": "j", "touser": "o", "template_id": "t", "data": {"k": {"value": "v"}}, "url": false}),
+                "url must be a string",
+            ),
+            (
+                json!({"job_id": "j", "touser": "o", "template_id": "t", "data": {"k": {"value": "v"}}, "miniprogram": "x"}),
+                "miniprogram must be",
+            ),
+            (
+                json!({"job_id": "j", "touser": "o", "template_id": "t", "data": {"k": {"value": "v"}}, "miniprogram": {"appid": ""}}),
+                "miniprogram.appid",
+            ),
+            (
+                json!({"job_id": "j", "touser": "o", "template_id": "t", "data": {"k": {"value": "v"}}, "expires_at": "tomorrow"}),
+                "expires_at \"tomorrow\" is not an RFC 3339",
+            ),
+            (
+                json!({"job_id": "j", "touser": "o", "template_id": "t", "data": {"k": {"value": "v"}}, "client_msg_id": ""}),
+                "client_msg_id must not be empty",
+            ),
+        ];
+        for (v, want) in cases {
+            let (id, reason) = reason_of(v);
+            assert_eq!(id.as_deref(), Some("j"), "{reason}");
+            assert!(reason.contains(want), "{reason:?} should contain {want:?}");
+        }
+    }
+
+    #[test]
+    fn a_bad_job_id_is_rejected_without_being_kept() {
+        for v in [json!(7), json!(""), json!("x".repeat(129)), json!("a\nb")] {
+            let (id, reason) =
+                reason_of(json!({"job_id": v, "touser": "o", "template_id": "t", "data": {"k": {"value": "v"}}}));
+            assert_eq!(id, None);
+            assert!(reason.contains("job_id"), "{reason}");
+        }
+        assert!(
+            parse(
+                &json!({"job_id": "é".repeat(128), "touser": "o", "template_id": "t", "data": {"k": {"value": "v"}}})
+            )
+            .is_ok()
+        );
+    }
+
+    #[test]
+    fn bytes_that_are_not_a_json_object_are_refused() {
+        assert!(Job::parse(b"\xff\xfe", None).unwrap_err().reason.contains("not UTF-8"));
+        assert!(Job::parse(b"{not json", None).unwrap_err().reason.contains("not JSON"));
+        assert!(Job::parse(b"[1,2]", Some("m")).unwrap_err().reason.contains("not a JSON object"));
+        let big = vec![b' '; MAX_JOB_BYTES + 1];
+        let e = Job::parse(&big, Some("m")).unwrap_err();
+        assert!(e.reason.contains("over the 65536-byte limit"), "{}", e.reason);
+        assert_eq!(e.job_id.as_deref(), Some("m"));
+    }
+
+    #[test]
+    fn expiry_is_judged_against_the_given_time() {
+        let job = parse(&full()).unwrap();
+        let before = DateTime::parse_from_rfc3339("2026-11-28T11:59:59Z").unwrap().with_timezone(&Utc);
+        let after = DateTime::parse_from_rfc3339("2026-11-28T12:00:00Z").unwrap().with_timezone(&Utc);
+        assert!(!job.is_expired(before));
+        assert!(job.is_expired(after));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn no_body_panics_the_parser(body in proptest::collection::vec(proptest::num::u8::ANY, 0..512)) {
+            let _ = Job::parse(&body, None);
+        }
+
+        #[test]
+        fn any_string_fields_parse_or_fail_cleanly(job_id in ".{0,140}", touser in ".{0,40}", value in ".{0,40}") {
+            let v = json!({"job_id": job_id, "touser": touser, "template_id": "t", "data": {"k": {"value": value}}});
+            if let Ok(job) = parse(&v) {
+                proptest::prop_assert!(job.client_msg_id.len() <= MAX_CLIENT_MSG_ID_BYTES);
+                proptest::prop_assert!(!job.touser.is_empty());
+            }
+        }
+    }
+}

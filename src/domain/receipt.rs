@@ -1,0 +1,1 @@
+//! Parsing WeChat event pushes (TEMPLATESENDJOBFINISH and the rest).

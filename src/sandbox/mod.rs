@@ -1,0 +1,1 @@
+//! wxpush-sandbox: a local stand-in for api.weixin.qq.com.

@@ -1,0 +1,1 @@
+//! wxpush-webhook: the URL WeChat pushes events to.
