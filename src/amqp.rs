@@ -216,10 +216,11 @@ impl Broker {
     /// The current publisher, connecting when there is none or the old one broke.
     pub async fn publisher(&self) -> Result<Publisher, AmqpError> {
         let mut link = self.link.lock().await;
-        if let Some((conn, publisher)) = link.as_ref() {
-            if conn.status().connected() && publisher.is_usable() {
-                return Ok(publisher.clone());
-            }
+        if let Some((conn, publisher)) = link.as_ref()
+            && conn.status().connected()
+            && publisher.is_usable()
+        {
+            return Ok(publisher.clone());
         }
         *link = None;
         let conn = connect(&self.url, &self.name).await?;
