@@ -10,7 +10,9 @@
 //! RabbitMQ in [`amqp`], Redis in [`store`], WeChat's HTTP API in [`wechat`], the HTTP servers in
 //! [`webhook`], [`sandbox`] and [`health`].
 
+pub mod amqp;
 pub mod config;
 pub mod domain;
 pub mod sandbox;
+pub mod store;
 pub mod webhook;
