@@ -172,7 +172,9 @@ impl Webhook {
                 Some(keys) => {
                     accounts.insert(account.name.clone(), Arc::new(keys));
                 }
-                None => warn!(account = %account.name, "account has no callback_token; /wechat/{} answers 404", account.name),
+                None => {
+                    warn!(account = %account.name, "account has no callback_token; /wechat/{} answers 404", account.name)
+                }
             }
         }
         if accounts.is_empty() {

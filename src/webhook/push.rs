@@ -145,7 +145,7 @@ impl Inner {
                 create_time: push.create_time,
                 received_at,
             };
-            let body = serde_json::to_vec(&event).map_err(|e| DeliverError::Encode(e))?;
+            let body = serde_json::to_vec(&event).map_err(DeliverError::Encode)?;
             let props = json_properties(event.job_id.as_deref());
             self.publish_confirmed(&self.settings.results_exchange, event.status.routing_key(), &body, props, false)
                 .await
@@ -165,7 +165,7 @@ impl Inner {
         body.insert("type".into(), Value::from(if push.event.is_some() { "event" } else { "message" }));
         body.insert("account".into(), Value::from(account.name.clone()));
         body.insert("received_at".into(), Value::from(received_at.to_rfc3339_opts(SecondsFormat::Millis, true)));
-        let body = serde_json::to_vec(&body).map_err(|e| DeliverError::Encode(e))?;
+        let body = serde_json::to_vec(&body).map_err(DeliverError::Encode)?;
         let routing_key = push.routing_key();
         self.publish_once(&seen, None, |_| async {
             self.publish_confirmed(&self.settings.results_exchange, &routing_key, &body, json_properties(None), false)
@@ -207,7 +207,9 @@ impl Inner {
             .with_delivery_mode(2)
             .with_headers(headers);
         let dlq = &self.settings.dead_letter_queue;
-        let result = self.publish_once(&seen, None, |_| async { self.publish_confirmed("", dlq, body, props, true).await }).await;
+        let result = self
+            .publish_once(&seen, None, |_| async { self.publish_confirmed("", dlq, body, props, true).await })
+            .await;
         match result {
             Ok(_) => {
                 metrics::counter!("wxpush_webhook_pushes_total", "account" => account.name.clone(), "outcome" => "dead_lettered").increment(1);
@@ -219,7 +221,12 @@ impl Inner {
 
     /// Claims the event, publishes it through `publish` (given the looked-up value), and marks
     /// it done only after the broker's confirm.
-    async fn publish_once<F, Fut>(&self, seen: &str, lookup: Option<&str>, publish: F) -> Result<Delivered, DeliverError>
+    async fn publish_once<F, Fut>(
+        &self,
+        seen: &str,
+        lookup: Option<&str>,
+        publish: F,
+    ) -> Result<Delivered, DeliverError>
     where
         F: FnOnce(Option<String>) -> Fut,
         Fut: Future<Output = Result<(), DeliverError>>,

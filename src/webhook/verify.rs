@@ -136,8 +136,11 @@ impl AccountKeys {
             ("previous_encoding_aes_key", &account.previous_encoding_aes_key),
         ] {
             if let Some(key) = key.as_ref().filter(|k| !k.expose_secret().is_empty()) {
-                let cipher = Cipher::new(key.expose_secret())
-                    .map_err(|source| KeyError { account: account.name.clone(), which, source })?;
+                let cipher = Cipher::new(key.expose_secret()).map_err(|source| KeyError {
+                    account: account.name.clone(),
+                    which,
+                    source,
+                })?;
                 ciphers.push(cipher);
             }
         }
@@ -253,7 +256,10 @@ mod tests {
             "signature=f464b24fc39322e44b38aa78f5edd27bd1441696&echostr=4375120948345356249&timestamp=1714036504&nonce=1514711492",
         ));
         assert_eq!(keys("AAAAA").verify_echo(&q, 0, None).unwrap(), "4375120948345356249");
-        assert_eq!(keys("AAAAA").verify_echo(&q, 1714036504 + 10, Some(Duration::from_secs(300))).unwrap(), "4375120948345356249");
+        assert_eq!(
+            keys("AAAAA").verify_echo(&q, 1714036504 + 10, Some(Duration::from_secs(300))).unwrap(),
+            "4375120948345356249"
+        );
         assert_eq!(keys("BBBBB").verify_echo(&q, 0, None), Err(VerifyError::BadSignature));
         let err = keys("AAAAA").verify_echo(&q, 1714036504 + 301, Some(Duration::from_secs(300))).unwrap_err();
         assert_eq!(err, VerifyError::Stale { skew_secs: 301, window_secs: 300 });
@@ -302,7 +308,9 @@ mod tests {
         let a = "A".repeat(43);
         let k = AccountKeys::from_account(&account("AAAAA", Some(&a), None, "wxba5fad812f8e6fb9")).unwrap().unwrap();
         // The URL's `signature` and `msg_signature` from the official guide, `+` percent-encoded.
-        let q = PushQuery::parse(Some("signature=6c5c811b55cc85e0e1b54100749188c20beb3f5d&timestamp=1714112445&nonce=415670741&openid=o9AgO5Kd5ggOC-bXrbNODIiE3bGY&encrypt_type=aes&msg_signature=046e02f8204d34f8ba5fa3b1db94908f3df2e9b3"));
+        let q = PushQuery::parse(Some(
+            "signature=6c5c811b55cc85e0e1b54100749188c20beb3f5d&timestamp=1714112445&nonce=415670741&openid=o9AgO5Kd5ggOC-bXrbNODIiE3bGY&encrypt_type=aes&msg_signature=046e02f8204d34f8ba5fa3b1db94908f3df2e9b3",
+        ));
         assert_eq!(q.mode(), Ok(Mode::Aes));
         k.verify_msg_signature(&q, VECTOR_A_ENCRYPT, 0, None).unwrap();
         assert_eq!(
