@@ -503,6 +503,10 @@ async fn safe_mode_pushes_are_verified_decrypted_and_published() {
     let d = h.next_result().await;
     assert_eq!((d.routing_key.as_str(), json(&d)["msgid"].clone()), ("delivery.success", 424244.into()));
 
+    // No Encrypt in the envelope: nothing to verify, refused without being parked.
+    let empty = "<xml><ToUserName><![CDATA[gh_1]]></ToUserName></xml>".to_owned();
+    let (status, reason) = h.post_envelope("/wechat/safe", "safetoken", "", empty).await;
+    assert_eq!((status, reason.as_str()), (StatusCode::BAD_REQUEST, "Encrypt is missing"));
     // A wrong msg_signature: refused, nothing published or parked.
     let encrypt = Cipher::new(&key).expect("key").encrypt(&[3; 16], receipt_xml(1, "success").as_bytes(), SAFE_APPID);
     let body = format!("<xml><Encrypt><![CDATA[{encrypt}]]></Encrypt></xml>");

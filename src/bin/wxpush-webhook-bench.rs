@@ -152,7 +152,12 @@ async fn main() -> anyhow::Result<()> {
             for chunk in msgids.chunks(1_000) {
                 let mut pipe = redis::pipe();
                 for &m in chunk {
-                    pipe.cmd("SET").arg(redis.keys().msgid(APPID, m)).arg(format!("job-{m}")).arg("EX").arg(600).ignore();
+                    pipe.cmd("SET")
+                        .arg(redis.keys().msgid(APPID, m))
+                        .arg(format!("job-{m}"))
+                        .arg("EX")
+                        .arg(600)
+                        .ignore();
                 }
                 let _: () = pipe.query_async(&mut redis.conn()).await?;
             }
@@ -184,7 +189,9 @@ async fn main() -> anyhow::Result<()> {
                 let http = http.clone();
                 async move {
                     match http.post(url).body(body).timeout(Duration::from_secs(30)).send().await {
-                        Ok(r) if r.status().is_success() => r.text().await.map(|t| t == "success").unwrap_or(false).then_some(()).ok_or(0),
+                        Ok(r) if r.status().is_success() => {
+                            r.text().await.map(|t| t == "success").unwrap_or(false).then_some(()).ok_or(0)
+                        }
                         Ok(r) => Err(r.status().as_u16()),
                         Err(_) => Err(0),
                     }
@@ -199,7 +206,11 @@ async fn main() -> anyhow::Result<()> {
             }
         }
         let elapsed = started.elapsed();
-        ensure!(failures.is_empty(), "{} receipts not answered success: {failures:?} (status 0 = transport error)", args.n - ok);
+        ensure!(
+            failures.is_empty(),
+            "{} receipts not answered success: {failures:?} (status 0 = transport error)",
+            args.n - ok
+        );
 
         // Every answer was `success`, so every event is confirmed: read them all back.
         let mut seen: HashMap<u64, u32> = HashMap::new();

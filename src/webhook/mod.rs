@@ -382,3 +382,36 @@ async fn metrics(State(webhook): State<Webhook>) -> impl IntoResponse {
     let body = webhook.inner.metrics.as_ref().map(|render| render()).unwrap_or_default();
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(env: &[(&str, &str)]) -> Result<WebhookSettings, WebhookError> {
+        let config = Config::from_sources("t", "", |_| None).unwrap();
+        let env: HashMap<String, String> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        WebhookSettings::from_sources(&config, |k| env.get(k).cloned())
+    }
+
+    #[test]
+    fn knobs_default_and_read_from_the_environment() {
+        let s = settings(&[]).unwrap();
+        assert_eq!(s.timestamp_window, Some(Duration::from_secs(300)));
+        assert_eq!(s.msgid_wait, Duration::from_millis(1500));
+        assert_eq!(s.done_ttl, Duration::from_secs(86_400));
+        assert_eq!((s.results_exchange.as_str(), s.dead_letter_queue.as_str()), ("wxpush.results", "wxpush.jobs.dead"));
+        assert_eq!(s.max_body_bytes, 64 * 1024);
+        let s = settings(&[(ENV_TIMESTAMP_WINDOW, "0"), (ENV_MSGID_WAIT, "0"), (ENV_DEDUPE_TTL, "3600")]).unwrap();
+        assert_eq!((s.timestamp_window, s.msgid_wait, s.done_ttl), (None, Duration::ZERO, Duration::from_secs(3600)));
+        assert!(settings(&[(ENV_TIMESTAMP_WINDOW, "5m")]).unwrap_err().to_string().contains(ENV_TIMESTAMP_WINDOW));
+        assert!(settings(&[(ENV_MSGID_WAIT, "10000")]).unwrap_err().to_string().contains("5 s"));
+    }
+
+    #[test]
+    fn answers_are_plain_text() {
+        let r = Reply::Success.into_response();
+        assert_eq!(r.status(), StatusCode::OK);
+        assert_eq!(r.headers()[header::CONTENT_TYPE], "text/plain; charset=utf-8");
+        assert_eq!(unknown_account("x\u{0}y").into_response().status(), StatusCode::NOT_FOUND);
+    }
+}
