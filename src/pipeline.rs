@@ -89,8 +89,11 @@ enum Outcome {
 
 /// Accounts paused by 45011/45009, as last read from Redis (read at most every 250 ms).
 struct Pauses {
-    seen: Mutex<HashMap<String, (Instant, Option<(Instant, String)>)>>,
+    seen: Mutex<HashMap<String, PauseSeen>>,
 }
+
+/// When the pause of an account was last read, and until when it runs (and why).
+type PauseSeen = (Instant, Option<(Instant, String)>);
 
 const PAUSE_RECHECK: Duration = Duration::from_millis(250);
 
