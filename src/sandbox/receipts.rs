@@ -109,7 +109,7 @@ pub(super) fn schedule(shared: &Arc<Shared>, receipt: Receipt) {
     if !shared.receipts.enabled {
         return;
     }
-    if !shared.accounts.get(receipt.account).is_some_and(|a| a.webhook.is_some()) {
+    if shared.accounts.get(receipt.account).is_none_or(|a| a.webhook.is_none()) {
         return;
     }
     if shared.pending_receipts.fetch_add(1, Ordering::Relaxed) >= MAX_PENDING_RECEIPTS {
