@@ -331,8 +331,8 @@ async fn fault_rates_are_roughly_honoured_and_latency_added() {
     let sb = start(config()).await;
     let api = Api::new(&sb);
     let (t, _) = api.stable(false).await;
-    let faults = json!({"system_error_rate": 0.3, "http_503_rate": 0.2, "seed": 7});
-    let resp = api.http.put(format!("{}/_sandbox/faults", api.base)).json(&faults).send().await.expect("put");
+    let faults = json!({"system_error_rate": 0.3, "http_503_rate": 0.2});
+    let resp = api.http.put(format!("{}/_sandbox/faults?seed=7", api.base)).json(&faults).send().await.expect("put");
     assert_eq!(resp.status(), 200);
     let (mut http503, mut sys, mut ok) = (0, 0, 0);
     for i in 0..500 {

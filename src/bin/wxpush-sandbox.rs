@@ -166,7 +166,6 @@ async fn main() -> anyhow::Result<()> {
         slow_ms: cli.slow_ms,
         per_second_cap: cli.per_second_cap,
         daily_cap: cli.daily_cap,
-        seed: cli.seed,
     };
     faults.validate().map_err(anyhow::Error::msg)?;
     let config = SandboxConfig {
@@ -180,7 +179,6 @@ async fn main() -> anyhow::Result<()> {
             answer_timeout_ms: cli.receipt_timeout_ms,
             max_repushes: cli.max_repushes,
         },
-        ..SandboxConfig::default()
     };
     for a in &config.accounts {
         let webhook = a.webhook.as_ref().map(|w| w.url.as_str()).unwrap_or("none");
@@ -190,6 +188,9 @@ async fn main() -> anyhow::Result<()> {
     let listener =
         tokio::net::TcpListener::bind(cli.listen).await.with_context(|| format!("cannot listen on {}", cli.listen))?;
     let sandbox = Sandbox::start(config, listener).await.context("cannot start the sandbox")?;
+    if let Some(seed) = cli.seed {
+        sandbox.set_fault_seed(seed);
+    }
     tracing::info!(base_url = %sandbox.base_url(), "ready: set WXPUSH_WECHAT_API_BASE to this base URL");
     shutdown_signal().await;
     tracing::info!(stats = ?sandbox.stats(), "stopping");

@@ -178,7 +178,7 @@ async fn send_checked(s: &Arc<Shared>, query: Option<String>, body: Bytes) -> Re
 fn accept(s: &Arc<Shared>, account: usize, msgid: u64, unix: Duration, req: &SendRequest<'_>, body: &[u8]) {
     s.counters.sends_accepted.fetch_add(1, Ordering::Relaxed);
     let accepted_at_ms = i64::try_from(unix.as_millis()).unwrap_or(i64::MAX);
-    s.record(Record { msgid, account, body: body.into(), accepted_at_ms });
+    s.record(Record { msgid, account, body: Arc::from(body), accepted_at_ms });
     let create_time = i64::try_from(unix.as_secs()).unwrap_or(i64::MAX);
     receipts::schedule(s, Receipt { account, msgid, touser: req.touser.to_owned(), create_time });
 }
@@ -209,14 +209,22 @@ async fn get_faults(State(s): State<Arc<Shared>>) -> Response {
     Json(s.faults()).into_response()
 }
 
-/// `PUT /_sandbox/faults` with a JSON [`Faults`]; fields left out are off.
-async fn put_faults(State(s): State<Arc<Shared>>, body: Bytes) -> Response {
+#[derive(Deserialize)]
+struct SeedQuery {
+    seed: Option<u64>,
+}
+
+/// `PUT /_sandbox/faults[?seed=N]` with a JSON [`Faults`]; fields left out are off.
+async fn put_faults(State(s): State<Arc<Shared>>, Query(q): Query<SeedQuery>, body: Bytes) -> Response {
     let faults: Faults = match serde_json::from_slice(&body) {
         Ok(f) => f,
         Err(e) => return (StatusCode::BAD_REQUEST, format!("faults: {e}\n")).into_response(),
     };
     if let Err(e) = faults.validate() {
         return (StatusCode::BAD_REQUEST, format!("faults: {e}\n")).into_response();
+    }
+    if let Some(seed) = q.seed {
+        s.set_seed(seed);
     }
     s.set_faults(faults);
     Json(s.faults()).into_response()

@@ -38,6 +38,12 @@ use tokio_util::sync::CancellationToken;
 
 /// How long WeChat keeps a `client_msg_id` ("10分钟有效").
 pub const CLIENT_MSG_ID_WINDOW: Duration = Duration::from_secs(600);
+/// Most messages kept for [`Sandbox::messages`]; beyond it the oldest are dropped, so that a long
+/// benchmark stays bounded.
+pub const MAX_MESSAGES: usize = 1_000_000;
+/// The fault decisions' seed until [`Sandbox::set_fault_seed`] says otherwise: a given sequence of
+/// sends meets the same faults on every run.
+pub const DEFAULT_FAULT_SEED: u64 = 0x5eed_3a4d_b0c5;
 
 /// The sandbox's configuration.
 #[derive(Debug, Clone)]
@@ -50,8 +56,6 @@ pub struct SandboxConfig {
     pub token_overlap: Duration,
     pub faults: Faults,
     pub receipts: ReceiptSettings,
-    /// Most messages kept for [`Sandbox::messages`]; the oldest are dropped beyond it.
-    pub max_messages: usize,
 }
 
 impl Default for SandboxConfig {
@@ -62,7 +66,6 @@ impl Default for SandboxConfig {
             token_overlap: Duration::from_secs(300),
             faults: Faults::default(),
             receipts: ReceiptSettings::default(),
-            max_messages: 1_000_000,
         }
     }
 }
@@ -131,8 +134,6 @@ pub struct Faults {
     pub per_second_cap: Option<u32>,
     /// Per appid: accepted sends "today" (Beijing time) beyond this → 45009.
     pub daily_cap: Option<u64>,
-    /// Reseeds the fault decisions when set, so that a run is repeatable.
-    pub seed: Option<u64>,
 }
 
 impl Faults {
@@ -285,14 +286,20 @@ impl Sandbox {
         self.shared.stats()
     }
 
-    /// Every accepted first-time message, oldest first (at most `max_messages`).
+    /// Every accepted first-time message, oldest first (the last [`MAX_MESSAGES`]).
     pub fn messages(&self) -> Vec<SentMessage> {
         self.shared.messages(0, usize::MAX)
     }
 
-    /// Replaces the faults; rates are clamped to 0..=1.
+    /// Replaces the faults (rates are clamped to 0..=1) and restarts the fault decisions from
+    /// the seed, so that the sends that follow meet the same faults on every run.
     pub fn set_faults(&self, faults: Faults) {
         self.shared.set_faults(faults);
+    }
+
+    /// Sets the seed of the fault decisions (default [`DEFAULT_FAULT_SEED`]) and restarts them.
+    pub fn set_fault_seed(&self, seed: u64) {
+        self.shared.set_seed(seed);
     }
 
     pub fn faults(&self) -> Faults {
@@ -357,7 +364,7 @@ struct Account {
 struct Record {
     msgid: u64,
     account: usize,
-    body: Box<[u8]>,
+    body: Arc<[u8]>,
     accepted_at_ms: i64,
 }
 
@@ -385,7 +392,7 @@ struct Shared {
     receipts: ReceiptSettings,
     next_msgid: AtomicU64,
     messages: Mutex<VecDeque<Record>>,
-    max_messages: usize,
+    seed: AtomicU64,
     counters: Counters,
     errors: Mutex<BTreeMap<i64, u64>>,
     http: reqwest::Client,
@@ -405,7 +412,6 @@ impl Shared {
         config.faults.validate().map_err(SandboxConfigError::Faults)?;
         let mut accounts = Vec::with_capacity(config.accounts.len());
         let mut by_appid = HashMap::new();
-        let seed = config.faults.seed.unwrap_or_else(rand::random);
         for (i, a) in config.accounts.into_iter().enumerate() {
             if a.appid.is_empty() || a.secret.is_empty() {
                 return Err(SandboxConfigError::EmptyCredential(a.appid));
@@ -422,7 +428,7 @@ impl Shared {
                 appid: a.appid.into(),
                 secret: a.secret,
                 webhook,
-                send: Mutex::new(send::SendState::new(SmallRng::seed_from_u64(seed.wrapping_add(i as u64)))),
+                send: Mutex::new(send::SendState::new(fault_rng(DEFAULT_FAULT_SEED, i))),
             });
         }
         let http = reqwest::Client::builder()
@@ -441,7 +447,7 @@ impl Shared {
             receipts: config.receipts,
             next_msgid: AtomicU64::new(first_msgid()),
             messages: Mutex::new(VecDeque::new()),
-            max_messages: config.max_messages,
+            seed: AtomicU64::new(DEFAULT_FAULT_SEED),
             counters: Counters::default(),
             errors: Mutex::new(BTreeMap::new()),
             http,
@@ -465,13 +471,21 @@ impl Shared {
 
     fn set_faults(&self, faults: Faults) {
         let faults = faults.clamped();
-        if let Some(seed) = faults.seed {
-            for (i, a) in self.accounts.iter().enumerate() {
-                lock(&a.send).reseed(SmallRng::seed_from_u64(seed.wrapping_add(i as u64)));
-            }
-        }
         *self.faults.write().unwrap_or_else(PoisonError::into_inner) = faults;
+        self.reseed();
         tracing::info!(?faults, "faults set");
+    }
+
+    fn set_seed(&self, seed: u64) {
+        self.seed.store(seed, Ordering::Relaxed);
+        self.reseed();
+    }
+
+    fn reseed(&self) {
+        let seed = self.seed.load(Ordering::Relaxed);
+        for (i, a) in self.accounts.iter().enumerate() {
+            lock(&a.send).reseed(fault_rng(seed, i));
+        }
     }
 
     fn reset_daily_counts(&self) {
@@ -486,12 +500,10 @@ impl Shared {
 
     fn record(&self, record: Record) {
         let mut messages = lock(&self.messages);
-        if messages.len() >= self.max_messages {
+        if messages.len() >= MAX_MESSAGES {
             messages.pop_front();
         }
-        if self.max_messages > 0 {
-            messages.push_back(record);
-        }
+        messages.push_back(record);
     }
 
     fn stats(&self) -> Stats {
@@ -513,8 +525,8 @@ impl Shared {
 
     /// Messages `offset..offset+limit`, oldest first.
     fn messages(&self, offset: usize, limit: usize) -> Vec<SentMessage> {
-        // Copy the bytes out first so the lock is not held while parsing.
-        let records: Vec<(u64, usize, Box<[u8]>, i64)> = lock(&self.messages)
+        // Take the records out first (an Arc clone each) so the lock is not held while parsing.
+        let records: Vec<(u64, usize, Arc<[u8]>, i64)> = lock(&self.messages)
             .iter()
             .skip(offset)
             .take(limit)
@@ -538,6 +550,11 @@ impl Shared {
             })
             .collect()
     }
+}
+
+/// Each account draws its faults from its own generator, so accounts do not contend for one.
+fn fault_rng(seed: u64, account: usize) -> SmallRng {
+    SmallRng::seed_from_u64(seed.wrapping_add(account as u64))
 }
 
 /// msgids start above 2^62 so that a consumer keeping them as f64 (or in JS) visibly loses them;
