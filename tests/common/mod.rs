@@ -160,7 +160,11 @@ impl TestEnv {
             .expect("declare the results exchange");
         let results_queue = format!("{ns}.observed");
         channel
-            .queue_declare(ShortString::from(results_queue.as_str()), QueueDeclareOptions::default(), FieldTable::default())
+            .queue_declare(
+                ShortString::from(results_queue.as_str()),
+                QueueDeclareOptions::default(),
+                FieldTable::default(),
+            )
             .await
             .expect("declare the results queue");
         channel
