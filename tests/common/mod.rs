@@ -68,23 +68,25 @@ pub fn account(name: &str, appid: &str, secret: &str) -> Account {
 
 /// A configuration in this test's namespace, pointing at `api_base`.
 pub fn config(ns: &str, api_base: &str) -> Config {
-    let mut c = Config::default();
-    c.amqp_url = AMQP_URL.into();
-    c.redis_url = REDIS_URL.into();
-    c.redis_prefix = ns.into();
-    c.wechat_api_base = api_base.into();
-    c.jobs_queue = format!("{ns}.jobs");
-    c.results_exchange = format!("{ns}.results");
-    c.dead_letter_queue = format!("{ns}.jobs.dead");
-    c.http_timeout_ms = 1_000;
-    c.shutdown_grace_secs = 5;
+    let mut c = Config {
+        amqp_url: AMQP_URL.into(),
+        redis_url: REDIS_URL.into(),
+        redis_prefix: ns.into(),
+        wechat_api_base: api_base.into(),
+        jobs_queue: format!("{ns}.jobs"),
+        results_exchange: format!("{ns}.results"),
+        dead_letter_queue: format!("{ns}.jobs.dead"),
+        http_timeout_ms: 1_000,
+        shutdown_grace_secs: 5,
+        accounts: vec![account("default", APPID, SECRET)],
+        ..Config::default()
+    };
     c.retry.min_delay_ms = 20;
     c.retry.max_delay_ms = 2_000;
     c.retry.in_process_max_ms = 300;
     c.retry.delay_tiers_secs = vec![1, 2, 5];
     c.token.refresh_ahead_secs = 0.3;
     c.token.failure_backoff_ms = 200;
-    c.accounts = vec![account("default", APPID, SECRET)];
     c
 }
 
