@@ -13,6 +13,12 @@
 pub mod amqp;
 pub mod config;
 pub mod domain;
+pub mod health;
+pub mod pipeline;
 pub mod sandbox;
 pub mod store;
+pub mod telemetry;
+pub mod token;
 pub mod webhook;
+pub mod wechat;
+pub mod worker;

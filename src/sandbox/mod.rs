@@ -1,1 +1,565 @@
 //! wxpush-sandbox: a local stand-in for api.weixin.qq.com.
+//!
+//! It serves the three endpoints the worker uses (`/cgi-bin/token`, `/cgi-bin/stable_token`,
+//! `/cgi-bin/message/template/send`) with the behaviour WeChat documents
+//! (`reference/wechat-api.md`), pushes `TEMPLATESENDJOBFINISH` receipts to a webhook (plaintext or
+//! safe mode), and injects faults on demand, so the product can be demonstrated, tested and
+//! benchmarked on one machine. Tests drive it in-process through [`Sandbox`], other processes
+//! through the admin API under `/_sandbox/`.
+//!
+//! Deterministic triggers (not WeChat behaviour, but needed to reach every answer on purpose):
+//! - a `touser` of the form `errcode-<N>-anything` is answered with errcode `N`;
+//! - a `template_id` starting with `invalid` is answered with 40037;
+//! - the receipt's `Status` is `failed:user block` when `touser` contains `block`,
+//!   `failed: system failed` when it contains `sysfail`, else `success`.
+
+mod http;
+mod receipts;
+mod send;
+mod tokens;
+
+use std::{
+    collections::{BTreeMap, HashMap, VecDeque},
+    fmt,
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex, MutexGuard, PoisonError, RwLock,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+    },
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use chrono::{DateTime, Utc};
+use rand::{SeedableRng, rngs::SmallRng};
+use serde::{Deserialize, Serialize};
+use sha1::{Digest, Sha1};
+use tokio::{net::TcpListener, sync::Semaphore, task::JoinHandle};
+use tokio_util::sync::CancellationToken;
+
+/// How long WeChat keeps a `client_msg_id` ("10分钟有效").
+pub const CLIENT_MSG_ID_WINDOW: Duration = Duration::from_secs(600);
+/// Most messages kept for [`Sandbox::messages`]; beyond it the oldest are dropped, so that a long
+/// benchmark stays bounded.
+pub const MAX_MESSAGES: usize = 1_000_000;
+/// The fault decisions' seed until [`Sandbox::set_fault_seed`] says otherwise: a given sequence of
+/// sends meets the same faults on every run.
+pub const DEFAULT_FAULT_SEED: u64 = 0x5eed_3a4d_b0c5;
+
+/// The sandbox's configuration.
+#[derive(Debug, Clone)]
+pub struct SandboxConfig {
+    pub accounts: Vec<SandboxAccount>,
+    /// Life of every access token (`expires_in`); WeChat's is 7200 s.
+    pub token_lifetime: Duration,
+    /// How long the old token stays valid after a refresh (WeChat: 5 minutes). Clamped to
+    /// `token_lifetime / 2`, so a short test lifetime keeps the stable-token rules meaningful.
+    pub token_overlap: Duration,
+    pub faults: Faults,
+    pub receipts: ReceiptSettings,
+}
+
+impl Default for SandboxConfig {
+    fn default() -> Self {
+        Self {
+            accounts: Vec::new(),
+            token_lifetime: Duration::from_secs(7200),
+            token_overlap: Duration::from_secs(300),
+            faults: Faults::default(),
+            receipts: ReceiptSettings::default(),
+        }
+    }
+}
+
+/// One official account the sandbox knows.
+#[derive(Clone)]
+pub struct SandboxAccount {
+    pub appid: String,
+    pub secret: String,
+    /// Where its receipts are pushed; `None`: no receipts.
+    pub webhook: Option<WebhookTarget>,
+}
+
+impl SandboxAccount {
+    pub fn new(appid: impl Into<String>, secret: impl Into<String>) -> Self {
+        Self { appid: appid.into(), secret: secret.into(), webhook: None }
+    }
+}
+
+// Written by hand so that a logged configuration never shows a secret.
+impl fmt::Debug for SandboxAccount {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SandboxAccount")
+            .field("appid", &self.appid)
+            .field("secret", &"[REDACTED]")
+            .field("webhook", &self.webhook)
+            .finish()
+    }
+}
+
+/// The account's server configuration in the MP console: URL, Token, EncodingAESKey.
+#[derive(Clone)]
+pub struct WebhookTarget {
+    /// e.g. `http://127.0.0.1:8080/wechat`
+    pub url: String,
+    pub token: String,
+    /// When set, pushes are made in safe mode (`encrypt_type=aes`).
+    pub encoding_aes_key: Option<String>,
+}
+
+impl fmt::Debug for WebhookTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WebhookTarget")
+            .field("url", &self.url)
+            .field("token", &"[REDACTED]")
+            .field("encoding_aes_key", &self.encoding_aes_key.as_ref().map(|_| "[REDACTED]"))
+            .finish()
+    }
+}
+
+/// Injected faults on template sends; all off by default. Every field may be left out of the
+/// JSON body of `PUT /_sandbox/faults`; an unknown field is refused, so a typo cannot pass unseen.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Faults {
+    /// Fraction of sends answered `{"errcode":-1,"errmsg":"system error"}`.
+    pub system_error_rate: f64,
+    /// Fraction of sends answered HTTP 503.
+    pub http_503_rate: f64,
+    /// Added to every send that passes the token, request and cap checks.
+    pub latency_ms: u64,
+    /// Fraction of accepted sends whose answer is delayed `slow_ms` after the message is sent.
+    pub slow_rate: f64,
+    pub slow_ms: u64,
+    /// Per appid: accepted sends in the current wall-clock second beyond this → 45011.
+    pub per_second_cap: Option<u32>,
+    /// Per appid: accepted sends "today" (Beijing time) beyond this → 45009.
+    pub daily_cap: Option<u64>,
+}
+
+impl Faults {
+    /// Rates outside 0..=1 (or NaN) are a mistake; the admin API refuses them.
+    pub fn validate(&self) -> Result<(), String> {
+        for (name, rate) in [
+            ("system_error_rate", self.system_error_rate),
+            ("http_503_rate", self.http_503_rate),
+            ("slow_rate", self.slow_rate),
+        ] {
+            if !(0.0..=1.0).contains(&rate) {
+                return Err(format!("{name} must be between 0 and 1, got {rate}"));
+            }
+        }
+        Ok(())
+    }
+
+    fn clamped(mut self) -> Self {
+        for rate in [&mut self.system_error_rate, &mut self.http_503_rate, &mut self.slow_rate] {
+            *rate = if rate.is_nan() { 0.0 } else { rate.clamp(0.0, 1.0) };
+        }
+        self
+    }
+}
+
+/// Receipt (`TEMPLATESENDJOBFINISH`) pushes.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ReceiptSettings {
+    pub enabled: bool,
+    /// Between accepting a message and pushing its receipt.
+    pub delay_ms: u64,
+    /// WeChat hangs up after 5 s and counts the push as unanswered.
+    pub answer_timeout_ms: u64,
+    /// Pushes after the first one when a push is not answered (WeChat: 3).
+    pub max_repushes: u32,
+}
+
+impl Default for ReceiptSettings {
+    fn default() -> Self {
+        Self { enabled: true, delay_ms: 500, answer_timeout_ms: 5000, max_repushes: 3 }
+    }
+}
+
+/// Counters since start.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stats {
+    /// Calls to `/cgi-bin/token` and `/cgi-bin/stable_token`, failed ones included.
+    pub token_requests: u64,
+    /// Token calls that produced a new token.
+    pub tokens_issued: u64,
+    /// Calls to `/cgi-bin/message/template/send`, whatever their answer.
+    pub send_requests: u64,
+    /// First-time messages.
+    pub sends_accepted: u64,
+    /// Sends answered with an earlier message's msgid (same touser + client_msg_id within 10 min).
+    pub duplicates: u64,
+    /// Non-zero errcodes answered to sends, by errcode (token endpoints are not counted here).
+    pub errors: BTreeMap<i64, u64>,
+    pub http_503: u64,
+    /// Every HTTP push of a receipt, re-pushes included.
+    pub receipts_pushed: u64,
+    pub receipts_acked: u64,
+    /// Receipts given up after `1 + max_repushes` unanswered pushes (or never pushed because
+    /// too many were pending).
+    pub receipts_abandoned: u64,
+}
+
+/// One accepted message, as WeChat would have sent it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SentMessage {
+    pub msgid: u64,
+    pub appid: String,
+    pub touser: String,
+    pub template_id: String,
+    pub client_msg_id: Option<String>,
+    /// The request body as sent.
+    pub body: serde_json::Value,
+    pub accepted_at: DateTime<Utc>,
+}
+
+/// Why a configuration cannot be started.
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxConfigError {
+    #[error("no accounts configured")]
+    NoAccounts,
+    #[error("account {0:?} is configured twice")]
+    DuplicateAppid(String),
+    #[error("account {0:?} has an empty appid or secret")]
+    EmptyCredential(String),
+    #[error("token_lifetime must be at least 1 second")]
+    TokenLifetime,
+    #[error("webhook URL {url:?} of account {appid:?} is not valid: {reason}")]
+    WebhookUrl { appid: String, url: String, reason: String },
+    #[error("the encoding_aes_key of account {appid:?} is not valid: {reason}")]
+    AesKey { appid: String, reason: String },
+    #[error("faults: {0}")]
+    Faults(String),
+    #[error("cannot build the HTTP client for receipts: {0}")]
+    HttpClient(String),
+}
+
+impl From<SandboxConfigError> for std::io::Error {
+    fn from(e: SandboxConfigError) -> Self {
+        std::io::Error::new(std::io::ErrorKind::InvalidInput, e)
+    }
+}
+
+/// The `gh_…` original id of an account, the `ToUserName` of its pushes (derived from the appid
+/// so that it is stable across restarts).
+pub fn original_id(appid: &str) -> String {
+    let digest = Sha1::digest(appid.as_bytes());
+    format!("gh_{}", &hex::encode(digest)[..12])
+}
+
+/// A running sandbox. Dropping it stops the server, like [`Sandbox::shutdown`].
+pub struct Sandbox {
+    shared: Arc<Shared>,
+    addr: SocketAddr,
+    server: Option<JoinHandle<()>>,
+}
+
+impl Sandbox {
+    /// Serves on `listener` from a spawned task; returns once the sandbox is ready.
+    pub async fn start(config: SandboxConfig, listener: TcpListener) -> std::io::Result<Sandbox> {
+        let addr = listener.local_addr()?;
+        let shared = Arc::new(Shared::new(config)?);
+        let router = http::router(shared.clone());
+        let cancel = shared.cancel.clone();
+        let server = tokio::spawn(async move {
+            let serve = axum::serve(listener, router).with_graceful_shutdown(cancel.cancelled_owned());
+            if let Err(e) = serve.await {
+                tracing::error!(error = %e, "sandbox server stopped");
+            }
+        });
+        tracing::info!(%addr, accounts = shared.accounts.len(), "wxpush-sandbox listening");
+        Ok(Sandbox { shared, addr, server: Some(server) })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://IP:PORT`, the value for `WXPUSH_WECHAT_API_BASE`.
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn stats(&self) -> Stats {
+        self.shared.stats()
+    }
+
+    /// Every accepted first-time message, oldest first (the last [`MAX_MESSAGES`]).
+    pub fn messages(&self) -> Vec<SentMessage> {
+        self.shared.messages(0, usize::MAX)
+    }
+
+    /// Replaces the faults (rates are clamped to 0..=1) and restarts the fault decisions from
+    /// the seed, so that the sends that follow meet the same faults on every run.
+    pub fn set_faults(&self, faults: Faults) {
+        self.shared.set_faults(faults);
+    }
+
+    /// Sets the seed of the fault decisions (default [`DEFAULT_FAULT_SEED`]) and restarts them.
+    pub fn set_fault_seed(&self, seed: u64) {
+        self.shared.set_seed(seed);
+    }
+
+    pub fn faults(&self) -> Faults {
+        self.shared.faults()
+    }
+
+    /// Every token issued so far becomes invalid (sends answer 40001).
+    pub fn revoke_tokens(&self) {
+        self.shared.tokens_write().revoke_all();
+    }
+
+    /// Starts a new "day" for the daily caps.
+    pub fn reset_daily_counts(&self) {
+        self.shared.reset_daily_counts();
+    }
+
+    /// Stops accepting connections, lets in-flight requests finish, cancels pending receipts.
+    pub fn shutdown(mut self) {
+        self.stop();
+    }
+
+    /// Like [`Sandbox::shutdown`], then waits until the server has stopped.
+    pub async fn shutdown_and_wait(mut self) {
+        self.stop();
+        if let Some(server) = self.server.take() {
+            let _ = server.await;
+        }
+    }
+
+    fn stop(&mut self) {
+        self.shared.cancel.cancel();
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Poisoning only means another request panicked while holding the lock; the data is still
+/// counters and maps that are consistent after every statement, so carry on.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn unix_now() -> Duration {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default()
+}
+
+/// An account as the running sandbox holds it.
+struct Account {
+    appid: Arc<str>,
+    secret: String,
+    original_id: String,
+    webhook: Option<receipts::Webhook>,
+    send: Mutex<send::SendState>,
+}
+
+/// A message as recorded: the body is kept as bytes (far smaller than a `Value`) and read again
+/// only when someone asks for the list.
+struct Record {
+    msgid: u64,
+    account: usize,
+    body: Arc<[u8]>,
+    accepted_at_ms: i64,
+}
+
+#[derive(Default)]
+struct Counters {
+    token_requests: AtomicU64,
+    tokens_issued: AtomicU64,
+    send_requests: AtomicU64,
+    sends_accepted: AtomicU64,
+    duplicates: AtomicU64,
+    http_503: AtomicU64,
+    receipts_pushed: AtomicU64,
+    receipts_acked: AtomicU64,
+    receipts_abandoned: AtomicU64,
+}
+
+/// State shared by the handlers and the receipt tasks.
+struct Shared {
+    accounts: Vec<Account>,
+    by_appid: HashMap<String, usize>,
+    token_lifetime: Duration,
+    token_overlap: Duration,
+    tokens: RwLock<tokens::TokenStore>,
+    faults: RwLock<Faults>,
+    receipts: ReceiptSettings,
+    next_msgid: AtomicU64,
+    messages: Mutex<VecDeque<Record>>,
+    seed: AtomicU64,
+    counters: Counters,
+    errors: Mutex<BTreeMap<i64, u64>>,
+    http: reqwest::Client,
+    push_permits: Semaphore,
+    pending_receipts: AtomicUsize,
+    cancel: CancellationToken,
+}
+
+impl Shared {
+    fn new(config: SandboxConfig) -> Result<Self, SandboxConfigError> {
+        if config.accounts.is_empty() {
+            return Err(SandboxConfigError::NoAccounts);
+        }
+        if config.token_lifetime < Duration::from_secs(1) {
+            return Err(SandboxConfigError::TokenLifetime);
+        }
+        config.faults.validate().map_err(SandboxConfigError::Faults)?;
+        let mut accounts = Vec::with_capacity(config.accounts.len());
+        let mut by_appid = HashMap::new();
+        for (i, a) in config.accounts.into_iter().enumerate() {
+            if a.appid.is_empty() || a.secret.is_empty() {
+                return Err(SandboxConfigError::EmptyCredential(a.appid));
+            }
+            if by_appid.insert(a.appid.clone(), i).is_some() {
+                return Err(SandboxConfigError::DuplicateAppid(a.appid));
+            }
+            let webhook = match &a.webhook {
+                Some(w) => Some(receipts::Webhook::new(&a.appid, w)?),
+                None => None,
+            };
+            accounts.push(Account {
+                original_id: original_id(&a.appid),
+                appid: a.appid.into(),
+                secret: a.secret,
+                webhook,
+                send: Mutex::new(send::SendState::new(fault_rng(DEFAULT_FAULT_SEED, i))),
+            });
+        }
+        let http = reqwest::Client::builder()
+            .no_proxy() // webhooks are local; a proxy from the environment would only get in the way
+            .pool_max_idle_per_host(64)
+            .build()
+            .map_err(|e| SandboxConfigError::HttpClient(e.to_string()))?;
+        let n = accounts.len();
+        Ok(Self {
+            accounts,
+            by_appid,
+            token_lifetime: config.token_lifetime,
+            token_overlap: config.token_overlap.min(config.token_lifetime / 2),
+            tokens: RwLock::new(tokens::TokenStore::new(n)),
+            faults: RwLock::new(config.faults.clamped()),
+            receipts: config.receipts,
+            next_msgid: AtomicU64::new(first_msgid()),
+            messages: Mutex::new(VecDeque::new()),
+            seed: AtomicU64::new(DEFAULT_FAULT_SEED),
+            counters: Counters::default(),
+            errors: Mutex::new(BTreeMap::new()),
+            http,
+            push_permits: Semaphore::new(receipts::MAX_CONCURRENT_PUSHES),
+            pending_receipts: AtomicUsize::new(0),
+            cancel: CancellationToken::new(),
+        })
+    }
+
+    fn tokens_read(&self) -> std::sync::RwLockReadGuard<'_, tokens::TokenStore> {
+        self.tokens.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn tokens_write(&self) -> std::sync::RwLockWriteGuard<'_, tokens::TokenStore> {
+        self.tokens.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn faults(&self) -> Faults {
+        *self.faults.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn set_faults(&self, faults: Faults) {
+        let faults = faults.clamped();
+        *self.faults.write().unwrap_or_else(PoisonError::into_inner) = faults;
+        self.reseed();
+        tracing::info!(?faults, "faults set");
+    }
+
+    fn set_seed(&self, seed: u64) {
+        self.seed.store(seed, Ordering::Relaxed);
+        self.reseed();
+    }
+
+    fn reseed(&self) {
+        let seed = self.seed.load(Ordering::Relaxed);
+        for (i, a) in self.accounts.iter().enumerate() {
+            lock(&a.send).reseed(fault_rng(seed, i));
+        }
+    }
+
+    fn reset_daily_counts(&self) {
+        for a in &self.accounts {
+            lock(&a.send).reset_daily();
+        }
+    }
+
+    fn count_error(&self, errcode: i64) {
+        *lock(&self.errors).entry(errcode).or_insert(0) += 1;
+    }
+
+    fn record(&self, record: Record) {
+        let mut messages = lock(&self.messages);
+        if messages.len() >= MAX_MESSAGES {
+            messages.pop_front();
+        }
+        messages.push_back(record);
+    }
+
+    fn stats(&self) -> Stats {
+        let c = &self.counters;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        Stats {
+            token_requests: get(&c.token_requests),
+            tokens_issued: get(&c.tokens_issued),
+            send_requests: get(&c.send_requests),
+            sends_accepted: get(&c.sends_accepted),
+            duplicates: get(&c.duplicates),
+            errors: lock(&self.errors).clone(),
+            http_503: get(&c.http_503),
+            receipts_pushed: get(&c.receipts_pushed),
+            receipts_acked: get(&c.receipts_acked),
+            receipts_abandoned: get(&c.receipts_abandoned),
+        }
+    }
+
+    /// Messages `offset..offset+limit`, oldest first.
+    fn messages(&self, offset: usize, limit: usize) -> Vec<SentMessage> {
+        // Take the records out first (an Arc clone each) so the lock is not held while parsing.
+        let records: Vec<(u64, usize, Arc<[u8]>, i64)> = lock(&self.messages)
+            .iter()
+            .skip(offset)
+            .take(limit)
+            .map(|r| (r.msgid, r.account, r.body.clone(), r.accepted_at_ms))
+            .collect();
+        records
+            .into_iter()
+            .map(|(msgid, account, body, ms)| {
+                // The body was parsed and validated when it was accepted, so this cannot fail.
+                let body: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+                let text = |k: &str| body.get(k).and_then(|v| v.as_str()).map(str::to_owned);
+                SentMessage {
+                    msgid,
+                    appid: self.accounts.get(account).map(|a| a.appid.to_string()).unwrap_or_default(),
+                    touser: text("touser").unwrap_or_default(),
+                    template_id: text("template_id").unwrap_or_default(),
+                    client_msg_id: text("client_msg_id").filter(|s| !s.is_empty()),
+                    accepted_at: DateTime::from_timestamp_millis(ms).unwrap_or_default(),
+                    body,
+                }
+            })
+            .collect()
+    }
+}
+
+/// Each account draws its faults from its own generator, so accounts do not contend for one.
+fn fault_rng(seed: u64, account: usize) -> SmallRng {
+    SmallRng::seed_from_u64(seed.wrapping_add(account as u64))
+}
+
+/// msgids start above 2^62 so that a consumer keeping them as f64 (or in JS) visibly loses them;
+/// the base moves with the clock so that a restarted sandbox does not hand out the same ids.
+fn first_msgid() -> u64 {
+    let ms = u64::try_from(unix_now().as_millis()).unwrap_or(0) & ((1 << 40) - 1);
+    (1u64 << 62) + (ms << 20)
+}

@@ -5,6 +5,7 @@
 //! script runs on Redis Cluster too.
 
 pub mod ledger;
+pub mod limits;
 pub mod token;
 
 use std::time::Duration;

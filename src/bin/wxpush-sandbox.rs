@@ -1,0 +1,199 @@
+//! wxpush-sandbox: a local stand-in for api.weixin.qq.com (token, stable_token, template/send,
+//! receipts pushed to a webhook, fault injection). Point the worker at it with
+//! `WXPUSH_WECHAT_API_BASE=http://127.0.0.1:9300`.
+
+use std::{net::SocketAddr, time::Duration};
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+use wxpush::sandbox::{Faults, ReceiptSettings, Sandbox, SandboxAccount, SandboxConfig, WebhookTarget};
+
+const DEMO_ACCOUNT: &str = "wxdemo0123456789:demo-secret";
+
+#[derive(Debug, Parser)]
+#[command(name = "wxpush-sandbox", version, about = "A local stand-in for api.weixin.qq.com")]
+struct Cli {
+    /// Address to serve on.
+    #[arg(long, env = "WXPUSH_SANDBOX_LISTEN", default_value = "127.0.0.1:9300")]
+    listen: SocketAddr,
+
+    /// An account as `appid:secret`; repeatable. Default: WXPUSH_APPID/WXPUSH_APPSECRET when set,
+    /// else the demo account `wxdemo0123456789:demo-secret`.
+    #[arg(long = "account", env = "WXPUSH_SANDBOX_ACCOUNTS", value_delimiter = ',', hide_env_values = true)]
+    accounts: Vec<String>,
+
+    /// Where an account's receipts are pushed, as `appid=URL`; a bare URL applies to every
+    /// account. Repeatable.
+    #[arg(long = "webhook", env = "WXPUSH_SANDBOX_WEBHOOKS", value_delimiter = ',')]
+    webhooks: Vec<String>,
+
+    /// The server-config Token that signs receipt pushes.
+    #[arg(long, env = "WXPUSH_CALLBACK_TOKEN", hide_env_values = true)]
+    callback_token: Option<String>,
+
+    /// The 43-character EncodingAESKey; when set, receipts are pushed in safe mode.
+    #[arg(long, env = "WXPUSH_ENCODING_AES_KEY", hide_env_values = true)]
+    encoding_aes_key: Option<String>,
+
+    /// Life of an access token (WeChat: 7200).
+    #[arg(long, env = "WXPUSH_SANDBOX_TOKEN_LIFETIME_SECS", default_value_t = 7200)]
+    token_lifetime_secs: u64,
+
+    /// How long the old token stays valid after a refresh (WeChat: 300; at most half the lifetime).
+    #[arg(long, env = "WXPUSH_SANDBOX_TOKEN_OVERLAP_SECS", default_value_t = 300)]
+    token_overlap_secs: u64,
+
+    /// Added to every template send.
+    #[arg(long, env = "WXPUSH_SANDBOX_LATENCY_MS", default_value_t = 0)]
+    latency_ms: u64,
+
+    /// Fraction of sends answered errcode -1.
+    #[arg(long, env = "WXPUSH_SANDBOX_SYSTEM_ERROR_RATE", default_value_t = 0.0)]
+    system_error_rate: f64,
+
+    /// Fraction of sends answered HTTP 503.
+    #[arg(long, env = "WXPUSH_SANDBOX_HTTP_503_RATE", default_value_t = 0.0)]
+    http_503_rate: f64,
+
+    /// Fraction of accepted sends whose answer comes `--slow-ms` late.
+    #[arg(long, env = "WXPUSH_SANDBOX_SLOW_RATE", default_value_t = 0.0)]
+    slow_rate: f64,
+
+    #[arg(long, env = "WXPUSH_SANDBOX_SLOW_MS", default_value_t = 0)]
+    slow_ms: u64,
+
+    /// Accepted sends per appid per second beyond which sends answer 45011.
+    #[arg(long, env = "WXPUSH_SANDBOX_PER_SECOND_CAP")]
+    per_second_cap: Option<u32>,
+
+    /// Accepted sends per appid per day beyond which sends answer 45009.
+    #[arg(long, env = "WXPUSH_SANDBOX_DAILY_CAP")]
+    daily_cap: Option<u64>,
+
+    /// Seed of the fault decisions, for repeatable runs.
+    #[arg(long, env = "WXPUSH_SANDBOX_SEED")]
+    seed: Option<u64>,
+
+    /// Delay between accepting a message and pushing its receipt.
+    #[arg(long, env = "WXPUSH_SANDBOX_RECEIPT_DELAY_MS", default_value_t = 500)]
+    receipt_delay_ms: u64,
+
+    /// How long a receipt push waits for `success` before it counts as unanswered.
+    #[arg(long, env = "WXPUSH_SANDBOX_RECEIPT_TIMEOUT_MS", default_value_t = 5000)]
+    receipt_timeout_ms: u64,
+
+    /// Pushes after the first when a receipt is not answered.
+    #[arg(long, env = "WXPUSH_SANDBOX_MAX_REPUSHES", default_value_t = 3)]
+    max_repushes: u32,
+}
+
+fn accounts(cli: &Cli) -> anyhow::Result<Vec<SandboxAccount>> {
+    let specs: Vec<String> = if !cli.accounts.is_empty() {
+        cli.accounts.clone()
+    } else {
+        match (std::env::var("WXPUSH_APPID"), std::env::var("WXPUSH_APPSECRET")) {
+            (Ok(appid), Ok(secret)) if !appid.is_empty() && !secret.is_empty() => vec![format!("{appid}:{secret}")],
+            _ => vec![DEMO_ACCOUNT.to_owned()],
+        }
+    };
+    let mut accounts = Vec::new();
+    for spec in specs.iter().map(|s| s.trim()).filter(|s| !s.is_empty()) {
+        // Only the appid is named: the secret must not reach the terminal or a log.
+        let Some((appid, secret)) = spec.split_once(':') else {
+            bail!(
+                "--account must be appid:secret (got one without ':' starting {:?})",
+                spec.chars().take(4).collect::<String>()
+            );
+        };
+        accounts.push(SandboxAccount::new(appid.trim(), secret.trim()));
+    }
+
+    for hook in cli.webhooks.iter().map(|s| s.trim()).filter(|s| !s.is_empty()) {
+        let token = cli.callback_token.clone().context("--webhook needs --callback-token (WXPUSH_CALLBACK_TOKEN)")?;
+        let target = |url: &str| WebhookTarget {
+            url: url.to_owned(),
+            token: token.clone(),
+            encoding_aes_key: cli.encoding_aes_key.clone(),
+        };
+        if hook.starts_with("http://") || hook.starts_with("https://") {
+            for a in &mut accounts {
+                a.webhook = Some(target(hook));
+            }
+        } else {
+            let (appid, url) = hook.split_once('=').context("--webhook must be appid=URL or a URL")?;
+            let a = accounts
+                .iter_mut()
+                .find(|a| a.appid == appid)
+                .with_context(|| format!("--webhook names appid {appid:?}, which is not an --account"))?;
+            a.webhook = Some(target(url));
+        }
+    }
+    Ok(accounts)
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM; stop with Ctrl-C");
+                let _ = tokio::signal::ctrl_c().await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .init();
+    let cli = Cli::parse();
+    let faults = Faults {
+        system_error_rate: cli.system_error_rate,
+        http_503_rate: cli.http_503_rate,
+        latency_ms: cli.latency_ms,
+        slow_rate: cli.slow_rate,
+        slow_ms: cli.slow_ms,
+        per_second_cap: cli.per_second_cap,
+        daily_cap: cli.daily_cap,
+    };
+    faults.validate().map_err(anyhow::Error::msg)?;
+    let config = SandboxConfig {
+        accounts: accounts(&cli)?,
+        token_lifetime: Duration::from_secs(cli.token_lifetime_secs),
+        token_overlap: Duration::from_secs(cli.token_overlap_secs),
+        faults,
+        receipts: ReceiptSettings {
+            enabled: true,
+            delay_ms: cli.receipt_delay_ms,
+            answer_timeout_ms: cli.receipt_timeout_ms,
+            max_repushes: cli.max_repushes,
+        },
+    };
+    for a in &config.accounts {
+        let webhook = a.webhook.as_ref().map(|w| w.url.as_str()).unwrap_or("none");
+        let mode = if a.webhook.as_ref().is_some_and(|w| w.encoding_aes_key.is_some()) { "safe" } else { "plaintext" };
+        tracing::info!(appid = %a.appid, webhook, mode, "account");
+    }
+    let listener =
+        tokio::net::TcpListener::bind(cli.listen).await.with_context(|| format!("cannot listen on {}", cli.listen))?;
+    let sandbox = Sandbox::start(config, listener).await.context("cannot start the sandbox")?;
+    if let Some(seed) = cli.seed {
+        sandbox.set_fault_seed(seed);
+    }
+    tracing::info!(base_url = %sandbox.base_url(), "ready: set WXPUSH_WECHAT_API_BASE to this base URL");
+    shutdown_signal().await;
+    tracing::info!(stats = ?sandbox.stats(), "stopping");
+    sandbox.shutdown_and_wait().await;
+    Ok(())
+}
