@@ -70,6 +70,8 @@ const SEED_SYSTEM_FAILED: &str = "<xml>\n<ToUserName><![CDATA[gh_7f083739789a]]>
 struct Options {
     timestamp_window: Option<Duration>,
     amqp_url: String,
+    /// Redis as the webhook sees it (the test itself always uses the real one).
+    redis_url: String,
     msgid_wait: Duration,
 }
 
@@ -78,6 +80,7 @@ impl Default for Options {
         Options {
             timestamp_window: Some(Duration::from_secs(300)),
             amqp_url: AMQP_URL.into(),
+            redis_url: REDIS_URL.into(),
             msgid_wait: Duration::from_millis(1500),
         }
     }
@@ -187,7 +190,8 @@ impl Harness {
 
         let redis = Redis::connect(REDIS_URL, &prefix).await.expect("Redis at 127.0.0.1:6379");
         let broker = Broker::new(&opts.amqp_url, "wxpush-webhook-test");
-        let webhook = Webhook::new(&config, settings, broker, redis.clone()).expect("webhook");
+        let webhook_redis = Redis::connect(&opts.redis_url, &prefix).await.expect("webhook's Redis");
+        let webhook = Webhook::new(&config, settings, broker, webhook_redis).expect("webhook");
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let base = format!("http://{}", listener.local_addr().expect("addr"));
         let stop = CancellationToken::new();
@@ -310,6 +314,31 @@ impl Harness {
         loop {
             let d = self.next_result().await;
             if json(&d)["msgid"] == marker {
+                return before;
+            }
+            before.push(d);
+        }
+    }
+
+    /// Results that arrived before a marker the test publishes straight to the exchange.
+    async fn results_until_direct_marker(&mut self) -> Vec<Delivery> {
+        let marker = format!("{{\"marker\":\"{}\"}}", random(12));
+        let confirm = self
+            .channel
+            .basic_publish(
+                ShortString::from(self.exchange.as_str()),
+                ShortString::from("test.marker"),
+                lapin::options::BasicPublishOptions::default(),
+                marker.as_bytes(),
+                lapin::BasicProperties::default(),
+            )
+            .await
+            .expect("publish marker");
+        drop(confirm);
+        let mut before = Vec::new();
+        loop {
+            let d = self.next_result().await;
+            if d.data == marker.as_bytes() {
                 return before;
             }
             before.push(d);
@@ -783,5 +812,36 @@ async fn health_and_readiness() {
     let (status, body) = h.send(h.http.get(format!("{}/readyz", h.base))).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(h.send(h.http.get(format!("{}/metrics", h.base))).await.0, StatusCode::OK);
+    h.finish().await;
+}
+
+#[tokio::test]
+async fn without_redis_nothing_is_published_and_the_answer_is_503() {
+    // Nothing listens on port 1: every Redis command fails at once.
+    let mut h = Harness::start(Options { redis_url: "redis://127.0.0.1:1/".into(), ..Options::default() }).await;
+    let (status, reason) = h.post_plain("/wechat", "AAAAA", receipt_xml(4040, "success")).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(reason.contains("Redis"), "{reason}");
+    // Unreadable pushes are not parked either (they could not be de-duplicated): WeChat pushes again.
+    assert_eq!(h.post_plain("/wechat", "AAAAA", SEED_MALFORMED).await.0, StatusCode::SERVICE_UNAVAILABLE);
+    let (status, body) = h.send(h.http.get(format!("{}/readyz", h.base))).await;
+    assert_eq!((status, body.contains("redis down")), (StatusCode::SERVICE_UNAVAILABLE, true), "{body}");
+    // This webhook cannot publish a marker push: the test publishes one itself. Anything the
+    // webhook had confirmed would be queued before it.
+    assert!(h.results_until_direct_marker().await.is_empty());
+    h.finish().await;
+}
+
+#[tokio::test]
+async fn shutdown_lets_a_push_in_flight_finish() {
+    let mut h = Harness::start(Options::default()).await;
+    // No msgid record: this push spends ~1.5 s waiting for one; shutdown starts meanwhile.
+    let stop = h.stop.clone();
+    let (answer, ()) = tokio::join!(h.post_plain("/wechat", "AAAAA", receipt_xml(7070, "success")), async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        stop.cancel();
+    });
+    assert_eq!(answer, (StatusCode::OK, "success".into()));
+    assert_eq!(json(&h.next_result().await)["msgid"], 7070);
     h.finish().await;
 }
