@@ -10,6 +10,11 @@
 //! [`crate::domain::result::DeliveryEvent`]), `event.<event lowercase>` for other events and
 //! `message.<msgtype lowercase>` for users' messages (body: every field of the push plus
 //! `type`, `account`, `received_at`).
+//!
+//! A receipt's `job_id` comes from the msgid record the worker writes when WeChat accepts a
+//! send. WeChat can push the receipt before that write lands, so the record is looked up again
+//! for up to `msgid_wait` (1.5 s by default); after that the event goes out with `job_id` null,
+//! and a consumer ties it through `msgid`, which the job's `send.succeeded` result also carries.
 
 pub mod dedupe;
 pub mod push;
