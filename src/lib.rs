@@ -10,7 +10,15 @@
 //! RabbitMQ in [`amqp`], Redis in [`store`], WeChat's HTTP API in [`wechat`], the HTTP servers in
 //! [`webhook`], [`sandbox`] and [`health`].
 
+pub mod amqp;
 pub mod config;
 pub mod domain;
+pub mod health;
+pub mod pipeline;
 pub mod sandbox;
+pub mod store;
+pub mod telemetry;
+pub mod token;
 pub mod webhook;
+pub mod wechat;
+pub mod worker;

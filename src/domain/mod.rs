@@ -4,6 +4,7 @@
 //! ([`errcode::classify`]), and everything downstream sees a [`result::SendResult`] or a
 //! [`result::DeliveryEvent`]. Pushes from WeChat are checked by [`crypto`] and read by [`receipt`].
 
+pub mod calendar;
 pub mod crypto;
 pub mod errcode;
 pub mod job;

@@ -1,0 +1,148 @@
+//! `/healthz`, `/readyz` and `/metrics` for the worker (and the state behind them).
+//!
+//! Liveness means "the consume loop is not stuck", not "the broker is up": restarting a worker
+//! because RabbitMQ is down would only add a restart storm to the outage. Readiness means
+//! connected to RabbitMQ and Redis.
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
+
+use crate::store::Redis;
+
+/// What the health endpoints report.
+pub struct Health {
+    started: Instant,
+    amqp: AtomicBool,
+    redis: AtomicBool,
+    in_flight: AtomicI64,
+    /// Milliseconds since `started` of the last sign of progress of the consume loop.
+    last_progress_ms: AtomicU64,
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Self {
+            started: Instant::now(),
+            amqp: AtomicBool::new(false),
+            redis: AtomicBool::new(false),
+            in_flight: AtomicI64::new(0),
+            last_progress_ms: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Health {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    pub fn set_amqp(&self, up: bool) {
+        self.amqp.store(up, Ordering::Relaxed);
+        self.progress();
+    }
+
+    pub fn progress(&self) {
+        self.last_progress_ms.store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    pub fn job_started(&self) {
+        let n = self.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
+        metrics::gauge!("wxpush_jobs_in_flight").set(n as f64);
+    }
+
+    pub fn job_finished(&self) {
+        let n = self.in_flight.fetch_sub(1, Ordering::Relaxed) - 1;
+        metrics::gauge!("wxpush_jobs_in_flight").set(n as f64);
+        self.progress();
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.amqp.load(Ordering::Relaxed) && self.redis.load(Ordering::Relaxed)
+    }
+
+    /// Alive unless jobs are in flight and nothing has moved for `stall`.
+    pub fn is_alive(&self, stall: Duration) -> bool {
+        let idle_ms = self.started.elapsed().as_millis() as u64 - self.last_progress_ms.load(Ordering::Relaxed);
+        self.in_flight.load(Ordering::Relaxed) == 0 || Duration::from_millis(idle_ms) < stall
+    }
+
+    /// Pings Redis every second until `cancel`, for readiness.
+    pub fn watch_redis(self: &Arc<Self>, redis: Redis, cancel: CancellationToken) {
+        let health = Arc::clone(self);
+        tokio::spawn(async move {
+            loop {
+                let up = tokio::time::timeout(Duration::from_secs(2), redis.ping()).await.is_ok_and(|r| r.is_ok());
+                if health.redis.swap(up, Ordering::Relaxed) != up && !up {
+                    warn!("Redis is unreachable; jobs wait until it is back");
+                }
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+        });
+    }
+}
+
+/// Installs the process-wide Prometheus recorder (once; later calls return `None`).
+pub fn install_metrics() -> Option<PrometheusHandle> {
+    PrometheusBuilder::new().install_recorder().ok()
+}
+
+#[derive(Clone)]
+struct AdminState {
+    health: Arc<Health>,
+    metrics: Option<PrometheusHandle>,
+}
+
+/// The admin router: `/healthz`, `/readyz`, `/metrics`.
+pub fn router(health: Arc<Health>, metrics: Option<PrometheusHandle>) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(render_metrics))
+        .with_state(AdminState { health, metrics })
+}
+
+async fn healthz(State(s): State<AdminState>) -> impl IntoResponse {
+    if s.health.is_alive(Duration::from_secs(300)) {
+        (StatusCode::OK, "ok\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "stalled: jobs in flight but no progress for 5 minutes\n")
+    }
+}
+
+async fn readyz(State(s): State<AdminState>) -> impl IntoResponse {
+    let amqp = s.health.amqp.load(Ordering::Relaxed);
+    let redis = s.health.redis.load(Ordering::Relaxed);
+    let body = format!("rabbitmq: {}\nredis: {}\n", up(amqp), up(redis));
+    (if amqp && redis { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, body)
+}
+
+fn up(b: bool) -> &'static str {
+    if b { "up" } else { "down" }
+}
+
+async fn render_metrics(State(s): State<AdminState>) -> impl IntoResponse {
+    match &s.metrics {
+        Some(handle) => (StatusCode::OK, handle.render()),
+        None => (StatusCode::NOT_FOUND, "metrics recorder not installed in this process\n".to_owned()),
+    }
+}
+
+/// Serves the admin router on `addr` until `cancel`.
+pub async fn serve(addr: SocketAddr, router: Router, cancel: CancellationToken) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    axum::serve(listener, router).with_graceful_shutdown(async move { cancel.cancelled().await }).await
+}

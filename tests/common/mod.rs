@@ -1,0 +1,425 @@
+//! Shared helpers of the integration tests: a fresh namespace per test (queues, exchange, Redis
+//! prefix), the sandbox standing in for WeChat, and in-process workers, all against the real
+//! local RabbitMQ and Redis. Everything a test created is removed when its `TestEnv` drops,
+//! even when the test fails.
+#![allow(dead_code)]
+
+use std::{
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use futures_util::StreamExt;
+use lapin::{
+    BasicProperties, Channel, Connection, ConnectionProperties, Consumer, ExchangeKind,
+    options::{
+        BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, ExchangeDeclareOptions, ExchangeDeleteOptions,
+        QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+    },
+    types::{FieldTable, ShortString},
+};
+use secrecy::SecretString;
+use serde_json::{Value, json};
+use tokio::{net::TcpListener, task::JoinHandle};
+use tokio_util::sync::CancellationToken;
+use wxpush::{
+    config::{Account, Config, TokenApi},
+    health::Health,
+    sandbox::{Sandbox, SandboxAccount, SandboxConfig},
+};
+
+pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+pub const REDIS_URL: &str = "redis://127.0.0.1:6379/";
+pub const APPID: &str = "wxtest0000000001";
+pub const SECRET: &str = "test-secret-0001";
+
+/// A unique name for this test's resources.
+pub fn unique(tag: &str) -> String {
+    format!("wxpush-test-{tag}-{}", &uuid::Uuid::new_v4().simple().to_string()[..10])
+}
+
+/// A job body for the default account.
+pub fn job(job_id: &str, touser: &str) -> Value {
+    json!({
+        "job_id": job_id,
+        "touser": touser,
+        "template_id": "ngqIpbwh8bUfcSsECmogfXcV14J0tQlEpBO27izEYtY",
+        "url": "http://weixin.qq.com/download",
+        "data": {
+            "User": {"value": "黄先生", "color": "#173177"},
+            "Money": {"value": "人民币260.00元", "color": "#173177"}
+        }
+    })
+}
+
+pub fn account(name: &str, appid: &str, secret: &str) -> Account {
+    Account {
+        name: name.into(),
+        appid: appid.into(),
+        secret: SecretString::from(secret),
+        token_api: TokenApi::Stable,
+        callback_token: None,
+        encoding_aes_key: None,
+        previous_encoding_aes_key: None,
+        rate_limit: None,
+        daily_quota: None,
+    }
+}
+
+/// A configuration in this test's namespace, pointing at `api_base`.
+pub fn config(ns: &str, api_base: &str) -> Config {
+    let mut c = Config {
+        amqp_url: AMQP_URL.into(),
+        redis_url: REDIS_URL.into(),
+        redis_prefix: ns.into(),
+        wechat_api_base: api_base.into(),
+        jobs_queue: format!("{ns}.jobs"),
+        results_exchange: format!("{ns}.results"),
+        dead_letter_queue: format!("{ns}.jobs.dead"),
+        http_timeout_ms: 1_000,
+        shutdown_grace_secs: 5,
+        accounts: vec![account("default", APPID, SECRET)],
+        ..Config::default()
+    };
+    c.retry.min_delay_ms = 20;
+    c.retry.max_delay_ms = 2_000;
+    c.retry.in_process_max_ms = 300;
+    c.retry.delay_tiers_secs = vec![1, 2, 5];
+    c.token.refresh_ahead_secs = 0.3;
+    c.token.failure_backoff_ms = 200;
+    c
+}
+
+pub async fn start_sandbox(mut sandbox: SandboxConfig) -> Sandbox {
+    if sandbox.accounts.is_empty() {
+        sandbox.accounts.push(SandboxAccount::new(APPID, SECRET));
+    }
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind the sandbox");
+    Sandbox::start(sandbox, listener).await.expect("start the sandbox")
+}
+
+/// A worker running in this process, with its own connections.
+pub struct WorkerHandle {
+    pub cancel: CancellationToken,
+    pub join: JoinHandle<()>,
+}
+
+impl WorkerHandle {
+    pub async fn stop(self) {
+        self.cancel.cancel();
+        tokio::time::timeout(Duration::from_secs(30), self.join).await.expect("worker stops within 30 s").ok();
+    }
+}
+
+pub fn spawn_worker(config: &Config) -> WorkerHandle {
+    let cancel = CancellationToken::new();
+    let config = config.clone();
+    let c = cancel.clone();
+    let join = tokio::spawn(async move {
+        wxpush::worker::run(config, c, Health::new()).await.expect("worker runs");
+    });
+    WorkerHandle { cancel, join }
+}
+
+/// One received result or event.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub routing_key: String,
+    pub body: Value,
+    pub correlation_id: Option<String>,
+}
+
+/// The test's view of RabbitMQ: publishes jobs, reads the results exchange.
+pub struct Bus {
+    pub connection: Connection,
+    pub channel: Channel,
+    consumer: Consumer,
+    results_queue: String,
+}
+
+pub struct TestEnv {
+    pub ns: String,
+    pub config: Config,
+    pub bus: Bus,
+    cleanup: Arc<Mutex<Vec<String>>>,
+}
+
+impl TestEnv {
+    /// Declares the results exchange and a queue bound to all of it, before any worker starts.
+    pub async fn new(tag: &str, config: Config) -> TestEnv {
+        let ns = config.redis_prefix.clone();
+        assert!(ns.starts_with("wxpush-test-"), "tests must use a unique namespace ({tag})");
+        let connection = Connection::connect(AMQP_URL, ConnectionProperties::default()).await.expect("RabbitMQ is up");
+        let channel = connection.create_channel().await.expect("channel");
+        channel
+            .exchange_declare(
+                ShortString::from(config.results_exchange.as_str()),
+                ExchangeKind::Topic,
+                ExchangeDeclareOptions { durable: true, ..Default::default() },
+                FieldTable::default(),
+            )
+            .await
+            .expect("declare the results exchange");
+        let results_queue = format!("{ns}.observed");
+        channel
+            .queue_declare(
+                ShortString::from(results_queue.as_str()),
+                QueueDeclareOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("declare the results queue");
+        channel
+            .queue_bind(
+                ShortString::from(results_queue.as_str()),
+                ShortString::from(config.results_exchange.as_str()),
+                ShortString::from("#"),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("bind");
+        let consumer = channel
+            .basic_consume(
+                ShortString::from(results_queue.as_str()),
+                ShortString::from("test-observer"),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("consume results");
+        let mut queues = vec![results_queue.clone(), config.jobs_queue.clone(), config.dead_letter_queue.clone()];
+        for t in &config.retry.delay_tiers_secs {
+            queues.push(format!("{}.delay.{t}s", config.jobs_queue));
+        }
+        queues.push(format!("exchange:{}", config.results_exchange));
+        TestEnv {
+            ns,
+            config,
+            bus: Bus { connection, channel, consumer, results_queue },
+            cleanup: Arc::new(Mutex::new(queues)),
+        }
+    }
+
+    /// Also removes `queue` at the end.
+    pub fn remove_later(&self, queue: &str) {
+        self.cleanup.lock().unwrap().push(queue.to_owned());
+    }
+
+    /// Declares the jobs topology the way the worker does, so jobs can be published first.
+    pub async fn declare_topology(&self) {
+        let topology = wxpush::amqp::Topology::from_config(&self.config);
+        topology.declare(&self.bus.channel).await.expect("declare the topology");
+    }
+
+    pub async fn publish_job(&self, body: &Value) {
+        self.publish_raw(&serde_json::to_vec(body).unwrap(), BasicProperties::default()).await;
+    }
+
+    pub async fn publish_raw(&self, body: &[u8], props: BasicProperties) {
+        let props = props.with_delivery_mode(2).with_content_type(ShortString::from("application/json"));
+        self.bus
+            .channel
+            .basic_publish(
+                ShortString::from(""),
+                ShortString::from(self.config.jobs_queue.as_str()),
+                BasicPublishOptions::default(),
+                body,
+                props,
+            )
+            .await
+            .expect("publish a job")
+            .await
+            .expect("job published");
+    }
+
+    /// The next result, or `None` after `timeout`.
+    pub async fn next_result(&mut self, timeout: Duration) -> Option<Received> {
+        let delivery = tokio::time::timeout(timeout, self.bus.consumer.next()).await.ok()??.ok()?;
+        delivery.ack(BasicAckOptions::default()).await.ok()?;
+        Some(Received {
+            routing_key: delivery.routing_key.to_string(),
+            body: serde_json::from_slice(&delivery.data).unwrap_or(Value::Null),
+            correlation_id: delivery.properties.correlation_id().as_ref().map(|c| c.to_string()),
+        })
+    }
+
+    /// Reads results until `n` have arrived or `timeout` has passed since the call.
+    pub async fn results(&mut self, n: usize, timeout: Duration) -> Vec<Received> {
+        let deadline = Instant::now() + timeout;
+        let mut out = Vec::with_capacity(n);
+        while out.len() < n {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.next_result(left).await {
+                Some(r) => out.push(r),
+                None => break,
+            }
+        }
+        out
+    }
+
+    /// Messages ready in `queue` (not counting unacknowledged ones).
+    pub async fn queue_len(&self, queue: &str) -> u32 {
+        let ch = self.bus.connection.create_channel().await.expect("channel");
+        let q = ch
+            .queue_declare(
+                ShortString::from(queue),
+                QueueDeclareOptions { passive: true, ..Default::default() },
+                FieldTable::default(),
+            )
+            .await
+            .expect("queue exists");
+        let _ = ch.close(200, ShortString::from("done")).await;
+        q.message_count()
+    }
+
+    /// Polls `check` every 50 ms until it holds or `timeout` passes.
+    pub async fn eventually<F, Fut>(timeout: Duration, mut check: F) -> bool
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = bool>,
+    {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if check().await {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        let names = std::mem::take(&mut *self.cleanup.lock().unwrap());
+        let prefix = self.ns.clone();
+        // Async clean-up cannot run in Drop; a thread with its own runtime does it, even after
+        // a failed assertion.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            rt.block_on(cleanup(names, prefix));
+        })
+        .join();
+    }
+}
+
+async fn cleanup(names: Vec<String>, prefix: String) {
+    if let Ok(conn) = Connection::connect(AMQP_URL, ConnectionProperties::default()).await {
+        for name in names {
+            // A failed delete closes the channel, so each gets its own.
+            let Ok(ch) = conn.create_channel().await else { continue };
+            if let Some(exchange) = name.strip_prefix("exchange:") {
+                let _ = ch.exchange_delete(ShortString::from(exchange), ExchangeDeleteOptions::default()).await;
+            } else {
+                let _ = ch.queue_delete(ShortString::from(name.as_str()), QueueDeleteOptions::default()).await;
+            }
+        }
+        let _ = conn.close(200, ShortString::from("cleanup")).await;
+    }
+    delete_redis_prefix(&prefix).await;
+}
+
+/// Removes every Redis key under `prefix:`.
+pub async fn delete_redis_prefix(prefix: &str) {
+    let Ok(client) = redis::Client::open(REDIS_URL) else { return };
+    let Ok(mut conn) = client.get_multiplexed_async_connection().await else { return };
+    let mut cursor: u64 = 0;
+    loop {
+        let Ok((next, keys)): redis::RedisResult<(u64, Vec<String>)> = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(format!("{prefix}:*"))
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(&mut conn)
+            .await
+        else {
+            return;
+        };
+        if !keys.is_empty() {
+            let _: redis::RedisResult<i64> = redis::cmd("DEL").arg(&keys).query_async(&mut conn).await;
+        }
+        if next == 0 {
+            return;
+        }
+        cursor = next;
+    }
+}
+
+/// A plain Redis connection for assertions.
+pub async fn redis_conn() -> redis::aio::MultiplexedConnection {
+    redis::Client::open(REDIS_URL).unwrap().get_multiplexed_async_connection().await.expect("Redis is up")
+}
+
+/// A worker process started from the real binary, configured like `cfg`.
+pub struct WorkerProcess {
+    child: Child,
+    _config_file: TempFile,
+}
+
+pub struct TempFile(std::path::PathBuf);
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+impl WorkerProcess {
+    pub fn start(cfg: &Config) -> WorkerProcess {
+        let path = std::env::temp_dir().join(format!("{}-{}.toml", cfg.redis_prefix, uuid::Uuid::new_v4().simple()));
+        let toml = format!(
+            "job_lease_ms = {}\nhttp_timeout_ms = {}\nshutdown_grace_secs = {}\nmetrics_listen = \"127.0.0.1:0\"\n\
+             [token]\nrefresh_ahead_secs = 0.3\n[retry]\nmin_delay_ms = 20\nin_process_max_ms = 300\ndelay_tiers_secs = [1, 2, 5]\n",
+            cfg.job_lease_ms, cfg.http_timeout_ms, cfg.shutdown_grace_secs
+        );
+        std::fs::write(&path, toml).expect("write the worker's config file");
+        let child = Command::new(env!("CARGO_BIN_EXE_wxpush-worker"))
+            .env("WXPUSH_CONFIG", &path)
+            .env("WXPUSH_AMQP_URL", &cfg.amqp_url)
+            .env("WXPUSH_REDIS_URL", &cfg.redis_url)
+            .env("WXPUSH_REDIS_PREFIX", &cfg.redis_prefix)
+            .env("WXPUSH_WECHAT_API_BASE", &cfg.wechat_api_base)
+            .env("WXPUSH_JOBS_QUEUE", &cfg.jobs_queue)
+            .env("WXPUSH_RESULTS_EXCHANGE", &cfg.results_exchange)
+            .env("WXPUSH_DEAD_LETTER_QUEUE", &cfg.dead_letter_queue)
+            .env("WXPUSH_CONCURRENCY", cfg.concurrency.to_string())
+            .env("WXPUSH_RATE_LIMIT", cfg.rate_limit.to_string())
+            .env("WXPUSH_APPID", APPID)
+            .env("WXPUSH_APPSECRET", SECRET)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start wxpush-worker");
+        WorkerProcess { child, _config_file: TempFile(path) }
+    }
+
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill").arg(format!("-{signal}")).arg(self.child.id().to_string()).status().unwrap();
+        assert!(status.success(), "kill -{signal}");
+    }
+
+    /// Waits up to `timeout` for the process to exit; its exit status.
+    pub fn wait(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
