@@ -165,7 +165,13 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .await
                 .with_context(|| format!("cannot publish {name} to {}", config.jobs_queue))?;
             print!("{report}");
-            Ok(if report.all_good() { ExitCode::SUCCESS } else { ExitCode::from(PARTIAL) })
+            Ok(if report.interrupted.is_some() {
+                ExitCode::FAILURE
+            } else if report.all_good() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(PARTIAL)
+            })
         }
         Command::Dead(DeadCommand::List { limit }) => {
             let config = load(config_path)?;

@@ -113,9 +113,11 @@ pub struct DemoReport {
     pub sandbox_url: String,
     pub jobs_queue: String,
     pub results_exchange: String,
-    /// The result as it went out on the exchange.
+    /// The result as it went out on the exchange: its routing key, its body parsed, and the
+    /// body's text as published (key order kept).
     pub routing_key: String,
     pub result: Value,
+    pub result_text: String,
     /// The template send the sandbox received.
     pub request: SentMessage,
     pub elapsed: Duration,
@@ -169,6 +171,7 @@ pub async fn run(options: &DemoOptions) -> Result<DemoReport, CtlError> {
         results_exchange: config.results_exchange.clone(),
         routing_key: result.routing_key.clone(),
         result: result_json,
+        result_text: lossy(&result.body),
         request,
         elapsed: started.elapsed(),
         leftovers,
@@ -331,9 +334,79 @@ fn glob_escape(s: &str) -> String {
     out
 }
 
+/// Re-indents JSON text without reordering it: containers down to `expand_depth` levels get
+/// one member a line, deeper ones stay on one line (`{"value": "黄先生", "color": "#173177"}`).
+pub fn pretty_json(text: &str, expand_depth: usize) -> String {
+    fn newline(out: &mut String, depth: usize) {
+        out.push('\n');
+        out.push_str(&"  ".repeat(depth));
+    }
+    let chars: Vec<char> = text.chars().collect();
+    let mut out = String::with_capacity(text.len() * 2);
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    let mut i = 0;
+    while i < chars.len() {
+        let c = chars[i];
+        i += 1;
+        if in_string {
+            out.push(c);
+            if escaped {
+                escaped = false;
+            } else if c == '\\' {
+                escaped = true;
+            } else if c == '"' {
+                in_string = false;
+            }
+            continue;
+        }
+        match c {
+            '"' => {
+                in_string = true;
+                out.push(c);
+            }
+            '{' | '[' => {
+                let close = if c == '{' { '}' } else { ']' };
+                let mut j = i;
+                while j < chars.len() && chars[j].is_whitespace() {
+                    j += 1;
+                }
+                if chars.get(j) == Some(&close) {
+                    out.push(c);
+                    out.push(close);
+                    i = j + 1;
+                    continue;
+                }
+                depth += 1;
+                out.push(c);
+                if depth <= expand_depth {
+                    newline(&mut out, depth);
+                }
+            }
+            '}' | ']' => {
+                if depth <= expand_depth {
+                    newline(&mut out, depth.saturating_sub(1));
+                }
+                depth = depth.saturating_sub(1);
+                out.push(c);
+            }
+            ',' => {
+                out.push(',');
+                if depth <= expand_depth {
+                    newline(&mut out, depth);
+                } else {
+                    out.push(' ');
+                }
+            }
+            ':' => out.push_str(": "),
+            c if c.is_whitespace() => {}
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 impl std::fmt::Display for DemoReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let pretty = |v: &Value| serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string());
         writeln!(f, "wxpush demo: namespace {}, WeChat sandbox at {}", self.namespace, self.sandbox_url)?;
         writeln!(f)?;
         writeln!(f, "1. published job {DEMO_JOB_ID} to {}", self.jobs_queue)?;
@@ -344,10 +417,10 @@ impl std::fmt::Display for DemoReport {
              (appid {}, msgid {}):",
             self.request.appid, self.request.msgid
         )?;
-        writeln!(f, "{}", pretty(&self.request.body))?;
+        writeln!(f, "{}", pretty_json(&self.request.body.to_string(), 2))?;
         writeln!(f)?;
         writeln!(f, "3. result on exchange {}, routing key {}:", self.results_exchange, self.routing_key)?;
-        writeln!(f, "{}", pretty(&self.result))?;
+        writeln!(f, "{}", pretty_json(&self.result_text, 2))?;
         writeln!(f)?;
         if self.leftovers.is_empty() {
             writeln!(
@@ -383,5 +456,14 @@ mod tests {
             assert!(name.starts_with(&options.namespace), "{name}");
         }
         assert_eq!(glob_escape("a*b[c]"), "a\\*b\\[c\\]");
+    }
+
+    #[test]
+    fn json_is_reindented_in_its_own_order() {
+        let text = r##"{"type":"send","data":{"User":{"value":"黄先生, \"x\": {","color":"#173177"},"E":{}},"list":[],"n":1}"##;
+        let expected = "{\n  \"type\": \"send\",\n  \"data\": {\n    \"User\": {\"value\": \"黄先生, \\\"x\\\": {\", \"color\": \"#173177\"},\n    \"E\": {}\n  },\n  \"list\": [],\n  \"n\": 1\n}";
+        assert_eq!(pretty_json(text, 2), expected);
+        let back: Value = serde_json::from_str(&pretty_json(text, 2)).unwrap();
+        assert_eq!(back, serde_json::from_str::<Value>(text).unwrap());
     }
 }
