@@ -85,6 +85,8 @@ async fn publish_skips_lines_that_are_not_objects_and_confirms_the_rest() {
     assert_eq!(report.without_job_id, 1);
     assert!(!report.all_good());
     assert!(report.to_string().contains("published 3 of 5 jobs"), "{report}");
+    assert!(report.created_queue, "no worker declared the jobs queue yet: publish did, and says so");
+    assert!(report.to_string().contains("did not exist"), "{report}");
 
     assert_eq!(env.queue_len(&env.config.jobs_queue).await, 3);
     for (i, expected) in good.iter().enumerate() {

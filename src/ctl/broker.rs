@@ -108,15 +108,15 @@ pub(crate) async fn exchange_exists(connection: &Connection, exchange: &str) -> 
 
 /// Declares the jobs queue exactly as the worker does, unless it exists already: an operator
 /// may have declared it with other arguments (a quorum queue), and re-declaring it differently
-/// would fail.
-pub(crate) async fn ensure_jobs_queue(connection: &Connection, config: &Config) -> Result<(), CtlError> {
+/// would fail. Returns whether it had to be created.
+pub(crate) async fn ensure_jobs_queue(connection: &Connection, config: &Config) -> Result<bool, CtlError> {
     if queue_info(connection, &config.jobs_queue).await?.is_some() {
-        return Ok(());
+        return Ok(false);
     }
     let channel = call("open a channel", connection.create_channel()).await?;
     amqp::declare_queue(&channel, &config.jobs_queue, FieldTable::default()).await?;
     let _ = channel.close(200, ShortString::from("done")).await;
-    Ok(())
+    Ok(true)
 }
 
 /// Declares the results exchange as the worker does, unless it exists already.

@@ -187,15 +187,19 @@ async fn reach_services(options: &DemoOptions) -> Result<Connection, CtlError> {
     let connection = broker::connect_url(&options.amqp_url, "demo").await.map_err(|e| CtlError::NotReachable {
         service: "RabbitMQ",
         url: redact_url(&options.amqp_url),
-        detail: e.to_string(),
-        start: "docker run -d --name rabbitmq -p 5672:5672 rabbitmq:4",
+        // The root cause only: the URL and the advice are in this message already.
+        detail: match e {
+            CtlError::Amqp(amqp::AmqpError::Connect { source, .. }) => source.to_string(),
+            other => other.to_string(),
+        },
+        start: "`docker run -d --name rabbitmq -p 5672:5672 rabbitmq:4` or `systemctl start rabbitmq-server`",
         var: "WXPUSH_AMQP_URL",
     })?;
     let redis_down = |detail: String| CtlError::NotReachable {
         service: "Redis",
         url: super::status::redact_redis_url(&options.redis_url),
         detail,
-        start: "docker run -d --name redis -p 6379:6379 redis:7",
+        start: "`docker run -d --name redis -p 6379:6379 redis:7` or `systemctl start redis-server`",
         var: "WXPUSH_REDIS_URL",
     };
     let pinged = tokio::time::timeout(RPC_TIMEOUT, async {
@@ -205,6 +209,7 @@ async fn reach_services(options: &DemoOptions) -> Result<Connection, CtlError> {
     .await;
     let failure = match pinged {
         Ok(Ok(())) => None,
+        Ok(Err(crate::store::StoreError::Redis(e))) => Some(redis_down(e.to_string())),
         Ok(Err(e)) => Some(redis_down(e.to_string())),
         Err(_) => Some(redis_down(format!("no answer within {} s", RPC_TIMEOUT.as_secs()))),
     };

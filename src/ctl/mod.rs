@@ -49,9 +49,7 @@ pub enum CtlError {
     RedisTimeout { secs: u64 },
     #[error("cannot read {name}: {source}")]
     Input { name: String, source: std::io::Error },
-    #[error(
-        "{service} is not reachable at {url}: {detail}. Start it (for example `{start}`), or set {var} to where it runs"
-    )]
+    #[error("{service} is not reachable at {url}: {detail}. Start it ({start}), or set {var} to where it runs")]
     NotReachable { service: &'static str, url: String, detail: String, start: &'static str, var: &'static str },
     #[error("cannot start the WeChat sandbox: {0}")]
     Sandbox(#[source] std::io::Error),

@@ -66,6 +66,8 @@ pub struct LineProblem {
 #[derive(Debug, Clone, Default)]
 pub struct PublishReport {
     pub jobs_queue: String,
+    /// The jobs queue did not exist and was declared (as the worker declares it).
+    pub created_queue: bool,
     /// Non-blank lines read.
     pub lines: u64,
     /// Jobs confirmed by the broker.
@@ -132,7 +134,7 @@ async fn publish_on<R: AsyncBufRead + Unpin>(
     options: &PublishOptions,
     progress: &dyn Progress,
 ) -> Result<PublishReport, CtlError> {
-    broker::ensure_jobs_queue(connection, config).await?;
+    let created_queue = broker::ensure_jobs_queue(connection, config).await?;
     let tracker = Arc::new(Mutex::new(Tracker::default()));
     let stop_watching = CancellationToken::new();
     let collector = match options.wait {
@@ -145,7 +147,7 @@ async fn publish_on<R: AsyncBufRead + Unpin>(
     let channel = call("open a channel", connection.create_channel()).await?;
     call("enable publisher confirms", channel.confirm_select(ConfirmSelectOptions::default())).await?;
 
-    let mut report = PublishReport { jobs_queue: config.jobs_queue.clone(), ..PublishReport::default() };
+    let mut report = PublishReport { jobs_queue: config.jobs_queue.clone(), created_queue, ..PublishReport::default() };
     let mut in_flight = FuturesUnordered::new();
     let mut buf = Vec::new();
     let (mut line_no, mut bytes) = (0u64, 0u64);
@@ -416,6 +418,13 @@ const TOP_REASONS: usize = 10;
 
 impl std::fmt::Display for PublishReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.created_queue {
+            writeln!(
+                f,
+                "note: queue {} did not exist and was declared; if that name is a typo, fix WXPUSH_JOBS_QUEUE",
+                self.jobs_queue
+            )?;
+        }
         writeln!(f, "published {} of {} jobs to {}", self.published, self.lines, self.jobs_queue)?;
         if self.skipped_count > 0 {
             writeln!(f, "  {} lines skipped: not JSON objects (listed above)", self.skipped_count)?;
