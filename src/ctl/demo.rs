@@ -141,23 +141,36 @@ pub async fn run(options: &DemoOptions) -> Result<DemoReport, CtlError> {
     let config = options.worker_config(&sandbox.base_url(), &secret);
 
     let stop = CancellationToken::new();
-    let worker = {
+    let mut worker = {
         let (config, stop) = (config.clone(), stop.clone());
         tokio::spawn(async move { crate::worker::run(config, stop, Health::new()).await })
     };
-    let outcome = drive(&connection, &config, options.timeout).await;
+    // A worker that cannot start ends the demo at once rather than after the timeout.
+    let mut worker_exit = None;
+    let outcome = tokio::select! {
+        outcome = drive(&connection, &config, options.timeout) => outcome,
+        exit = &mut worker => {
+            worker_exit = Some(exit);
+            Err(CtlError::Demo("the demo worker stopped before the job was done".into()))
+        }
+    };
     stop.cancel();
-    let stopped = tokio::time::timeout(config.shutdown_grace() + Duration::from_secs(5), worker).await;
+    let worker_exit = match worker_exit {
+        Some(exit) => Some(exit),
+        None => tokio::time::timeout(config.shutdown_grace() + Duration::from_secs(5), worker).await.ok(),
+    };
     let leftovers = clean_up(&connection, &config).await;
     broker::close(&connection).await;
     let received = sandbox.messages();
     let sandbox_url = sandbox.base_url();
     sandbox.shutdown_and_wait().await;
 
-    let result = outcome?;
-    if let Ok(Ok(Err(e))) = stopped {
-        return Err(CtlError::Worker(e));
+    match worker_exit {
+        Some(Ok(Err(e))) => return Err(CtlError::Worker(e)),
+        Some(Err(panic)) => return Err(CtlError::Demo(format!("the demo worker crashed: {panic}"))),
+        _ => {}
     }
+    let result = outcome?;
     let result_json: Value =
         serde_json::from_slice(&result.body).unwrap_or_else(|_| Value::String(lossy(&result.body)));
     let msgid = result_json.get("msgid").and_then(Value::as_u64);
