@@ -132,10 +132,16 @@ pub struct Config {
     pub dead_letter_queue: String,
     /// Default sends per second per account (0 = no limit).
     pub rate_limit: u32,
-    /// Extra sends a burst may add to `rate_limit`, as a fraction (0.1 = 10 %).
+    /// Extra sends a burst may add to `rate_limit`, as a fraction (at most 0.1 = 10 %).
     pub rate_burst: f64,
     pub max_attempts: u32,
     pub concurrency: u16,
+    /// Length of the daily-quota "day" in seconds; 86400 = a Beijing calendar day. Shorter only
+    /// for tests and demos.
+    pub quota_day_secs: u64,
+    /// How long an account pauses after 45011 (minute quota); 0 = until the next minute, as
+    /// WeChat asks. Shorter only for tests and demos.
+    pub minute_pause_secs: u64,
     pub webhook_listen: SocketAddr,
     pub metrics_listen: SocketAddr,
     /// How long in-flight jobs get to finish after SIGTERM/SIGINT.
@@ -164,9 +170,11 @@ impl Default for Config {
             results_exchange: "wxpush.results".into(),
             dead_letter_queue: "wxpush.jobs.dead".into(),
             rate_limit: 0,
-            rate_burst: 0.1,
+            rate_burst: 0.05,
             max_attempts: 5,
             concurrency: 64,
+            quota_day_secs: 86_400,
+            minute_pause_secs: 0,
             webhook_listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
             metrics_listen: SocketAddr::from(([0, 0, 0, 0], 9100)),
             shutdown_grace_secs: 20,
@@ -355,9 +363,9 @@ impl Config {
         if self.jobs_queue == self.dead_letter_queue {
             return invalid("jobs_queue and dead_letter_queue must differ".into());
         }
-        if !(0.0..=10.0).contains(&self.rate_burst) {
+        if !(0.0..=0.1).contains(&self.rate_burst) {
             return invalid(format!(
-                "rate_burst {} must be between 0 and 10 (a fraction of the rate)",
+                "rate_burst {} must be between 0 and 0.1: a burst may add at most 10 % to the rate",
                 self.rate_burst
             ));
         }

@@ -19,7 +19,7 @@ use std::{
     collections::HashMap,
     sync::{
         Mutex,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -38,12 +38,16 @@ use crate::{
     amqp::{Publisher, Topology, header_str, json_properties},
     config::{Account, Config},
     domain::{
-        calendar,
+        calendar::{self, QuotaDay},
         errcode::{self, Action},
         job::Job,
         result::{SendResult, SendStatus},
     },
-    store::{Redis, ledger::Claim},
+    store::{
+        Redis,
+        ledger::Claim,
+        limits::{Admission, Budget},
+    },
     token::{TokenError, TokenManager},
     wechat::WechatClient,
 };
@@ -54,6 +58,8 @@ pub const ATTEMPTS_HEADER: &str = "x-wxpush-attempts";
 pub const REASON_HEADER: &str = "x-wxpush-reason";
 /// Header naming the queue a dead-lettered job came from.
 pub const SOURCE_HEADER: &str = "x-wxpush-source-queue";
+/// Header set on a job parked for the daily quota, so that its `send.deferred` notice goes out once.
+pub const PARKED_HEADER: &str = "x-wxpush-parked";
 
 /// What to do with the delivery once the pipeline is through with it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,10 +84,12 @@ enum Outcome {
         attempts: u32,
     },
     /// Try again after `after`, through a delay queue; `attempts` so far travel with it.
+    /// `parked` says the account's daily quota is spent (downstream is told, once).
     Later {
         after: Duration,
         attempts: u32,
         why: String,
+        parked: bool,
     },
     /// Shutdown came first: back to the queue as it was.
     Abandoned,
@@ -92,8 +100,31 @@ struct Pauses {
     seen: Mutex<HashMap<String, PauseSeen>>,
 }
 
-/// When the pause of an account was last read, and until when it runs (and why).
-type PauseSeen = (Instant, Option<(Instant, String)>);
+/// When the pause of an account was last read, and until when it runs.
+type PauseSeen = (Instant, Option<(Instant, Pause)>);
+
+/// An account-wide pause. `parked` pauses (a spent daily quota) last until the quota resets and
+/// are announced to downstream; the others (45011) last a minute.
+#[derive(Debug, Clone)]
+struct Pause {
+    why: String,
+    parked: bool,
+}
+
+impl Pause {
+    /// As stored in Redis: `park|why` or `wait|why`.
+    fn encode(&self) -> String {
+        format!("{}|{}", if self.parked { "park" } else { "wait" }, self.why)
+    }
+
+    fn decode(raw: &str) -> Pause {
+        match raw.split_once('|') {
+            Some(("park", why)) => Pause { why: why.to_owned(), parked: true },
+            Some((_, why)) => Pause { why: why.to_owned(), parked: false },
+            None => Pause { why: raw.to_owned(), parked: false },
+        }
+    }
+}
 
 const PAUSE_RECHECK: Duration = Duration::from_millis(250);
 
@@ -109,6 +140,12 @@ pub struct Pipeline {
     sequence: AtomicU64,
     backoff: ExponentialBuilder,
     pauses: Pauses,
+    budgets: HashMap<String, Budget>,
+    quota_day: QuotaDay,
+    /// Jobs of each account waiting for a rate slot, and how many may: when several accounts
+    /// share a worker, one throttled account must not take every concurrency slot.
+    waiting: HashMap<String, AtomicUsize>,
+    waiting_cap: usize,
 }
 
 impl Pipeline {
@@ -119,7 +156,28 @@ impl Pipeline {
             .with_factor(2.0)
             .with_jitter()
             .without_max_times();
+        let budgets = config
+            .accounts
+            .iter()
+            .map(|a| {
+                let budget = Budget::new(
+                    a.effective_rate_limit(config.rate_limit),
+                    config.rate_burst,
+                    a.daily_quota.unwrap_or(0),
+                );
+                (a.name.clone(), budget)
+            })
+            .collect();
+        let waiting = config.accounts.iter().map(|a| (a.name.clone(), AtomicUsize::new(0))).collect();
+        let waiting_cap = match config.accounts.len() {
+            0 | 1 => usize::MAX,
+            n => (config.concurrency as usize / n).max(1),
+        };
         Self {
+            budgets,
+            quota_day: QuotaDay::with_length(config.quota_day_secs),
+            waiting,
+            waiting_cap,
             topology: Topology::from_config(&config),
             accounts: config.accounts.iter().map(|a| (a.name.clone(), a.clone())).collect(),
             owner: format!("{}-{}", std::process::id(), &uuid::Uuid::new_v4().simple().to_string()[..8]),
@@ -170,9 +228,12 @@ impl Pipeline {
             info!("job expired before it could be sent");
             return self.reject(delivery, publisher, Some(job.job_id.clone()), Some(&job), "expired", "expired").await;
         }
-        if let Some((left, why)) = self.pause_of(account).await {
-            debug!(%why, "account paused; the job waits in a delay queue");
-            return self.defer(delivery, publisher, left, attempts_before, &why).await;
+        if let Some((left, pause)) = self.pause_of(account).await {
+            debug!(why = %pause.why, "account paused; the job waits in a delay queue");
+            if pause.parked {
+                return self.park(delivery, publisher, &job, left, attempts_before, &pause.why).await;
+            }
+            return self.defer(delivery, publisher, left, attempts_before, &pause.why).await;
         }
 
         let owner = format!("{}:{}", self.owner, self.sequence.fetch_add(1, Ordering::Relaxed));
@@ -222,8 +283,11 @@ impl Pipeline {
                 warn!(?errcode, %reason, attempts, "job failed");
                 SendResult::failed(&job, errcode, errmsg, reason, attempts)
             }
-            Outcome::Later { after, attempts, why } => {
+            Outcome::Later { after, attempts, why, parked } => {
                 self.release(&job, &owner).await;
+                if parked {
+                    return self.park(delivery, publisher, &job, after, attempts, &why).await;
+                }
                 return self.defer(delivery, publisher, after, attempts, &why).await;
             }
             Outcome::Abandoned => {
@@ -250,7 +314,7 @@ impl Pipeline {
             let token = match self.tokens.get(&account.name).await {
                 Ok(t) => t,
                 Err(e @ TokenError::Unavailable { .. }) => {
-                    return Outcome::Later { after: token_wait, attempts: attempt, why: e.to_string() };
+                    return Outcome::Later { after: token_wait, attempts: attempt, why: e.to_string(), parked: false };
                 }
                 Err(e @ TokenError::Store { .. }) => {
                     warn!(error = %e, "the job waits for Redis");
@@ -260,6 +324,16 @@ impl Pipeline {
                     continue;
                 }
             };
+            // The rate slot is taken right before the send, so that what WeChat sees keeps the
+            // limiter's spacing.
+            match self.admit(account, cancel).await {
+                Gate::Open => {}
+                Gate::Later(outcome) => {
+                    let Outcome::Later { after, why, parked, .. } = outcome else { return outcome };
+                    return Outcome::Later { after, attempts: attempt, why, parked };
+                }
+                Gate::Abandoned => return Outcome::Abandoned,
+            }
             attempt += 1;
             let started = Instant::now();
             let mut answer = self.wechat.send_template(&token, body.clone()).await;
@@ -271,7 +345,8 @@ impl Pipeline {
                 match self.tokens.replace(&account.name, &token).await {
                     Ok(fresh) => answer = self.wechat.send_template(&fresh, body.clone()).await,
                     Err(e) => {
-                        return Outcome::Later { after: token_wait, attempts: attempt - 1, why: e.to_string() };
+                        let why = e.to_string();
+                        return Outcome::Later { after: token_wait, attempts: attempt - 1, why, parked: false };
                     }
                 }
             }
@@ -288,15 +363,19 @@ impl Pipeline {
                         (Some(a.errcode), Some(a.errmsg), why)
                     }
                     Action::WaitNextMinute => {
-                        let left = calendar::until_next_minute(Utc::now()) + jittered(Duration::from_millis(200));
-                        self.pause(account, left, "45011: minute quota reached; paused until the next minute").await;
-                        return Outcome::Later { after: left, attempts: attempt - 1, why: "45011 minute quota".into() };
+                        let left = match self.config.minute_pause_secs {
+                            0 => calendar::until_next_minute(Utc::now()) + jittered(Duration::from_millis(200)),
+                            secs => Duration::from_secs(secs),
+                        };
+                        let why = "45011: minute quota reached; account paused until the next minute";
+                        self.pause(account, left, why, false).await;
+                        return Outcome::Later { after: left, attempts: attempt - 1, why: why.into(), parked: false };
                     }
                     Action::QuotaExhausted => {
-                        let left = calendar::until_beijing_midnight(Utc::now());
-                        self.pause(account, left, "45009: daily quota reached; parked until midnight Beijing time")
-                            .await;
-                        return Outcome::Later { after: left, attempts: attempt - 1, why: "45009 daily quota".into() };
+                        let left = self.quota_day.until_reset(Utc::now());
+                        let why = "45009: WeChat's daily quota reached; jobs parked until it resets";
+                        self.pause(account, left, why, true).await;
+                        return Outcome::Later { after: left, attempts: attempt - 1, why: why.into(), parked: true };
                     }
                     Action::Permanent => {
                         let reason = errcode::reason(a.errcode).to_owned();
@@ -328,12 +407,74 @@ impl Pipeline {
             let delay = self.backoff_after(attempt);
             debug!(attempt, %why, ?delay, "transient failure; retrying");
             if delay > Duration::from_millis(self.config.retry.in_process_max_ms) {
-                return Outcome::Later { after: delay, attempts: attempt, why };
+                return Outcome::Later { after: delay, attempts: attempt, why, parked: false };
             }
             if !sleep_or_cancel(cancel, delay).await {
                 return Outcome::Abandoned;
             }
         }
+    }
+
+    /// Waits for the account's rate slot (sleeping the retry-after the limiter returns), unless
+    /// the day's quota is spent or too many of the account's jobs already wait here.
+    async fn admit(&self, account: &Account, cancel: &CancellationToken) -> Gate {
+        let Some(budget) = self.budgets.get(&account.name).filter(|b| !b.is_unlimited()) else { return Gate::Open };
+        let waiting = &self.waiting[&account.name];
+        loop {
+            let day = self.quota_day.key(Utc::now());
+            let wait = match self.redis.admit(&account.appid, budget, &day).await {
+                Ok(Admission::Granted) => return Gate::Open,
+                Ok(Admission::Wait(wait)) => wait,
+                Ok(Admission::QuotaSpent { used }) => {
+                    let left = self.quota_day.until_reset(Utc::now());
+                    let why = format!(
+                        "daily quota of {} sends reached ({used} counted); jobs parked until it resets",
+                        budget.daily_quota
+                    );
+                    self.pause(account, left, &why, true).await;
+                    return Gate::Later(Outcome::Later { after: left, attempts: 0, why, parked: true });
+                }
+                Err(e) => {
+                    warn!(error = %e, "cannot reach the rate limiter; the job waits");
+                    jittered(Duration::from_millis(500))
+                }
+            };
+            metrics::counter!("wxpush_rate_limit_waits_total", "account" => account.name.clone()).increment(1);
+            if waiting.fetch_add(1, Ordering::Relaxed) >= self.waiting_cap {
+                waiting.fetch_sub(1, Ordering::Relaxed);
+                let why = "rate limit: the account's share of this worker is busy waiting".to_owned();
+                return Gate::Later(Outcome::Later { after: wait, attempts: 0, why, parked: false });
+            }
+            let slept = sleep_or_cancel(cancel, wait).await;
+            waiting.fetch_sub(1, Ordering::Relaxed);
+            if !slept {
+                return Gate::Abandoned;
+            }
+        }
+    }
+
+    /// Parks a job for the daily quota: delayed like any other, and the first time, a
+    /// `send.deferred` notice tells downstream when it will go out.
+    async fn park(
+        &self,
+        delivery: &Delivery,
+        publisher: &Publisher,
+        job: &Job,
+        after: Duration,
+        attempts: u32,
+        why: &str,
+    ) -> Disposition {
+        let first_time = delivery.properties.headers().as_ref().is_none_or(|h| !h.inner().contains_key(PARKED_HEADER));
+        if first_time {
+            let until = Utc::now() + chrono::Duration::from_std(after).unwrap_or_default();
+            let reason = format!("{why}; parked until {}", until.to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
+            let notice = SendResult::deferred(job, reason, attempts);
+            if self.publish_result(publisher, &notice).await == Disposition::Requeue {
+                return Disposition::Requeue;
+            }
+        }
+        metrics::counter!("wxpush_jobs_parked_total", "account" => job.account.clone()).increment(1);
+        self.delay(delivery, publisher, after, attempts, why, true).await
     }
 
     /// The backoff after the `attempt`-th failed attempt (exponential with jitter, by backon).
@@ -374,41 +515,40 @@ impl Pipeline {
         }
     }
 
-    async fn pause_of(&self, account: &Account) -> Option<(Duration, String)> {
+    async fn pause_of(&self, account: &Account) -> Option<(Duration, Pause)> {
         let now = Instant::now();
         {
             let seen = self.pauses.seen.lock().unwrap_or_else(|p| p.into_inner());
             if let Some((checked, pause)) = seen.get(&account.appid)
                 && now.duration_since(*checked) < PAUSE_RECHECK
             {
-                return pause
-                    .as_ref()
-                    .filter(|(until, _)| *until > now)
-                    .map(|(until, why)| (*until - now, why.clone()));
+                return pause.as_ref().filter(|(until, _)| *until > now).map(|(until, p)| (*until - now, p.clone()));
             }
         }
         let pause = match self.redis.account_pause(&account.appid).await {
-            Ok(p) => p,
+            Ok(p) => p.map(|(left, raw)| (left, Pause::decode(&raw))),
             // Redis trouble shows up at the claim right after; don't block on it here.
             Err(_) => return None,
         };
         let mut seen = self.pauses.seen.lock().unwrap_or_else(|p| p.into_inner());
-        seen.insert(account.appid.clone(), (now, pause.as_ref().map(|(left, why)| (now + *left, why.clone()))));
+        seen.insert(account.appid.clone(), (now, pause.as_ref().map(|(left, p)| (now + *left, p.clone()))));
         pause
     }
 
-    async fn pause(&self, account: &Account, for_: Duration, why: &str) {
+    /// Pauses the account across the pool for `for_`.
+    async fn pause(&self, account: &Account, for_: Duration, why: &str, parked: bool) {
         warn!(account = %account.name, pause_secs = for_.as_secs_f64(), "{why}");
         metrics::counter!("wxpush_account_pauses_total", "account" => account.name.clone()).increment(1);
         let now = Instant::now();
+        let pause = Pause { why: why.to_owned(), parked };
+        if let Err(e) = self.redis.pause_account(&account.appid, for_, &pause.encode()).await {
+            warn!(error = %e, "could not share the account's pause with the pool");
+        }
         self.pauses
             .seen
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(account.appid.clone(), (now, Some((now + for_, why.to_owned()))));
-        if let Err(e) = self.redis.pause_account(&account.appid, for_, why).await {
-            warn!(error = %e, "could not share the account's pause with the pool");
-        }
+            .insert(account.appid.clone(), (now, Some((now + for_, pause))));
     }
 
     /// Publishes a result and says whether the delivery may be acknowledged.
@@ -482,11 +622,26 @@ impl Pipeline {
         attempts: u32,
         why: &str,
     ) -> Disposition {
+        self.delay(delivery, publisher, after, attempts, why, false).await
+    }
+
+    async fn delay(
+        &self,
+        delivery: &Delivery,
+        publisher: &Publisher,
+        after: Duration,
+        attempts: u32,
+        why: &str,
+        parked: bool,
+    ) -> Disposition {
         let tier = self.topology.tier_for(after);
         let queue = self.topology.delay_queue(tier);
         let mut headers = delivery.properties.headers().clone().unwrap_or_default();
         headers.insert(ShortString::from(ATTEMPTS_HEADER), AMQPValue::LongUInt(attempts));
         headers.insert(ShortString::from(REASON_HEADER), header_str(why));
+        if parked {
+            headers.insert(ShortString::from(PARKED_HEADER), AMQPValue::Boolean(true));
+        }
         let props: BasicProperties = delivery.properties.clone().with_headers(headers).with_delivery_mode(2);
         match publisher.publish("", &queue, &delivery.data, props, true).await {
             Ok(()) => {
@@ -499,6 +654,13 @@ impl Pipeline {
             }
         }
     }
+}
+
+/// Whether a job may go on to its send.
+enum Gate {
+    Open,
+    Later(Outcome),
+    Abandoned,
 }
 
 /// Attempts so far, from the header (any integer type a publisher may have used).

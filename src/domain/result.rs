@@ -29,6 +29,9 @@ pub struct SendResult {
 pub enum SendStatus {
     Succeeded,
     Failed,
+    /// Not an outcome: the job is parked (daily quota) and will be sent later. An extension of
+    /// the contract, on its own routing key, so consumers of outcomes never see it.
+    Deferred,
 }
 
 impl SendResult {
@@ -46,6 +49,11 @@ impl SendResult {
     /// A failure of a valid job. `errcode`/`errmsg` are WeChat's where it answered.
     pub fn failed(job: &Job, errcode: Option<i64>, errmsg: Option<String>, reason: String, attempts: u32) -> Self {
         Self { errcode, errmsg, reason: Some(reason), ..Self::for_job(job, attempts) }
+    }
+
+    /// Notice that a job is parked until its account's quota resets.
+    pub fn deferred(job: &Job, reason: String, attempts: u32) -> Self {
+        Self { status: SendStatus::Deferred, reason: Some(reason), ..Self::for_job(job, attempts) }
     }
 
     /// A failure of a job that could not even be read: only its job_id (and maybe account) is known.
@@ -88,6 +96,7 @@ impl SendResult {
         match self.status {
             SendStatus::Succeeded => "send.succeeded",
             SendStatus::Failed => "send.failed",
+            SendStatus::Deferred => "send.deferred",
         }
     }
 

@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 use std::{
+    process::{Child, Command, Stdio},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -352,4 +353,73 @@ pub async fn delete_redis_prefix(prefix: &str) {
 /// A plain Redis connection for assertions.
 pub async fn redis_conn() -> redis::aio::MultiplexedConnection {
     redis::Client::open(REDIS_URL).unwrap().get_multiplexed_async_connection().await.expect("Redis is up")
+}
+
+/// A worker process started from the real binary, configured like `cfg`.
+pub struct WorkerProcess {
+    child: Child,
+    _config_file: TempFile,
+}
+
+pub struct TempFile(std::path::PathBuf);
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+impl WorkerProcess {
+    pub fn start(cfg: &Config) -> WorkerProcess {
+        let path = std::env::temp_dir().join(format!("{}-{}.toml", cfg.redis_prefix, uuid::Uuid::new_v4().simple()));
+        let toml = format!(
+            "job_lease_ms = {}\nhttp_timeout_ms = {}\nshutdown_grace_secs = {}\nmetrics_listen = \"127.0.0.1:0\"\n\
+             [token]\nrefresh_ahead_secs = 0.3\n[retry]\nmin_delay_ms = 20\nin_process_max_ms = 300\ndelay_tiers_secs = [1, 2, 5]\n",
+            cfg.job_lease_ms, cfg.http_timeout_ms, cfg.shutdown_grace_secs
+        );
+        std::fs::write(&path, toml).expect("write the worker's config file");
+        let child = Command::new(env!("CARGO_BIN_EXE_wxpush-worker"))
+            .env("WXPUSH_CONFIG", &path)
+            .env("WXPUSH_AMQP_URL", &cfg.amqp_url)
+            .env("WXPUSH_REDIS_URL", &cfg.redis_url)
+            .env("WXPUSH_REDIS_PREFIX", &cfg.redis_prefix)
+            .env("WXPUSH_WECHAT_API_BASE", &cfg.wechat_api_base)
+            .env("WXPUSH_JOBS_QUEUE", &cfg.jobs_queue)
+            .env("WXPUSH_RESULTS_EXCHANGE", &cfg.results_exchange)
+            .env("WXPUSH_DEAD_LETTER_QUEUE", &cfg.dead_letter_queue)
+            .env("WXPUSH_CONCURRENCY", cfg.concurrency.to_string())
+            .env("WXPUSH_RATE_LIMIT", cfg.rate_limit.to_string())
+            .env("WXPUSH_APPID", APPID)
+            .env("WXPUSH_APPSECRET", SECRET)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start wxpush-worker");
+        WorkerProcess { child, _config_file: TempFile(path) }
+    }
+
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill").arg(format!("-{signal}")).arg(self.child.id().to_string()).status().unwrap();
+        assert!(status.success(), "kill -{signal}");
+    }
+
+    /// Waits up to `timeout` for the process to exit; its exit status.
+    pub fn wait(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
