@@ -358,7 +358,7 @@ async fn status_shows_the_token_age_and_never_a_secret() {
         .query_async(&mut conn)
         .await
         .unwrap();
-    let day = wxpush::domain::calendar::beijing_day(chrono::Utc::now());
+    let day = wxpush::domain::calendar::QuotaDay::with_length(env.config.quota_day_secs).key(chrono::Utc::now());
     let _: () = redis::cmd("SET").arg(redis.keys().quota(APPID, &day)).arg(17).query_async(&mut conn).await.unwrap();
     redis.pause_account(APPID, Duration::from_secs(50), "45011: minute quota reached").await.unwrap();
     redis

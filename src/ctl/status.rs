@@ -13,7 +13,7 @@ use super::{CtlError, QueueInfo, RPC_TIMEOUT, broker, human_duration, scrub};
 use crate::{
     amqp::{Topology, redact_url},
     config::{Account, Config},
-    domain::calendar,
+    domain::calendar::QuotaDay,
     store::Redis,
 };
 
@@ -41,7 +41,8 @@ pub struct AccountStatus {
     pub appid: String,
     pub token: Option<TokenInfo>,
     pub fetch_failure: Option<FetchFailure>,
-    /// The Beijing day the count is for (`yyyymmdd`).
+    /// The quota day the count is for (`yyyymmdd`, the Beijing day, unless `quota_day_secs` is
+    /// shortened for a test).
     pub day: String,
     pub sent_today: u64,
     pub daily_quota: Option<u64>,
@@ -114,19 +115,20 @@ async fn accounts(config: &Config) -> Result<Vec<AccountStatus>, CtlError> {
     }
     let mut out = Vec::with_capacity(config.accounts.len());
     for account in &config.accounts {
-        out.push(account_status(&redis, account).await);
+        out.push(account_status(&redis, account, QuotaDay::with_length(config.quota_day_secs)).await);
     }
     Ok(out)
 }
 
-async fn account_status(redis: &Redis, account: &Account) -> AccountStatus {
+async fn account_status(redis: &Redis, account: &Account, quota_day: QuotaDay) -> AccountStatus {
     let now = Utc::now();
     let mut status = AccountStatus {
         name: account.name.clone(),
         appid: account.appid.clone(),
         token: None,
         fetch_failure: None,
-        day: calendar::beijing_day(now),
+        // Named exactly as the rate limiter names it, so the count read is the one it keeps.
+        day: quota_day.key(now),
         sent_today: 0,
         daily_quota: account.daily_quota.filter(|q| *q > 0),
         pause: None,
@@ -148,15 +150,7 @@ async fn account_status(redis: &Redis, account: &Account) -> AccountStatus {
             retry_in: f.remaining,
             streak: f.streak,
         });
-        let quota_key = redis.keys().quota(&account.appid, &status.day);
-        let sent: Option<String> = redis::cmd("GET").arg(&quota_key).query_async(&mut redis.conn()).await?;
-        status.sent_today = match sent {
-            None => 0,
-            Some(v) => v.trim().parse().map_err(|_| crate::store::StoreError::Corrupt {
-                key: quota_key.clone(),
-                what: format!("{v:?} is not a count of sends"),
-            })?,
-        };
+        status.sent_today = redis.quota_used(&account.appid, &status.day).await?;
         status.pause = redis.account_pause(&account.appid).await?.map(|(left, why)| (left, scrub(&why, &secrets)));
         Ok::<(), crate::store::StoreError>(())
     };
@@ -232,9 +226,9 @@ impl std::fmt::Display for StatusReport {
                 }
             }
             match a.daily_quota {
-                Some(q) => writeln!(f, "    sent today  {} of {q} (Beijing day {})", a.sent_today, a.day)?,
+                Some(q) => writeln!(f, "    sent today  {} of {q} (quota day {})", a.sent_today, a.day)?,
                 None => {
-                    writeln!(f, "    sent today  {} (Beijing day {}; no daily_quota configured)", a.sent_today, a.day)?
+                    writeln!(f, "    sent today  {} (quota day {}; no daily_quota configured)", a.sent_today, a.day)?
                 }
             }
             match &a.pause {
