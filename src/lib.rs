@@ -12,6 +12,7 @@
 
 pub mod amqp;
 pub mod config;
+pub mod ctl;
 pub mod domain;
 pub mod health;
 pub mod pipeline;

@@ -431,6 +431,7 @@ type Push = (HashMap<String, String>, String);
 struct Hook {
     pushes: Arc<Mutex<Vec<Push>>>,
     script: Arc<Mutex<Vec<(StatusCode, &'static str)>>>,
+    times: Arc<Mutex<Vec<std::time::Instant>>>,
 }
 
 impl Hook {
@@ -443,6 +444,7 @@ impl Hook {
                 async move {
                     let query = url::form_urlencoded::parse(q.unwrap_or_default().as_bytes()).into_owned().collect();
                     hook.pushes.lock().expect("lock").push((query, body));
+                    hook.times.lock().expect("lock").push(std::time::Instant::now());
                     let mut script = hook.script.lock().expect("lock");
                     if script.is_empty() { (StatusCode::OK, "success") } else { script.remove(0) }
                 }
@@ -553,7 +555,8 @@ async fn unanswered_receipts_are_pushed_again_then_abandoned() {
         .lock()
         .expect("lock")
         .extend([(StatusCode::INTERNAL_SERVER_ERROR, "oops"), (StatusCode::OK, "not success")]);
-    let sb = with_webhook(&hook, false, ReceiptSettings { max_repushes: 2, ..fast_receipts() }).await;
+    let receipts = ReceiptSettings { max_repushes: 2, answer_timeout_ms: 200, ..fast_receipts() };
+    let sb = with_webhook(&hook, false, receipts).await;
     let api = Api::new(&sb);
     let (t, _) = api.stable(false).await;
     api.send_to(&t, "u1", None).await;
@@ -564,6 +567,8 @@ async fn unanswered_receipts_are_pushed_again_then_abandoned() {
     for (q, _) in &pushes {
         check_signature(q);
     }
+    let times = hook.times.lock().expect("lock").clone();
+    assert!(times[1] - times[0] >= Duration::from_millis(150), "re-pushed one answer timeout later");
 
     // A webhook that never answers success: 1 + max_repushes pushes, then abandoned.
     hook.script.lock().expect("lock").extend([(StatusCode::INTERNAL_SERVER_ERROR, ""); 3]);
@@ -642,4 +647,42 @@ async fn admin_api_reports_and_refuses_bad_faults() {
     let resp = api.http.put(&url).json(&json!({"daily_cap": 10})).send().await.expect("put");
     assert_eq!(resp.status(), 200);
     assert_eq!(sb.faults().daily_cap, Some(10));
+}
+
+// ---- load ---------------------------------------------------------------------------------
+
+/// A throughput smoke run, not part of the normal suite:
+/// `cargo test --release --test sandbox -- --ignored --nocapture load` (`SANDBOX_LOAD_SENDS=N`,
+/// `SANDBOX_LOAD_NO_RECEIPTS=1` to measure sends alone).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a throughput measurement; run on demand"]
+async fn load_smoke() {
+    let total: usize = std::env::var("SANDBOX_LOAD_SENDS").ok().and_then(|v| v.parse().ok()).unwrap_or(20_000);
+    let receipts = std::env::var_os("SANDBOX_LOAD_NO_RECEIPTS").is_none();
+    let hook = Hook::default();
+    let sb = with_webhook(&hook, false, ReceiptSettings { enabled: receipts, ..fast_receipts() }).await;
+    let api = Arc::new(Api::new(&sb));
+    let (t, _) = api.stable(false).await;
+    let started = std::time::Instant::now();
+    let per_task = total / 64;
+    let tasks: Vec<_> = (0..64)
+        .map(|w| {
+            let (api, t) = (api.clone(), t.clone());
+            tokio::spawn(async move {
+                for i in 0..per_task {
+                    let id = format!("job-{w}-{i}");
+                    assert_eq!(errcode(&api.send_to(&t, &format!("user-{w}-{i}"), Some(&id)).await), 0);
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.expect("task");
+    }
+    let elapsed = started.elapsed();
+    let sent = per_task * 64;
+    println!("{sent} sends in {elapsed:?}: {:.0}/s", sent as f64 / elapsed.as_secs_f64());
+    let expected = if receipts { sent as u64 } else { 0 };
+    assert!(eventually(30, || async { sb.stats().receipts_acked == expected }).await);
+    println!("all receipts acked after {:?}; stats {:?}", started.elapsed(), sb.stats());
 }

@@ -90,7 +90,7 @@ mod tests {
         assert_ne!(day.key(b), day.key(c));
         assert_eq!(day.until_reset(a), Duration::from_secs(9));
         assert_eq!(QuotaDay::BEIJING.key(a), "20261129");
-        assert_eq!(QuotaDay::BEIJING.until_reset(a), Duration::from_secs(3600));
+        assert_eq!(QuotaDay::BEIJING.until_reset(a), Duration::from_secs(3599));
     }
 
     #[test]

@@ -7,6 +7,14 @@
 //! benchmarked on one machine. Tests drive it in-process through [`Sandbox`], other processes
 //! through the admin API under `/_sandbox/`.
 //!
+//! Admin API, on the same server:
+//! - `GET /_sandbox/stats` → [`Stats`];
+//! - `GET /_sandbox/messages[?offset=N&limit=M]` → [`SentMessage`]s, oldest first;
+//! - `GET /_sandbox/faults` → the current [`Faults`];
+//! - `PUT /_sandbox/faults[?seed=N]` with a JSON [`Faults`] (fields left out are off; 400 on an
+//!   unknown field or a rate outside 0..=1);
+//! - `POST /_sandbox/revoke_tokens`, `POST /_sandbox/reset_daily_counts` → 204.
+//!
 //! Deterministic triggers (not WeChat behaviour, but needed to reach every answer on purpose):
 //! - a `touser` of the form `errcode-<N>-anything` is answered with errcode `N`;
 //! - a `template_id` starting with `invalid` is answered with 40037;

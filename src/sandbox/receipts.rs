@@ -1,6 +1,6 @@
 //! `TEMPLATESENDJOBFINISH` pushes to an account's webhook, plaintext or safe mode, with WeChat's
 //! re-push rule: a push not answered `success` (or empty) with HTTP 200 within the answer timeout
-//! is pushed again, up to `max_repushes` more times.
+//! is pushed again, up to `max_repushes` more times, one answer timeout after the previous push.
 
 use std::{
     fmt::Write as _,
@@ -155,9 +155,12 @@ async fn deliver(shared: &Shared, receipt: Receipt) {
 
     for attempt in 0..=settings.max_repushes {
         let url = signed_url(webhook, &receipt.touser, encrypt.as_deref());
-        let Ok(_permit) = shared.push_permits.acquire().await else { return };
-        shared.counters.receipts_pushed.fetch_add(1, Ordering::Relaxed);
-        let outcome = push(shared, url, body.clone(), timeout).await;
+        let pushed_at = tokio::time::Instant::now();
+        let outcome = {
+            let Ok(_permit) = shared.push_permits.acquire().await else { return };
+            shared.counters.receipts_pushed.fetch_add(1, Ordering::Relaxed);
+            push(shared, url, body.clone(), timeout).await
+        };
         match outcome {
             Ok(()) => {
                 shared.counters.receipts_acked.fetch_add(1, Ordering::Relaxed);
@@ -165,6 +168,11 @@ async fn deliver(shared: &Shared, receipt: Receipt) {
                 return;
             }
             Err(why) => tracing::debug!(msgid = receipt.msgid, attempt, %why, "receipt not answered"),
+        }
+        if attempt < settings.max_repushes {
+            // WeChat's cadence: a new push when the previous one has gone unanswered for the
+            // answer timeout, so a webhook that is restarting gets that long to come back.
+            tokio::time::sleep_until(pushed_at + timeout).await;
         }
     }
     shared.counters.receipts_abandoned.fetch_add(1, Ordering::Relaxed);

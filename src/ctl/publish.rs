@@ -1,0 +1,520 @@
+//! `wxpush-ctl publish`: jobs from JSONL (one JSON object a line) to the jobs queue, persistent,
+//! with publisher confirms kept in flight by the hundred rather than awaited one by one.
+//!
+//! A line that is not a JSON object is reported with its number and skipped; blank lines are
+//! ignored. The line is published byte for byte (trimmed), `message_id` set to its `job_id`.
+//! With a wait, a private queue bound to the results exchange is declared *before* the first
+//! publish, and results are matched to the published jobs by `correlation_id` (or `job_id`).
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use futures_util::{StreamExt, stream::FuturesUnordered};
+use lapin::{
+    Confirmation,
+    options::{BasicPublishOptions, ConfirmSelectOptions},
+    types::ShortString,
+};
+use serde_json::Value;
+use tokio::io::{AsyncBufRead, AsyncBufReadExt};
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    CtlError,
+    broker::{self, call},
+    human_duration,
+    progress::Progress,
+    results::ResultWatcher,
+};
+use crate::{amqp::json_properties, config::Config};
+
+/// Confirms kept in flight while publishing.
+pub const DEFAULT_IN_FLIGHT: usize = 256;
+/// Skipped or unconfirmed lines kept for the report (all are counted).
+const KEPT: usize = 1000;
+/// Longest `message_id` AMQP allows (a short string).
+const MAX_MESSAGE_ID_BYTES: usize = 255;
+
+/// How to publish.
+#[derive(Debug, Clone)]
+pub struct PublishOptions {
+    /// Wait this long (after the last publish is confirmed) for the jobs' results.
+    pub wait: Option<Duration>,
+    /// Publisher confirms in flight at once.
+    pub in_flight: usize,
+}
+
+impl Default for PublishOptions {
+    fn default() -> Self {
+        Self { wait: None, in_flight: DEFAULT_IN_FLIGHT }
+    }
+}
+
+/// A line that was not published, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LineProblem {
+    /// 1-based line number in the input.
+    pub line: u64,
+    pub job_id: Option<String>,
+    pub reason: String,
+}
+
+/// What a publish did.
+#[derive(Debug, Clone, Default)]
+pub struct PublishReport {
+    pub jobs_queue: String,
+    /// The jobs queue did not exist and was declared (as the worker declares it).
+    pub created_queue: bool,
+    /// Non-blank lines read.
+    pub lines: u64,
+    /// Jobs confirmed by the broker.
+    pub published: u64,
+    /// Published jobs without a `job_id` string: the worker dead-letters them (no result comes).
+    pub without_job_id: u64,
+    /// Lines skipped because they are not JSON objects (the first 1000).
+    pub skipped: Vec<LineProblem>,
+    pub skipped_count: u64,
+    /// Jobs the broker refused or returned (the first 1000).
+    pub unconfirmed: Vec<LineProblem>,
+    pub unconfirmed_count: u64,
+    /// Set when publishing stopped early (the connection broke): what happened.
+    pub interrupted: Option<String>,
+    pub wait: Option<WaitSummary>,
+}
+
+impl PublishReport {
+    /// Every line published and, when waited for, every job succeeded.
+    pub fn all_good(&self) -> bool {
+        self.interrupted.is_none()
+            && self.skipped_count == 0
+            && self.unconfirmed_count == 0
+            && self.wait.as_ref().is_none_or(|w| w.failed == 0 && w.missing == 0 && self.without_job_id == 0)
+    }
+}
+
+/// The results that came back for the published jobs.
+#[derive(Debug, Clone, Default)]
+pub struct WaitSummary {
+    /// Distinct job_ids published.
+    pub jobs: u64,
+    pub succeeded: u64,
+    pub failed: u64,
+    /// Failures by reason, most frequent first.
+    pub failed_by_reason: Vec<(String, u64)>,
+    pub missing: u64,
+    /// Some of the missing job_ids (at most 10).
+    pub missing_ids: Vec<String>,
+    pub waited: Duration,
+    pub timeout: Duration,
+}
+
+/// Publishes every JSON object line of `input` to the jobs queue.
+pub async fn publish<R: AsyncBufRead + Unpin>(
+    config: &Config,
+    input: R,
+    input_name: &str,
+    options: &PublishOptions,
+    progress: &dyn Progress,
+) -> Result<PublishReport, CtlError> {
+    let connection = broker::connect(config, "publish").await?;
+    let result = publish_on(&connection, config, input, input_name, options, progress).await;
+    broker::close(&connection).await;
+    progress.finish();
+    result
+}
+
+async fn publish_on<R: AsyncBufRead + Unpin>(
+    connection: &lapin::Connection,
+    config: &Config,
+    mut input: R,
+    input_name: &str,
+    options: &PublishOptions,
+    progress: &dyn Progress,
+) -> Result<PublishReport, CtlError> {
+    let created_queue = broker::ensure_jobs_queue(connection, config).await?;
+    let tracker = Arc::new(Mutex::new(Tracker::default()));
+    let stop_watching = CancellationToken::new();
+    let collector = match options.wait {
+        Some(_) => {
+            let watcher = ResultWatcher::start(connection, config, "send.*").await?;
+            Some(tokio::spawn(collect(watcher, Arc::clone(&tracker), stop_watching.clone())))
+        }
+        None => None,
+    };
+    let channel = call("open a channel", connection.create_channel()).await?;
+    call("enable publisher confirms", channel.confirm_select(ConfirmSelectOptions::default())).await?;
+
+    let mut report = PublishReport { jobs_queue: config.jobs_queue.clone(), created_queue, ..PublishReport::default() };
+    let mut in_flight = FuturesUnordered::new();
+    let mut buf = Vec::new();
+    let (mut line_no, mut bytes) = (0u64, 0u64);
+    let in_flight_max = options.in_flight.max(1);
+    loop {
+        buf.clear();
+        let n = input
+            .read_until(b'\n', &mut buf)
+            .await
+            .map_err(|source| CtlError::Input { name: input_name.to_owned(), source })?;
+        if n == 0 {
+            break;
+        }
+        line_no += 1;
+        bytes += n as u64;
+        let line = buf.trim_ascii();
+        if line.is_empty() {
+            continue;
+        }
+        report.lines += 1;
+        let job_id = match read_line(line) {
+            Ok(id) => id,
+            Err(reason) => {
+                progress.note(&format!("line {line_no}: {reason}; skipped"));
+                report.skipped_count += 1;
+                if report.skipped.len() < KEPT {
+                    report.skipped.push(LineProblem { line: line_no, job_id: None, reason });
+                }
+                continue;
+            }
+        };
+        let mut props = json_properties(None);
+        match &job_id {
+            Some(id) => {
+                if id.len() <= MAX_MESSAGE_ID_BYTES {
+                    props = props.with_message_id(ShortString::from(id.as_str()));
+                }
+                if options.wait.is_some() {
+                    lock(&tracker).expect(id);
+                }
+            }
+            None => report.without_job_id += 1,
+        }
+        let sent = channel
+            .basic_publish(
+                ShortString::from(""),
+                ShortString::from(config.jobs_queue.as_str()),
+                BasicPublishOptions { mandatory: true, ..BasicPublishOptions::default() },
+                line,
+                props,
+            )
+            .await;
+        let confirm = match sent {
+            Ok(c) => c,
+            Err(e) => {
+                if let Some(id) = &job_id {
+                    lock(&tracker).cancel(id);
+                }
+                report.interrupted = Some(format!(
+                    "publishing stopped at line {line_no}: {e}. Jobs confirmed so far are listed as published; \
+                     publishing the whole file again is safe (a job_id already sent is not sent twice)"
+                ));
+                break;
+            }
+        };
+        in_flight.push(async move { (line_no, job_id, confirm.await) });
+        while in_flight.len() >= in_flight_max {
+            if let Some(done) = in_flight.next().await {
+                settle(done, &mut report, &tracker);
+            }
+        }
+        if report.lines.is_multiple_of(64) {
+            progress.publishing(bytes, report.lines, report.published);
+        }
+    }
+    while let Some(done) = in_flight.next().await {
+        settle(done, &mut report, &tracker);
+    }
+    progress.publishing(bytes, report.lines, report.published);
+    let _ = channel.close(200, ShortString::from("done")).await;
+
+    if let (Some(timeout), Some(collector)) = (options.wait, collector) {
+        let started = Instant::now();
+        let deadline = started + timeout;
+        loop {
+            let (arrived, expected) = lock(&tracker).progress();
+            progress.waiting(arrived, expected);
+            if arrived >= expected || Instant::now() >= deadline || collector.is_finished() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        stop_watching.cancel();
+        let watch_error = match collector.await {
+            Ok(Err(e)) => Some(e.to_string()),
+            _ => None,
+        };
+        let mut summary = lock(&tracker).summary();
+        summary.waited = started.elapsed();
+        summary.timeout = timeout;
+        if let Some(e) = watch_error
+            && summary.missing > 0
+        {
+            report.interrupted.get_or_insert(format!("stopped receiving results: {e}"));
+        }
+        report.wait = Some(summary);
+    }
+    Ok(report)
+}
+
+type Settled = (u64, Option<String>, Result<Confirmation, lapin::Error>);
+
+fn settle((line, job_id, confirmation): Settled, report: &mut PublishReport, tracker: &Mutex<Tracker>) {
+    let problem = match confirmation {
+        Ok(Confirmation::Ack(None)) => {
+            report.published += 1;
+            return;
+        }
+        Ok(Confirmation::Ack(Some(_))) => {
+            "RabbitMQ could not route it to the jobs queue (was the queue deleted?)".into()
+        }
+        Ok(Confirmation::Nack(_)) => "RabbitMQ refused it (nack): the broker may be out of disk or memory".into(),
+        Ok(Confirmation::NotRequested) => "not confirmed by RabbitMQ".into(),
+        Err(e) => format!("no confirm from RabbitMQ: {e}"),
+    };
+    if let Some(id) = &job_id {
+        lock(tracker).cancel(id);
+    }
+    report.unconfirmed_count += 1;
+    if report.unconfirmed.len() < KEPT {
+        report.unconfirmed.push(LineProblem { line, job_id, reason: problem });
+    }
+}
+
+/// The job_id of a valid line (a JSON object), or why the line is skipped.
+fn read_line(line: &[u8]) -> Result<Option<String>, String> {
+    let text = std::str::from_utf8(line).map_err(|e| format!("not UTF-8 (at byte {})", e.valid_up_to()))?;
+    let value: Value = serde_json::from_str(text).map_err(|e| {
+        let message = e.to_string();
+        let message = message.rsplit_once(" at line ").map_or(message.as_str(), |(m, _)| m);
+        format!("not valid JSON ({message} at column {})", e.column())
+    })?;
+    match value {
+        Value::Object(map) => {
+            Ok(map.get("job_id").and_then(Value::as_str).filter(|s| !s.is_empty()).map(str::to_owned))
+        }
+        Value::Array(_) => Err("a JSON array, not a job object".into()),
+        Value::String(_) => Err("a JSON string, not a job object".into()),
+        Value::Number(_) => Err("a JSON number, not a job object".into()),
+        Value::Bool(_) | Value::Null => Err(format!("JSON {value}, not a job object")),
+    }
+}
+
+fn lock(tracker: &Mutex<Tracker>) -> std::sync::MutexGuard<'_, Tracker> {
+    tracker.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Receives results until told to stop; only results of expected jobs count.
+async fn collect(
+    mut watcher: ResultWatcher,
+    tracker: Arc<Mutex<Tracker>>,
+    stop: CancellationToken,
+) -> Result<(), CtlError> {
+    let outcome = loop {
+        let next = tokio::select! {
+            _ = stop.cancelled() => break Ok(()),
+            next = watcher.next() => next,
+        };
+        match next {
+            Some(Ok(result)) => {
+                if let Some(id) = result.job_id() {
+                    let reason = if result.succeeded() { None } else { Some(result.reason()) };
+                    lock(&tracker).record(&id, reason);
+                }
+            }
+            Some(Err(e)) => break Err(e),
+            None => break Err(CtlError::ResultsClosed),
+        }
+    };
+    watcher.close().await;
+    outcome
+}
+
+/// Results expected and received, per job_id.
+#[derive(Default)]
+struct Tracker {
+    jobs: HashMap<String, Track>,
+    /// Results still expected (one per confirmed publish).
+    outstanding: u64,
+    /// Publishes counted so far (a job_id published twice is expected twice).
+    expected: u64,
+}
+
+#[derive(Default)]
+struct Track {
+    published: u32,
+    results: u32,
+    succeeded: bool,
+    failure: Option<String>,
+}
+
+impl Tracker {
+    fn expect(&mut self, job_id: &str) {
+        self.jobs.entry(job_id.to_owned()).or_default().published += 1;
+        self.outstanding += 1;
+        self.expected += 1;
+    }
+
+    /// The publish of `job_id` was not confirmed: expect one result less.
+    fn cancel(&mut self, job_id: &str) {
+        if let Some(t) = self.jobs.get_mut(job_id) {
+            if t.published > t.results {
+                self.outstanding -= 1;
+                self.expected -= 1;
+            }
+            t.published = t.published.saturating_sub(1);
+            if t.published == 0 && t.results == 0 {
+                self.jobs.remove(job_id);
+            }
+        }
+    }
+
+    /// A result for `job_id`: `failure` is `None` for a success. A result for a job we did not
+    /// publish is someone else's and ignored; redelivered duplicates count once.
+    fn record(&mut self, job_id: &str, failure: Option<String>) {
+        let Some(t) = self.jobs.get_mut(job_id) else { return };
+        if t.results < t.published {
+            t.results += 1;
+            self.outstanding -= 1;
+        }
+        match failure {
+            None => t.succeeded = true,
+            Some(reason) => t.failure = Some(reason),
+        }
+    }
+
+    fn progress(&self) -> (u64, u64) {
+        (self.expected - self.outstanding, self.expected)
+    }
+
+    fn summary(&self) -> WaitSummary {
+        let mut summary = WaitSummary { jobs: self.jobs.len() as u64, ..WaitSummary::default() };
+        let mut reasons: HashMap<&str, u64> = HashMap::new();
+        let mut missing: Vec<&str> = Vec::new();
+        for (id, t) in &self.jobs {
+            if t.succeeded {
+                // A success wins: the job reached WeChat once, whatever its other copies met.
+                summary.succeeded += 1;
+            } else if let Some(reason) = &t.failure {
+                summary.failed += 1;
+                *reasons.entry(reason).or_default() += 1;
+            } else {
+                summary.missing += 1;
+                missing.push(id);
+            }
+        }
+        let mut reasons: Vec<(String, u64)> = reasons.into_iter().map(|(r, n)| (r.to_owned(), n)).collect();
+        reasons.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        summary.failed_by_reason = reasons;
+        missing.sort_unstable();
+        summary.missing_ids = missing.into_iter().take(10).map(str::to_owned).collect();
+        summary
+    }
+}
+
+/// Reasons shown in the summary; the rest are added up.
+const TOP_REASONS: usize = 10;
+
+impl std::fmt::Display for PublishReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.created_queue {
+            writeln!(
+                f,
+                "note: queue {} did not exist and was declared; if that name is a typo, fix WXPUSH_JOBS_QUEUE",
+                self.jobs_queue
+            )?;
+        }
+        writeln!(f, "published {} of {} jobs to {}", self.published, self.lines, self.jobs_queue)?;
+        if self.skipped_count > 0 {
+            writeln!(f, "  {} lines skipped: not JSON objects (listed above)", self.skipped_count)?;
+        }
+        if self.unconfirmed_count > 0 {
+            writeln!(f, "  {} jobs not confirmed by RabbitMQ (not published):", self.unconfirmed_count)?;
+            for p in self.unconfirmed.iter().take(10) {
+                writeln!(f, "    line {}: {}", p.line, p.reason)?;
+            }
+        }
+        if self.without_job_id > 0 {
+            writeln!(
+                f,
+                "  {} jobs have no job_id: the worker dead-letters them and publishes no result",
+                self.without_job_id
+            )?;
+        }
+        if let Some(w) = &self.wait {
+            let timed_out =
+                if w.missing > 0 { format!(" (gave up after {})", human_duration(w.timeout)) } else { String::new() };
+            writeln!(
+                f,
+                "results after {}: {} succeeded, {} failed, {} missing{timed_out}",
+                human_duration(w.waited),
+                w.succeeded,
+                w.failed,
+                w.missing
+            )?;
+            if !w.failed_by_reason.is_empty() {
+                writeln!(f, "  failed by reason:")?;
+                for (reason, n) in w.failed_by_reason.iter().take(TOP_REASONS) {
+                    writeln!(f, "    {n:>7}  {reason}")?;
+                }
+                let rest: u64 = w.failed_by_reason.iter().skip(TOP_REASONS).map(|(_, n)| n).sum();
+                if rest > 0 {
+                    writeln!(f, "    {rest:>7}  (other reasons)")?;
+                }
+            }
+            if w.missing > 0 {
+                let more = if w.missing > w.missing_ids.len() as u64 { ", …" } else { "" };
+                writeln!(f, "  missing: {}{more}", w.missing_ids.join(", "))?;
+                writeln!(
+                    f,
+                    "  (is a worker running on {}? `wxpush-ctl status` shows the queue and its consumers)",
+                    self.jobs_queue
+                )?;
+            }
+        }
+        if let Some(why) = &self.interrupted {
+            writeln!(f, "stopped early: {why}")?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_that_are_not_objects_say_why() {
+        assert_eq!(read_line(br#"{"job_id":"a"}"#), Ok(Some("a".into())));
+        assert_eq!(read_line(br#"{"touser":"x"}"#), Ok(None));
+        assert!(read_line(b"[1,2]").unwrap_err().contains("array"));
+        assert!(read_line(b"null").unwrap_err().contains("not a job object"));
+        let broken = read_line(b"{\"job_id\": ").unwrap_err();
+        assert!(broken.starts_with("not valid JSON") && broken.contains("column"), "{broken}");
+        assert!(!broken.contains("line 1"), "no confusing JSON line number: {broken}");
+        assert!(read_line(&[b'{', 0xff, b'}']).unwrap_err().contains("UTF-8"));
+    }
+
+    #[test]
+    fn the_tracker_counts_each_publish_once_and_a_success_wins() {
+        let mut t = Tracker::default();
+        t.expect("a");
+        t.expect("a");
+        t.expect("b");
+        t.expect("c");
+        t.cancel("c");
+        t.record("a", Some("system error".into()));
+        t.record("a", None);
+        t.record("a", None); // a redelivered duplicate
+        t.record("zzz", None); // someone else's job
+        assert_eq!(t.progress(), (2, 3));
+        let s = t.summary();
+        assert_eq!((s.jobs, s.succeeded, s.failed, s.missing), (2, 1, 0, 1));
+        assert_eq!(s.missing_ids, vec!["b".to_owned()]);
+        t.record("b", Some("invalid openid".into()));
+        let s = t.summary();
+        assert_eq!(s.failed_by_reason, vec![("invalid openid".to_owned(), 1)]);
+        assert_eq!(t.progress(), (3, 3));
+    }
+}
