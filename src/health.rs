@@ -28,6 +28,8 @@ pub struct Health {
     in_flight: AtomicI64,
     /// Milliseconds since `started` of the last sign of progress of the consume loop.
     last_progress_ms: AtomicU64,
+    /// Registered at the first job, after the binary installed its recorder.
+    in_flight_gauge: std::sync::OnceLock<metrics::Gauge>,
 }
 
 impl Default for Health {
@@ -38,6 +40,7 @@ impl Default for Health {
             redis: AtomicBool::new(false),
             in_flight: AtomicI64::new(0),
             last_progress_ms: AtomicU64::new(0),
+            in_flight_gauge: std::sync::OnceLock::new(),
         }
     }
 }
@@ -58,13 +61,17 @@ impl Health {
 
     pub fn job_started(&self) {
         let n = self.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
-        metrics::gauge!("wxpush_jobs_in_flight").set(n as f64);
+        self.gauge().set(n as f64);
     }
 
     pub fn job_finished(&self) {
         let n = self.in_flight.fetch_sub(1, Ordering::Relaxed) - 1;
-        metrics::gauge!("wxpush_jobs_in_flight").set(n as f64);
+        self.gauge().set(n as f64);
         self.progress();
+    }
+
+    fn gauge(&self) -> &metrics::Gauge {
+        self.in_flight_gauge.get_or_init(|| metrics::gauge!("wxpush_jobs_in_flight"))
     }
 
     pub fn is_ready(&self) -> bool {

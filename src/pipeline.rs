@@ -146,6 +146,50 @@ pub struct Pipeline {
     /// share a worker, one throttled account must not take every concurrency slot.
     waiting: HashMap<String, AtomicUsize>,
     waiting_cap: usize,
+    /// Metric handles per account, registered once instead of looked up per job.
+    metrics: HashMap<String, AccountMetrics>,
+}
+
+/// One account's per-job metrics.
+struct AccountMetrics {
+    succeeded: metrics::Counter,
+    failed: metrics::Counter,
+    deferred: metrics::Counter,
+    send_seconds: metrics::Histogram,
+    retries: metrics::Counter,
+    rate_waits: metrics::Counter,
+}
+
+impl AccountMetrics {
+    fn new(account: &str) -> Self {
+        let jobs = |status: &'static str| {
+            metrics::counter!("wxpush_jobs_total", "account" => account.to_owned(), "status" => status)
+        };
+        Self {
+            succeeded: jobs("succeeded"),
+            failed: jobs("failed"),
+            deferred: jobs("deferred"),
+            send_seconds: metrics::histogram!("wxpush_send_seconds", "account" => account.to_owned()),
+            retries: metrics::counter!("wxpush_send_retries_total", "account" => account.to_owned()),
+            rate_waits: metrics::counter!("wxpush_rate_limit_waits_total", "account" => account.to_owned()),
+        }
+    }
+
+    fn finished(&self, status: SendStatus) -> &metrics::Counter {
+        match status {
+            SendStatus::Succeeded => &self.succeeded,
+            SendStatus::Failed => &self.failed,
+            SendStatus::Deferred => &self.deferred,
+        }
+    }
+}
+
+fn status_label(status: SendStatus) -> &'static str {
+    match status {
+        SendStatus::Succeeded => "succeeded",
+        SendStatus::Failed => "failed",
+        SendStatus::Deferred => "deferred",
+    }
 }
 
 impl Pipeline {
@@ -173,7 +217,9 @@ impl Pipeline {
             0 | 1 => usize::MAX,
             n => (config.concurrency as usize / n).max(1),
         };
+        let metrics = config.accounts.iter().map(|a| (a.name.clone(), AccountMetrics::new(&a.name))).collect();
         Self {
+            metrics,
             budgets,
             quota_day: QuotaDay::with_length(config.quota_day_secs),
             waiting,
@@ -275,8 +321,9 @@ impl Pipeline {
         let result = match outcome {
             Outcome::Sent { msgid, errmsg, attempts } => {
                 let result = SendResult::succeeded(&job, msgid, errmsg, attempts);
-                self.record(&job, account, msgid, &result, cancel).await;
-                result
+                let json = result.to_json();
+                self.record(&job, account, msgid, &json, cancel).await;
+                return self.publish_json(publisher, &result, &json).await;
             }
             Outcome::Failed { errcode, errmsg, reason, attempts } => {
                 self.release(&job, &owner).await;
@@ -307,7 +354,7 @@ impl Pipeline {
         attempts_before: u32,
         cancel: &CancellationToken,
     ) -> Outcome {
-        let body = job.template_message_body();
+        let body = bytes::Bytes::from(job.template_message_body());
         let mut attempt = attempts_before;
         let token_wait = Duration::from_millis(self.config.token.wait_ms);
         loop {
@@ -350,8 +397,7 @@ impl Pipeline {
                     }
                 }
             }
-            metrics::histogram!("wxpush_send_seconds", "account" => account.name.clone())
-                .record(started.elapsed().as_secs_f64());
+            self.metrics[&account.name].send_seconds.record(started.elapsed().as_secs_f64());
             let (errcode, errmsg, why) = match answer {
                 Ok(a) => match errcode::classify(a.errcode) {
                     Action::Accepted => match a.msgid {
@@ -399,7 +445,7 @@ impl Pipeline {
                 },
                 Err(e) => (None, None, e.to_string()),
             };
-            metrics::counter!("wxpush_send_retries_total", "account" => account.name.clone()).increment(1);
+            self.metrics[&account.name].retries.increment(1);
             if attempt >= self.config.max_attempts {
                 let reason = format!("attempts exhausted: {why}");
                 return Outcome::Failed { errcode, errmsg, reason, attempts: attempt };
@@ -439,7 +485,7 @@ impl Pipeline {
                     jittered(Duration::from_millis(500))
                 }
             };
-            metrics::counter!("wxpush_rate_limit_waits_total", "account" => account.name.clone()).increment(1);
+            self.metrics[&account.name].rate_waits.increment(1);
             if waiting.fetch_add(1, Ordering::Relaxed) >= self.waiting_cap {
                 waiting.fetch_sub(1, Ordering::Relaxed);
                 let why = "rate limit: the account's share of this worker is busy waiting".to_owned();
@@ -488,13 +534,12 @@ impl Pipeline {
     /// Records the success (for duplicates and redeliveries) and msgid → job (for receipts).
     /// Redis trouble is retried for a while; after that the result is still published, since
     /// the message is sent and losing its result would be worse than a missing record.
-    async fn record(&self, job: &Job, account: &Account, msgid: u64, result: &SendResult, cancel: &CancellationToken) {
-        let json = result.to_json();
+    async fn record(&self, job: &Job, account: &Account, msgid: u64, json: &[u8], cancel: &CancellationToken) {
         let ttl = Duration::from_secs(self.config.ledger_ttl_secs);
         let msgid_ttl = Duration::from_secs(self.config.msgid_ttl_secs);
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            match self.redis.record_sent(&job.job_id, &json, ttl, &account.appid, msgid, msgid_ttl).await {
+            match self.redis.record_sent(&job.job_id, json, ttl, &account.appid, msgid, msgid_ttl).await {
                 Ok(()) => return,
                 Err(e) if Instant::now() < deadline && !cancel.is_cancelled() => {
                     warn!(error = %e, "cannot record the sent job yet; retrying");
@@ -553,15 +598,19 @@ impl Pipeline {
 
     /// Publishes a result and says whether the delivery may be acknowledged.
     async fn publish_result(&self, publisher: &Publisher, result: &SendResult) -> Disposition {
+        self.publish_json(publisher, result, &result.to_json()).await
+    }
+
+    /// Publishes `result`, already serialized as `json`.
+    async fn publish_json(&self, publisher: &Publisher, result: &SendResult, json: &[u8]) -> Disposition {
         let props = json_properties(result.job_id.as_deref());
-        match publisher
-            .publish(&self.topology.results_exchange, result.routing_key(), &result.to_json(), props, false)
-            .await
-        {
+        match publisher.publish(&self.topology.results_exchange, result.routing_key(), json, props, false).await {
             Ok(()) => {
-                let account = result.account.clone().unwrap_or_default();
-                let status = if result.status == SendStatus::Succeeded { "succeeded" } else { "failed" };
-                metrics::counter!("wxpush_jobs_total", "account" => account, "status" => status).increment(1);
+                let account = result.account.as_deref().unwrap_or("");
+                match self.metrics.get(account) {
+                    Some(m) => m.finished(result.status).increment(1),
+                    None => metrics::counter!("wxpush_jobs_total", "account" => account.to_owned(), "status" => status_label(result.status)).increment(1),
+                }
                 Disposition::Ack
             }
             Err(e) => {

@@ -110,7 +110,7 @@ impl WechatClient {
     }
 
     /// `POST /cgi-bin/message/template/send` with a body made by `Job::template_message_body`.
-    pub async fn send_template(&self, token: &SecretString, body: Vec<u8>) -> Result<SendAnswer, HttpError> {
+    pub async fn send_template(&self, token: &SecretString, body: bytes::Bytes) -> Result<SendAnswer, HttpError> {
         let mut url = String::with_capacity(self.send_url.len() + 200);
         url.push_str(&self.send_url);
         url.push_str(token.expose_secret());

@@ -4,7 +4,7 @@
 //! wrong with the input becomes an [`InvalidJob`] that keeps whatever `job_id` could be read, so
 //! the worker can still publish a `send.failed` result for it.
 
-use std::collections::BTreeMap;
+use std::{borrow::Cow, collections::BTreeMap};
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -98,6 +98,14 @@ impl Job {
         }
         let text = std::str::from_utf8(body)
             .map_err(|e| InvalidJob::new(fallback_id, format!("body is not UTF-8 (at byte {})", e.valid_up_to())))?;
+        if let Some(job) = parse_fast(text, message_id) {
+            return Ok(job);
+        }
+        Self::parse_slow(text, message_id, fallback_id)
+    }
+
+    /// Reads the body as generic JSON, so that whatever is wrong with it can be named.
+    fn parse_slow(text: &str, message_id: Option<&str>, fallback_id: Option<&str>) -> Result<Job, InvalidJob> {
         let value: Value =
             serde_json::from_str(text).map_err(|e| InvalidJob::new(fallback_id, format!("body is not JSON: {e}")))?;
         let Value::Object(_) = value else {
@@ -201,6 +209,92 @@ impl Job {
         // Serializing plain strings and maps of strings cannot fail.
         serde_json::to_vec(&body).unwrap_or_default()
     }
+}
+
+/// The common case, read straight into typed fields: about three times cheaper than the generic
+/// path. Anything unusual (a wrong type, a null where a value is needed, a failed check) gives
+/// `None`, and [`Job::parse_slow`] names the problem. Both accept the same jobs (a property
+/// test holds them to it).
+fn parse_fast(text: &str, message_id: Option<&str>) -> Option<Job> {
+    #[derive(Deserialize)]
+    struct Fast<'a> {
+        #[serde(borrow, default)]
+        job_id: Option<Cow<'a, str>>,
+        #[serde(borrow, default)]
+        account: Option<Cow<'a, str>>,
+        #[serde(borrow)]
+        touser: Cow<'a, str>,
+        #[serde(borrow)]
+        template_id: Cow<'a, str>,
+        #[serde(borrow, default)]
+        url: Option<Cow<'a, str>>,
+        #[serde(default)]
+        miniprogram: Option<MiniProgram>,
+        #[serde(borrow, default)]
+        topcolor: Option<Cow<'a, str>>,
+        data: BTreeMap<String, FastItem>,
+        #[serde(borrow, default)]
+        client_msg_id: Option<Cow<'a, str>>,
+        #[serde(borrow, default)]
+        expires_at: Option<Cow<'a, str>>,
+    }
+    #[derive(Deserialize)]
+    struct FastItem {
+        value: Value,
+        #[serde(default)]
+        color: Option<String>,
+    }
+    let fits = |s: &str| s.chars().count() <= MAX_FIELD_CHARS;
+    let required = |s: &Cow<str>| !s.is_empty() && fits(s);
+    let optional = |s: &Option<Cow<str>>| s.as_deref().is_none_or(fits);
+
+    let f: Fast = serde_json::from_str(text).ok()?;
+    let job_id = match f.job_id {
+        Some(id) if valid_job_id(&id) => id.into_owned(),
+        Some(_) => return None,
+        None => message_id.filter(|id| valid_job_id(id))?.to_owned(),
+    };
+    let account = match f.account {
+        Some(a) if a.is_empty() || !fits(&a) => return None,
+        Some(a) => a.into_owned(),
+        None => DEFAULT_ACCOUNT.to_owned(),
+    };
+    if !required(&f.touser) || !required(&f.template_id) || !optional(&f.url) || !optional(&f.topcolor) {
+        return None;
+    }
+    if f.miniprogram.as_ref().is_some_and(|mp| mp.appid.is_empty()) || f.data.is_empty() {
+        return None;
+    }
+    let mut data = BTreeMap::new();
+    for (key, item) in f.data {
+        if !matches!(item.value, Value::String(_) | Value::Number(_) | Value::Bool(_)) {
+            return None;
+        }
+        data.insert(key, DataItem { value: item.value, color: item.color });
+    }
+    let client_msg_id = match f.client_msg_id {
+        Some(c) if c.is_empty() || !fits(&c) => return None,
+        Some(c) if c.len() <= MAX_CLIENT_MSG_ID_BYTES => c.into_owned(),
+        Some(c) => hashed_client_msg_id(&c),
+        None => derive_client_msg_id(&job_id),
+    };
+    let expires_at = match f.expires_at {
+        Some(s) if !fits(&s) => return None,
+        Some(s) => Some(DateTime::parse_from_rfc3339(&s).ok()?.with_timezone(&Utc)),
+        None => None,
+    };
+    Some(Job {
+        job_id,
+        account,
+        touser: f.touser.into_owned(),
+        template_id: f.template_id.into_owned(),
+        url: f.url.map(Cow::into_owned),
+        miniprogram: f.miniprogram,
+        topcolor: f.topcolor.map(Cow::into_owned),
+        data,
+        client_msg_id,
+        expires_at,
+    })
 }
 
 fn valid_job_id(id: &str) -> bool {
@@ -480,7 +574,52 @@ mod tests {
         assert!(job.is_expired(after));
     }
 
+    /// Field values that are valid, invalid, or of the wrong type, to mix into jobs.
+    fn field() -> impl proptest::strategy::Strategy<Value = Option<Value>> {
+        use proptest::prelude::*;
+        prop_oneof![
+            Just(None),
+            Just(Some(Value::Null)),
+            Just(Some(json!(""))),
+            Just(Some(json!("x"))),
+            Just(Some(json!("2026-11-28T12:00:00Z"))),
+            Just(Some(json!("y".repeat(70)))),
+            Just(Some(json!("z".repeat(1100)))),
+            Just(Some(json!(5))),
+            Just(Some(json!({"appid": "wx1", "pagepath": "p"}))),
+            Just(Some(json!({"appid": ""}))),
+            Just(Some(json!({"k": {"value": "v", "color": "#fff"}}))),
+            Just(Some(json!({"k": {"value": 1.5}, "m": {"value": true, "color": null}}))),
+            Just(Some(json!({"k": {"value": null}}))),
+            Just(Some(json!({"k": {"value": [1]}}))),
+            Just(Some(json!({"k": {"value": "v", "color": 3}}))),
+            Just(Some(json!({}))),
+            Just(Some(json!([]))),
+        ]
+    }
+
     proptest::proptest! {
+        #[test]
+        fn the_fast_path_and_the_generic_path_agree(
+            fields in proptest::collection::vec(field(), 10),
+            message_id in proptest::option::of(proptest::prop_oneof![proptest::strategy::Just("mid".to_owned()), proptest::strategy::Just(String::new())]),
+        ) {
+            let names = ["job_id", "account", "touser", "template_id", "url", "miniprogram", "topcolor", "data", "client_msg_id", "expires_at"];
+            let mut obj = serde_json::Map::new();
+            for (name, value) in names.iter().zip(fields) {
+                if let Some(v) = value {
+                    obj.insert(name.to_string(), v);
+                }
+            }
+            let text = Value::Object(obj).to_string();
+            let fallback = message_id.as_deref().filter(|id| valid_job_id(id));
+            let slow = Job::parse_slow(&text, message_id.as_deref(), fallback);
+            match parse_fast(&text, message_id.as_deref()) {
+                Some(fast) => proptest::prop_assert_eq!(Ok(fast), slow),
+                None => proptest::prop_assert!(slow.is_err(), "the fast path refused a valid job: {}", text),
+            }
+        }
+
         #[test]
         fn no_body_panics_the_parser(body in proptest::collection::vec(proptest::num::u8::ANY, 0..512)) {
             let _ = Job::parse(&body, None);
