@@ -560,7 +560,12 @@ impl Pipeline {
         {
             Ok(()) => {
                 let account = result.account.clone().unwrap_or_default();
-                let status = if result.status == SendStatus::Succeeded { "succeeded" } else { "failed" };
+                // Deferred notices are not outcomes: counting them as failures would fire failure alerts.
+                let status = match result.status {
+                    SendStatus::Succeeded => "succeeded",
+                    SendStatus::Failed => "failed",
+                    SendStatus::Deferred => "deferred",
+                };
                 metrics::counter!("wxpush_jobs_total", "account" => account, "status" => status).increment(1);
                 Disposition::Ack
             }
