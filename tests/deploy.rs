@@ -440,7 +440,7 @@ fn kubernetes_manifests_name_real_programs_variables_and_ports() {
             string_map(&map["data"]).into_iter().chain(string_map(&map["stringData"])).collect::<BTreeMap<_, _>>();
         let vars: Vec<&String> =
             data.keys().filter(|k| k.chars().all(|c| c.is_ascii_uppercase() || c == '_')).collect();
-        assert_known_variables(&format!("{} {name}", map["kind"]), vars, &read);
+        assert_known_variables(&format!("{} {name}", str_of(&map["kind"])), vars, &read);
         assert_url_ports(&name, data.values().cloned());
     }
     for deployment in of_kind(&docs, "Deployment") {
