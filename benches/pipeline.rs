@@ -92,7 +92,12 @@ fn main() {
     if args.iter().any(|a| a == "--bare-worker") {
         let get = |flag: &str| args.iter().position(|a| a == flag).and_then(|i| args.get(i + 1)).cloned().unwrap();
         let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
-        rt.block_on(bare_worker(get("--queue"), get("--exchange"), get("--api"), get("--concurrency").parse().unwrap()));
+        rt.block_on(bare_worker(
+            get("--queue"),
+            get("--exchange"),
+            get("--api"),
+            get("--concurrency").parse().unwrap(),
+        ));
         return;
     }
     if args.iter().any(|a| a == "--list") {
@@ -271,7 +276,9 @@ async fn measure(mode: &str, latency_ms: u64, workers: usize, o: &Options) -> Ru
     }
     let ch2 = conn.create_channel().await.unwrap();
     for t in wxpush::config::RetrySettings::default().delay_tiers_secs {
-        let _ = ch2.queue_delete(ShortString::from(format!("{jobs_queue}.delay.{t}s")), QueueDeleteOptions::default()).await;
+        let _ = ch2
+            .queue_delete(ShortString::from(format!("{jobs_queue}.delay.{t}s")), QueueDeleteOptions::default())
+            .await;
     }
     let _ = ch2.exchange_delete(ShortString::from(exchange.as_str()), ExchangeDeleteOptions::default()).await;
     delete_prefix(&ns).await;
@@ -312,7 +319,15 @@ fn report(o: &Options, runs: &[Run]) {
         };
         println!(
             "| {} ms | {} | {} | {:.0} | {:.0} | {:.1} | {:.0} | {:.0} | {} |",
-            r.latency_ms, r.workers, r.mode, r.jobs_per_sec, r.cpu_ms_per_1000, r.peak_rss_mb, r.p50_ms, r.p99_ms, ratio
+            r.latency_ms,
+            r.workers,
+            r.mode,
+            r.jobs_per_sec,
+            r.cpu_ms_per_1000,
+            r.peak_rss_mb,
+            r.p50_ms,
+            r.p99_ms,
+            ratio
         );
     }
 }
@@ -329,14 +344,22 @@ async fn bare_worker(queue: String, exchange: String, api: String, concurrency: 
         .json()
         .await
         .unwrap();
-    let url = Arc::new(format!("{api}/cgi-bin/message/template/send?access_token={}", token["access_token"].as_str().unwrap()));
+    let url = Arc::new(format!(
+        "{api}/cgi-bin/message/template/send?access_token={}",
+        token["access_token"].as_str().unwrap()
+    ));
     let conn = Connection::connect(AMQP, ConnectionProperties::default()).await.unwrap();
     let consume = conn.create_channel().await.unwrap();
     consume.basic_qos(concurrency, BasicQosOptions::default()).await.unwrap();
     let publish = conn.create_channel().await.unwrap();
     publish.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
     let mut consumer = consume
-        .basic_consume(ShortString::from(queue.as_str()), ShortString::from("bare"), BasicConsumeOptions::default(), FieldTable::default())
+        .basic_consume(
+            ShortString::from(queue.as_str()),
+            ShortString::from("bare"),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
         .await
         .unwrap();
     let exchange = Arc::new(exchange);
@@ -348,7 +371,8 @@ async fn bare_worker(queue: String, exchange: String, api: String, concurrency: 
             let answer: serde_json::Value =
                 http.post(url.as_str()).body(delivery.data.clone()).send().await.unwrap().json().await.unwrap();
             let id = delivery.properties.message_id().clone().unwrap_or_default();
-            let result = json!({"type": "send", "job_id": id.as_str(), "status": "succeeded", "msgid": answer["msgid"]});
+            let result =
+                json!({"type": "send", "job_id": id.as_str(), "status": "succeeded", "msgid": answer["msgid"]});
             publish
                 .basic_publish(
                     ShortString::from(exchange.as_str()),
@@ -388,7 +412,13 @@ fn peak_rss_kb(pid: u32) -> u64 {
 
 fn sysconf_ticks() -> f64 {
     // CLK_TCK is 100 on every Linux this runs on; `getconf` confirms it without libc.
-    Command::new("getconf").arg("CLK_TCK").output().ok().and_then(|o| String::from_utf8(o.stdout).ok()).and_then(|s| s.trim().parse().ok()).unwrap_or(100.0)
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100.0)
 }
 
 fn num_cpus() -> usize {
@@ -398,7 +428,8 @@ fn num_cpus() -> usize {
 async fn delete_prefix(prefix: &str) {
     let client = redis::Client::open("redis://127.0.0.1:6379/").unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{prefix}:*")).query_async(&mut conn).await.unwrap_or_default();
+    let keys: Vec<String> =
+        redis::cmd("KEYS").arg(format!("{prefix}:*")).query_async(&mut conn).await.unwrap_or_default();
     for chunk in keys.chunks(1000) {
         let _: redis::RedisResult<i64> = redis::cmd("DEL").arg(chunk).query_async(&mut conn).await;
     }

@@ -1,1 +1,422 @@
-//! wxpush-webhook: the URL WeChat pushes events to.
+//! wxpush-webhook: the URL WeChat pushes events to (CONTRACT.md, "Webhook").
+//!
+//! - `GET /wechat[/{account}]`: server verification, `echostr` answered when `signature` holds;
+//! - `POST /wechat[/{account}]`: a push, plaintext or safe mode ([`verify`]), read by
+//!   [`crate::domain::receipt`], published once ([`dedupe`]) with publisher confirms ([`push`]);
+//!   answered `success` only after the broker confirmed;
+//! - `/healthz`, `/readyz` (RabbitMQ and Redis reachable), `/metrics`.
+//!
+//! Routing keys on the results exchange: `delivery.<status>` for TEMPLATESENDJOBFINISH (body:
+//! [`crate::domain::result::DeliveryEvent`]), `event.<event lowercase>` for other events and
+//! `message.<msgtype lowercase>` for users' messages (body: every field of the push plus
+//! `type`, `account`, `received_at`).
+//!
+//! A receipt's `job_id` comes from the msgid record the worker writes when WeChat accepts a
+//! send. WeChat can push the receipt before that write lands, so the record is looked up again
+//! for up to `msgid_wait` (1.5 s by default); after that the event goes out with `job_id` null,
+//! and a consumer ties it through `msgid`, which the job's `send.succeeded` result also carries.
+
+pub mod dedupe;
+pub mod push;
+pub mod verify;
+
+use std::{
+    collections::HashMap,
+    future::Future,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use axum::{
+    Router,
+    extract::{DefaultBodyLimit, Path, RawQuery, State},
+    http::{StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::get,
+};
+use bytes::Bytes;
+use tokio::net::TcpListener;
+use tokio_util::task::TaskTracker;
+use tower_http::{limit::RequestBodyLimitLayer, timeout::RequestBodyTimeoutLayer};
+use tracing::{error, info, warn};
+
+use crate::{
+    amqp::{AmqpError, Broker},
+    config::Config,
+    domain::job::DEFAULT_ACCOUNT,
+    store::{Redis, StoreError},
+};
+use verify::{AccountKeys, KeyError, PushQuery};
+
+/// Environment variable: how far (seconds) a push's `timestamp` may be from the server's clock;
+/// `0` turns the check off. Default 300.
+pub const ENV_TIMESTAMP_WINDOW: &str = "WXPUSH_WEBHOOK_TIMESTAMP_WINDOW_SECS";
+/// Environment variable: how long (ms) a receipt waits for the worker's msgid record. Default 1500.
+pub const ENV_MSGID_WAIT: &str = "WXPUSH_WEBHOOK_MSGID_WAIT_MS";
+/// Environment variable: how long (seconds) a published event is remembered. Default 86400.
+pub const ENV_DEDUPE_TTL: &str = "WXPUSH_WEBHOOK_DEDUPE_TTL_SECS";
+
+/// Largest push accepted; WeChat's pushes are a few hundred bytes.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// Why the webhook cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum WebhookError {
+    #[error("environment variable {var}={value:?} is not valid: {message}")]
+    Env { var: &'static str, value: String, message: String },
+    #[error(
+        "no account has a callback_token, so no push could be verified: set WXPUSH_CALLBACK_TOKEN (and WXPUSH_APPID) or callback_token in an [[accounts]] entry"
+    )]
+    NoAccounts,
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("HTTP server failed: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// The webhook's timings and names.
+#[derive(Debug, Clone)]
+pub struct WebhookSettings {
+    pub results_exchange: String,
+    pub dead_letter_queue: String,
+    /// Pushes signed further than this from now are refused (403); `None` = no check.
+    pub timestamp_window: Option<Duration>,
+    /// How long a receipt waits for the worker's msgid record before it is published with
+    /// `job_id` null. Kept well inside WeChat's 5-second budget.
+    pub msgid_wait: Duration,
+    /// Life of the pending mark: longer than any publish can take (it is what a crash leaves).
+    pub pending_ttl: Duration,
+    /// How long a published event is remembered; WeChat's re-pushes come within a minute.
+    pub done_ttl: Duration,
+    /// How long a re-push waits for a concurrent push of the same event to be confirmed.
+    pub pending_wait: Duration,
+    /// How long a publish may wait for the broker's confirm.
+    pub publish_timeout: Duration,
+    /// Largest body accepted (413 above).
+    pub max_body_bytes: usize,
+    /// After SIGTERM, how long pushes in flight get to finish.
+    pub shutdown_grace: Duration,
+}
+
+impl WebhookSettings {
+    /// The settings for `config`, with the webhook's own knobs read from the environment.
+    pub fn from_config(config: &Config) -> Result<Self, WebhookError> {
+        Self::from_sources(config, |var| std::env::var(var).ok())
+    }
+
+    /// As [`from_config`](Self::from_config), with an environment lookup tests can pass.
+    pub fn from_sources(config: &Config, env: impl Fn(&str) -> Option<String>) -> Result<Self, WebhookError> {
+        let number = |var: &'static str, default: u64| -> Result<u64, WebhookError> {
+            match env(var).filter(|v| !v.trim().is_empty()) {
+                None => Ok(default),
+                Some(v) => v.trim().parse().map_err(|e: std::num::ParseIntError| WebhookError::Env {
+                    var,
+                    value: v.clone(),
+                    message: e.to_string(),
+                }),
+            }
+        };
+        let window = number(ENV_TIMESTAMP_WINDOW, 300)?;
+        let msgid_wait = number(ENV_MSGID_WAIT, 1_500)?;
+        if msgid_wait > 3_000 {
+            return Err(WebhookError::Env {
+                var: ENV_MSGID_WAIT,
+                value: msgid_wait.to_string(),
+                message: "at most 3000: WeChat hangs up after 5 s".into(),
+            });
+        }
+        let done_ttl = number(ENV_DEDUPE_TTL, 86_400)?.max(60);
+        Ok(WebhookSettings {
+            results_exchange: config.results_exchange.clone(),
+            dead_letter_queue: config.dead_letter_queue.clone(),
+            timestamp_window: (window > 0).then(|| Duration::from_secs(window)),
+            msgid_wait: Duration::from_millis(msgid_wait),
+            pending_ttl: Duration::from_secs(30),
+            done_ttl: Duration::from_secs(done_ttl),
+            pending_wait: Duration::from_secs(2),
+            publish_timeout: Duration::from_secs(10),
+            max_body_bytes: MAX_BODY_BYTES,
+            shutdown_grace: config.shutdown_grace(),
+        })
+    }
+}
+
+/// What the webhook shares between requests and push tasks.
+pub struct Inner {
+    accounts: HashMap<String, Arc<AccountKeys>>,
+    broker: Arc<Broker>,
+    redis: Redis,
+    settings: WebhookSettings,
+    tracker: TaskTracker,
+    topology_declared: AtomicBool,
+    metrics: Option<Arc<dyn Fn() -> String + Send + Sync>>,
+}
+
+/// The webhook: cheap to clone, handed to axum as its state.
+#[derive(Clone)]
+pub struct Webhook {
+    inner: Arc<Inner>,
+}
+
+impl Webhook {
+    /// A webhook for every account of `config` that has a callback Token.
+    pub fn new(
+        config: &Config,
+        settings: WebhookSettings,
+        broker: Arc<Broker>,
+        redis: Redis,
+    ) -> Result<Webhook, WebhookError> {
+        let mut accounts = HashMap::new();
+        for account in &config.accounts {
+            match AccountKeys::from_account(account)? {
+                Some(keys) => {
+                    accounts.insert(account.name.clone(), Arc::new(keys));
+                }
+                None => {
+                    warn!(account = %account.name, "account has no callback_token; /wechat/{} answers 404", account.name)
+                }
+            }
+        }
+        if accounts.is_empty() {
+            return Err(WebhookError::NoAccounts);
+        }
+        Ok(Webhook {
+            inner: Arc::new(Inner {
+                accounts,
+                broker,
+                redis,
+                settings,
+                tracker: TaskTracker::new(),
+                topology_declared: AtomicBool::new(false),
+                metrics: None,
+            }),
+        })
+    }
+
+    /// Serves `/metrics` from `render` (e.g. a Prometheus handle's `render`).
+    pub fn with_metrics(self, render: Arc<dyn Fn() -> String + Send + Sync>) -> Webhook {
+        match Arc::try_unwrap(self.inner) {
+            Ok(mut inner) => {
+                inner.metrics = Some(render);
+                Webhook { inner: Arc::new(inner) }
+            }
+            // Already shared (routers built): keep it as it is.
+            Err(inner) => Webhook { inner },
+        }
+    }
+
+    /// The names of the accounts that take pushes.
+    pub fn account_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.inner.accounts.keys().cloned().collect();
+        names.sort();
+        names
+    }
+
+    /// Declares the results exchange and the dead-letter queue (also done before the first
+    /// publish, so a broker that is down at start-up is not fatal).
+    pub async fn declare_topology(&self) -> Result<(), AmqpError> {
+        self.inner.ensure_topology().await
+    }
+
+    /// Waits (up to the grace period) for pushes still being published, e.g. after shutdown.
+    pub async fn drain(&self) -> bool {
+        self.inner.tracker.close();
+        tokio::time::timeout(self.inner.settings.shutdown_grace, self.inner.tracker.wait()).await.is_ok()
+    }
+}
+
+impl Inner {
+    async fn ensure_topology(&self) -> Result<(), AmqpError> {
+        if self.topology_declared.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        self.broker.declare_results_exchange(&self.settings.results_exchange).await?;
+        self.broker.declare_queue(&self.settings.dead_letter_queue).await?;
+        self.topology_declared.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    fn forget_topology(&self) {
+        self.topology_declared.store(false, Ordering::Release);
+    }
+}
+
+/// The webhook's routes, with the body limits in place.
+pub fn router(webhook: Webhook) -> Router {
+    let limit = webhook.inner.settings.max_body_bytes;
+    Router::new()
+        .route("/wechat", get(verify_default).post(post_default))
+        .route("/wechat/{account}", get(verify_named).post(post_named))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        // RequestBodyLimitLayer answers 413 from Content-Length before reading; DefaultBodyLimit
+        // makes the `Bytes` extractor stop at the same size for chunked bodies.
+        .layer(DefaultBodyLimit::max(limit))
+        .layer(RequestBodyLimitLayer::new(limit))
+        .layer(RequestBodyTimeoutLayer::new(Duration::from_secs(10)))
+        .with_state(webhook)
+}
+
+/// Runs the webhook on `listener` until `shutdown` resolves, then lets pushes in flight finish.
+pub async fn serve(
+    config: &Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), WebhookError> {
+    let settings = WebhookSettings::from_config(config)?;
+    let broker = Broker::new(&config.amqp_url, "wxpush-webhook");
+    let redis = Redis::connect(&config.redis_url, &config.redis_prefix).await?;
+    serve_with(Webhook::new(config, settings, broker, redis)?, listener, shutdown).await
+}
+
+/// As [`serve`], with a webhook built by the caller.
+pub async fn serve_with(
+    webhook: Webhook,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), WebhookError> {
+    if let Err(e) = webhook.declare_topology().await {
+        warn!(error = %e, "cannot declare the results exchange and dead-letter queue yet; will retry on the first push");
+    }
+    info!(addr = ?listener.local_addr().ok(), accounts = ?webhook.account_names(), "wxpush-webhook listening");
+    axum::serve(listener, router(webhook.clone())).with_graceful_shutdown(shutdown).await?;
+    if !webhook.drain().await {
+        warn!("shutdown grace period over with pushes still in flight; WeChat will push them again");
+    }
+    info!("wxpush-webhook stopped");
+    Ok(())
+}
+
+/// An answer to WeChat.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply {
+    /// `success`: the event is safe (WeChat's recommended answer, also in safe mode).
+    Success,
+    /// The server-verification `echostr`, verbatim.
+    Echo(String),
+    /// Anything else, with a short reason (never a secret).
+    Refused(StatusCode, String),
+}
+
+impl IntoResponse for Reply {
+    fn into_response(self) -> Response {
+        let text = [(header::CONTENT_TYPE, "text/plain; charset=utf-8")];
+        match self {
+            Reply::Success => (StatusCode::OK, text, "success").into_response(),
+            Reply::Echo(echostr) => (StatusCode::OK, text, echostr).into_response(),
+            Reply::Refused(status, reason) => (status, text, reason).into_response(),
+        }
+    }
+}
+
+fn unknown_account(name: &str) -> Reply {
+    // The name comes from the URL: quote only a bounded, printable part of it.
+    let shown: String = name.chars().take(64).filter(|c| !c.is_control()).collect();
+    Reply::Refused(StatusCode::NOT_FOUND, format!("unknown account {shown:?}"))
+}
+
+async fn verify_default(state: State<Webhook>, query: RawQuery) -> Reply {
+    verify_get(state, DEFAULT_ACCOUNT, query)
+}
+
+async fn verify_named(state: State<Webhook>, Path(account): Path<String>, query: RawQuery) -> Reply {
+    verify_get(state, &account, query)
+}
+
+fn verify_get(State(webhook): State<Webhook>, account: &str, RawQuery(query): RawQuery) -> Reply {
+    let Some(keys) = webhook.inner.accounts.get(account) else { return unknown_account(account) };
+    let query = PushQuery::parse(query.as_deref());
+    let now = chrono::Utc::now().timestamp();
+    match keys.verify_echo(&query, now, webhook.inner.settings.timestamp_window) {
+        Ok(echostr) => {
+            info!(account, "server URL verified");
+            Reply::Echo(echostr)
+        }
+        Err(e) => {
+            warn!(account, status = e.status().as_u16(), reason = %e, "server verification refused");
+            Reply::Refused(e.status(), e.to_string())
+        }
+    }
+}
+
+async fn post_default(state: State<Webhook>, query: RawQuery, body: Bytes) -> Reply {
+    post(state, DEFAULT_ACCOUNT.to_owned(), query, body).await
+}
+
+async fn post_named(state: State<Webhook>, Path(account): Path<String>, query: RawQuery, body: Bytes) -> Reply {
+    post(state, account, query, body).await
+}
+
+/// Hands the push to its own task and waits for it. If WeChat hangs up, axum drops this future
+/// but not the task: the publish runs to its confirm (or its release) regardless.
+async fn post(State(webhook): State<Webhook>, account: String, RawQuery(query): RawQuery, body: Bytes) -> Reply {
+    let Some(keys) = webhook.inner.accounts.get(&account).cloned() else { return unknown_account(&account) };
+    let query = PushQuery::parse(query.as_deref());
+    let inner = webhook.inner.clone();
+    let task = webhook.inner.tracker.spawn(async move { inner.process_post(keys, query, body).await });
+    match task.await {
+        Ok(reply) => reply,
+        Err(e) => {
+            error!(account, error = %e, "push task failed");
+            Reply::Refused(StatusCode::INTERNAL_SERVER_ERROR, "internal error".into())
+        }
+    }
+}
+
+async fn readyz(State(webhook): State<Webhook>) -> (StatusCode, String) {
+    let inner = &webhook.inner;
+    let limit = Duration::from_secs(2);
+    let (redis, amqp) = tokio::join!(
+        tokio::time::timeout(limit, inner.redis.ping()),
+        tokio::time::timeout(limit, inner.broker.is_connected()),
+    );
+    let redis_ok = matches!(redis, Ok(Ok(())));
+    let amqp_ok = matches!(amqp, Ok(true));
+    let word = |ok: bool| if ok { "up" } else { "down" };
+    let text = format!("rabbitmq {}\nredis {}\n", word(amqp_ok), word(redis_ok));
+    if redis_ok && amqp_ok { (StatusCode::OK, text) } else { (StatusCode::SERVICE_UNAVAILABLE, text) }
+}
+
+async fn metrics(State(webhook): State<Webhook>) -> impl IntoResponse {
+    let body = webhook.inner.metrics.as_ref().map(|render| render()).unwrap_or_default();
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(env: &[(&str, &str)]) -> Result<WebhookSettings, WebhookError> {
+        let config = Config::from_sources("t", "", |_| None).unwrap();
+        let env: HashMap<String, String> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        WebhookSettings::from_sources(&config, |k| env.get(k).cloned())
+    }
+
+    #[test]
+    fn knobs_default_and_read_from_the_environment() {
+        let s = settings(&[]).unwrap();
+        assert_eq!(s.timestamp_window, Some(Duration::from_secs(300)));
+        assert_eq!(s.msgid_wait, Duration::from_millis(1500));
+        assert_eq!(s.done_ttl, Duration::from_secs(86_400));
+        assert_eq!((s.results_exchange.as_str(), s.dead_letter_queue.as_str()), ("wxpush.results", "wxpush.jobs.dead"));
+        assert_eq!(s.max_body_bytes, 64 * 1024);
+        let s = settings(&[(ENV_TIMESTAMP_WINDOW, "0"), (ENV_MSGID_WAIT, "0"), (ENV_DEDUPE_TTL, "3600")]).unwrap();
+        assert_eq!((s.timestamp_window, s.msgid_wait, s.done_ttl), (None, Duration::ZERO, Duration::from_secs(3600)));
+        assert!(settings(&[(ENV_TIMESTAMP_WINDOW, "5m")]).unwrap_err().to_string().contains(ENV_TIMESTAMP_WINDOW));
+        assert!(settings(&[(ENV_MSGID_WAIT, "10000")]).unwrap_err().to_string().contains("5 s"));
+    }
+
+    #[test]
+    fn answers_are_plain_text() {
+        let r = Reply::Success.into_response();
+        assert_eq!(r.status(), StatusCode::OK);
+        assert_eq!(r.headers()[header::CONTENT_TYPE], "text/plain; charset=utf-8");
+        assert_eq!(unknown_account("x\u{0}y").into_response().status(), StatusCode::NOT_FOUND);
+    }
+}

@@ -1,0 +1,50 @@
+//! wxpush-webhook: the server URL WeChat pushes events to. All the work is in
+//! `wxpush::webhook`; this only reads the configuration, sets up logging and metrics, and stops
+//! on SIGTERM/SIGINT (finishing the pushes in flight).
+
+use std::{path::PathBuf, sync::Arc};
+
+use anyhow::Context;
+use clap::Parser;
+use tracing::info;
+use wxpush::{
+    amqp::Broker,
+    config::Config,
+    health,
+    store::Redis,
+    telemetry,
+    webhook::{Webhook, WebhookSettings, serve_with},
+};
+
+#[derive(Parser)]
+#[command(version, about = "Receives WeChat event pushes and publishes delivery events to RabbitMQ")]
+struct Args {
+    /// Configuration file (see config/default.toml); WXPUSH_* variables override it.
+    #[arg(long, env = "WXPUSH_CONFIG")]
+    config: Option<PathBuf>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    telemetry::init_logging();
+    let config = Config::load(args.config.as_deref()).context("cannot load the configuration")?;
+    let settings = WebhookSettings::from_config(&config)?;
+
+    let broker = Broker::new(&config.amqp_url, "wxpush-webhook");
+    let redis = Redis::connect(&config.redis_url, &config.redis_prefix).await?;
+    let mut webhook = Webhook::new(&config, settings, broker, redis)?;
+    if let Some(prometheus) = health::install_metrics() {
+        webhook = webhook.with_metrics(Arc::new(move || prometheus.render()));
+    }
+
+    let listener = tokio::net::TcpListener::bind(config.webhook_listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (WXPUSH_WEBHOOK_LISTEN)", config.webhook_listen))?;
+    let shutdown = async {
+        telemetry::shutdown_signal().await;
+        info!("shutdown requested: finishing pushes in flight");
+    };
+    serve_with(webhook, listener, shutdown).await?;
+    Ok(())
+}

@@ -1,0 +1,328 @@
+//! One push, from the verified request to the broker's confirm: the whole life of a push reads
+//! top to bottom in [`Inner::process_post`].
+//!
+//! This runs in its own task (see `super::post`), not in the HTTP handler: WeChat hangs up after
+//! 5 s, axum then drops the handler, and a publish cut off half-way would leave the event
+//! neither confirmed nor released.
+
+use std::{borrow::Cow, sync::Arc, time::Duration};
+
+use axum::http::StatusCode;
+use bytes::Bytes;
+use chrono::{DateTime, SecondsFormat, Utc};
+use lapin::{
+    BasicProperties,
+    types::{FieldTable, ShortString},
+};
+use serde_json::Value;
+use sha1::{Digest, Sha1};
+use tracing::{debug, error, warn};
+
+use super::{
+    Inner, Reply,
+    dedupe::{self, Claim},
+    verify::{AccountKeys, Mode, PushQuery},
+};
+use crate::{
+    amqp::{PublishError, header_str, json_properties},
+    domain::{
+        receipt::{self, Push, TemplateReceipt},
+        result::DeliveryEvent,
+    },
+    store::StoreError,
+};
+
+/// Why a push could not be carried through now; WeChat is answered 503 and pushes again.
+#[derive(Debug, thiserror::Error)]
+pub enum DeliverError {
+    #[error("Redis is unavailable, so the push cannot be de-duplicated: {0}")]
+    Redis(#[from] StoreError),
+    #[error("the same event is still being published by an earlier push")]
+    Busy,
+    #[error("{0}")]
+    Publish(#[from] PublishError),
+    #[error("RabbitMQ did not confirm within {0:?}; the outcome is unknown")]
+    Unconfirmed(Duration),
+    #[error("cannot encode the event as JSON: {0}")]
+    Encode(serde_json::Error),
+}
+
+/// What happened to an event that is now safe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Delivered {
+    /// Published and confirmed now.
+    Published,
+    /// An earlier push of the same event was already confirmed.
+    AlreadyDone,
+}
+
+impl Inner {
+    /// Verifies, decrypts, reads and publishes one POSTed push; the answer for WeChat.
+    pub(crate) async fn process_post(&self, account: Arc<AccountKeys>, query: PushQuery, body: Bytes) -> Reply {
+        let received_at = Utc::now();
+        let now = received_at.timestamp();
+        let window = self.settings.timestamp_window;
+        let mode = match query.mode() {
+            Ok(m) => m,
+            Err(e) => return self.refuse(&account, e.status(), e.to_string()),
+        };
+
+        let plaintext: Cow<'_, [u8]> = match mode {
+            Mode::Plain => {
+                if let Err(e) = account.verify_signature(&query, now, window) {
+                    return self.refuse(&account, e.status(), e.to_string());
+                }
+                Cow::Borrowed(&body)
+            }
+            Mode::Aes => {
+                // The envelope must be read to find what msg_signature covers; until that
+                // signature holds, nothing about the body is trusted or kept.
+                let encrypt = match receipt::parse_fields(&body).and_then(|f| receipt::encrypt_field(&f)) {
+                    Ok(Some(e)) => e,
+                    Ok(None) => return self.refuse(&account, StatusCode::BAD_REQUEST, "Encrypt is missing".into()),
+                    Err(e) => {
+                        let reason = format!("cannot read the encrypted envelope: {e}");
+                        return self.refuse(&account, StatusCode::BAD_REQUEST, reason);
+                    }
+                };
+                if let Err(e) = account.verify_msg_signature(&query, &encrypt, now, window) {
+                    return self.refuse(&account, e.status(), e.to_string());
+                }
+                match account.decrypt(&encrypt) {
+                    Ok(msg) => Cow::Owned(msg),
+                    Err(e) => return self.dead_letter(&account, &query, &body, e.to_string()).await,
+                }
+            }
+        };
+
+        let push = match Push::parse(&plaintext) {
+            Ok(p) => p,
+            Err(e) => return self.dead_letter(&account, &query, &body, format!("unreadable push: {e}")).await,
+        };
+
+        let result = match &push.receipt {
+            Some(r) => self.publish_receipt(&account, &push, r, received_at).await,
+            None => self.publish_event(&account, &push, received_at).await,
+        };
+        match result {
+            Ok(delivered) => {
+                let outcome = if delivered == Delivered::Published { "published" } else { "duplicate" };
+                metrics::counter!("wxpush_webhook_pushes_total", "account" => account.name.clone(), "outcome" => outcome)
+                    .increment(1);
+                debug!(account = %account.name, routing_key = %push.routing_key(), event = %push.dedupe_key(), outcome, "push carried through");
+                Reply::Success
+            }
+            Err(e) => self.unavailable(&account, &push.dedupe_key(), e),
+        }
+    }
+
+    /// TEMPLATESENDJOBFINISH → a `delivery.<status>` event tied to its job.
+    async fn publish_receipt(
+        &self,
+        account: &AccountKeys,
+        push: &Push,
+        r: &TemplateReceipt,
+        received_at: DateTime<Utc>,
+    ) -> Result<Delivered, DeliverError> {
+        let keys = self.redis.keys();
+        let seen = keys.push_seen(&account.appid, &push.dedupe_key());
+        let record = keys.msgid(&account.appid, r.msgid);
+        let record = record.as_str();
+        self.publish_once(&seen, Some(record), |found| async move {
+            let job_id = match found {
+                Some(job) => Some(job),
+                None => self.wait_for_msgid_record(record).await,
+            };
+            let event = DeliveryEvent {
+                kind: "delivery".into(),
+                account: account.name.clone(),
+                msgid: r.msgid,
+                job_id,
+                touser: push.from_user_name.clone(),
+                to_user_name: push.to_user_name.clone(),
+                status: r.status(),
+                raw_status: r.raw_status.clone(),
+                create_time: push.create_time,
+                received_at,
+            };
+            let body = serde_json::to_vec(&event).map_err(DeliverError::Encode)?;
+            let props = json_properties(event.job_id.as_deref());
+            self.publish_confirmed(&self.settings.results_exchange, event.status.routing_key(), &body, props, false)
+                .await
+        })
+        .await
+    }
+
+    /// Any other event or message → `event.<event>` / `message.<msgtype>` with every field.
+    async fn publish_event(
+        &self,
+        account: &AccountKeys,
+        push: &Push,
+        received_at: DateTime<Utc>,
+    ) -> Result<Delivered, DeliverError> {
+        let seen = self.redis.keys().push_seen(&account.appid, &push.dedupe_key());
+        let mut body = push.fields.clone();
+        body.insert("type".into(), Value::from(if push.event.is_some() { "event" } else { "message" }));
+        body.insert("account".into(), Value::from(account.name.clone()));
+        body.insert("received_at".into(), Value::from(received_at.to_rfc3339_opts(SecondsFormat::Millis, true)));
+        let body = serde_json::to_vec(&body).map_err(DeliverError::Encode)?;
+        let routing_key = push.routing_key();
+        self.publish_once(&seen, None, |_| async {
+            self.publish_confirmed(&self.settings.results_exchange, &routing_key, &body, json_properties(None), false)
+                .await
+        })
+        .await
+    }
+
+    /// A push whose signature held but whose content cannot be read is parked, untouched, in
+    /// the dead-letter queue (once per distinct body) and answered 400.
+    async fn dead_letter(&self, account: &AccountKeys, query: &PushQuery, body: &Bytes, reason: String) -> Reply {
+        warn!(account = %account.name, %reason, bytes = body.len(), "push cannot be read; parking it in the dead-letter queue");
+        let digest = hex::encode(Sha1::digest(body));
+        let seen = self.redis.keys().push_seen(&account.appid, &format!("dead:{digest}"));
+        let mut headers = FieldTable::default();
+        headers.insert(ShortString::from("x-wxpush-reason"), header_str(&reason));
+        headers.insert(ShortString::from("x-wxpush-source"), header_str("webhook"));
+        headers.insert(ShortString::from("x-wxpush-account"), header_str(&account.name));
+        // Enough to verify (and replay) the push later; none of it is secret.
+        for (name, value) in [
+            ("x-wxpush-timestamp", &query.timestamp),
+            ("x-wxpush-nonce", &query.nonce),
+            ("x-wxpush-signature", &query.signature),
+            ("x-wxpush-msg-signature", &query.msg_signature),
+            ("x-wxpush-encrypt-type", &query.encrypt_type),
+            ("x-wxpush-openid", &query.openid),
+        ] {
+            if let Some(v) = value {
+                headers.insert(ShortString::from(name), header_str(v));
+            }
+        }
+        let content_type = match body.iter().find(|b| !b.is_ascii_whitespace()) {
+            Some(b'{') => "application/json",
+            Some(b'<') => "application/xml",
+            _ => "application/octet-stream",
+        };
+        let props = BasicProperties::default()
+            .with_content_type(ShortString::from(content_type))
+            .with_delivery_mode(2)
+            .with_headers(headers);
+        let dlq = &self.settings.dead_letter_queue;
+        let result = self
+            .publish_once(&seen, None, |_| async { self.publish_confirmed("", dlq, body, props, true).await })
+            .await;
+        match result {
+            Ok(_) => {
+                metrics::counter!("wxpush_webhook_pushes_total", "account" => account.name.clone(), "outcome" => "dead_lettered").increment(1);
+                Reply::Refused(StatusCode::BAD_REQUEST, reason)
+            }
+            Err(e) => self.unavailable(account, &format!("dead:{digest}"), e),
+        }
+    }
+
+    /// Claims the event, publishes it through `publish` (given the looked-up value), and marks
+    /// it done only after the broker's confirm.
+    async fn publish_once<F, Fut>(
+        &self,
+        seen: &str,
+        lookup: Option<&str>,
+        publish: F,
+    ) -> Result<Delivered, DeliverError>
+    where
+        F: FnOnce(Option<String>) -> Fut,
+        Fut: Future<Output = Result<(), DeliverError>>,
+    {
+        let s = &self.settings;
+        let claim = dedupe::claim(&self.redis, seen, lookup, s.pending_ttl, s.pending_wait).await?;
+        let (owner, found) = match claim {
+            Claim::Done => return Ok(Delivered::AlreadyDone),
+            Claim::Pending => return Err(DeliverError::Busy),
+            Claim::Owned { owner, lookup } => (owner, lookup),
+        };
+        match publish(found).await {
+            Ok(()) => {
+                if let Err(e) = dedupe::mark_done(&self.redis, seen, s.done_ttl).await {
+                    // Published, but a re-push of this event would now publish it again.
+                    error!(key = %seen, error = %e, "event published but its done mark could not be written");
+                }
+                Ok(Delivered::Published)
+            }
+            // The broker may still confirm it: keep the pending mark until it runs out rather
+            // than let a re-push publish a second copy right away.
+            Err(e @ DeliverError::Unconfirmed(_)) => Err(e),
+            Err(e) => {
+                if let Err(release) = dedupe::release(&self.redis, seen, &owner).await {
+                    warn!(key = %seen, error = %release, "could not release the pending mark; it expires by itself");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Publishes and waits (bounded) for the broker's confirm, declaring the topology first
+    /// when that has not been done yet.
+    async fn publish_confirmed(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        props: BasicProperties,
+        mandatory: bool,
+    ) -> Result<(), DeliverError> {
+        let limit = self.settings.publish_timeout;
+        let publish = async {
+            self.ensure_topology().await?;
+            let result = self.broker.publish(exchange, routing_key, body, props, mandatory).await;
+            if let Err(PublishError::Returned { .. }) = &result {
+                // Someone deleted the queue: declare it again before the next try.
+                self.forget_topology();
+            }
+            result
+        };
+        match tokio::time::timeout(limit, publish).await {
+            Ok(result) => Ok(result?),
+            Err(_) => Err(DeliverError::Unconfirmed(limit)),
+        }
+    }
+
+    /// A receipt may arrive before the worker has recorded its msgid (WeChat can be faster
+    /// than the worker's Redis write). Looks again a few times within `msgid_wait`.
+    async fn wait_for_msgid_record(&self, key: &str) -> Option<String> {
+        let deadline = tokio::time::Instant::now() + self.settings.msgid_wait;
+        let mut delay = Duration::from_millis(50);
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            tokio::time::sleep(delay.min(left)).await;
+            delay = (delay * 2).min(Duration::from_millis(500));
+            match dedupe::get(&self.redis, key).await {
+                Ok(Some(job)) => return Some(job),
+                Ok(None) => {}
+                Err(e) => {
+                    warn!(error = %e, "msgid record look-up failed; publishing the receipt with job_id null");
+                    return None;
+                }
+            }
+        }
+    }
+
+    fn refuse(&self, account: &AccountKeys, status: StatusCode, reason: String) -> Reply {
+        warn!(account = %account.name, status = status.as_u16(), %reason, "push refused");
+        let outcome = match status {
+            StatusCode::UNAUTHORIZED => "bad_signature",
+            StatusCode::FORBIDDEN => "stale",
+            _ => "bad_request",
+        };
+        metrics::counter!("wxpush_webhook_pushes_total", "account" => account.name.clone(), "outcome" => outcome)
+            .increment(1);
+        Reply::Refused(status, reason)
+    }
+
+    fn unavailable(&self, account: &AccountKeys, event: &str, e: DeliverError) -> Reply {
+        error!(account = %account.name, %event, error = %e, "push not carried through; answering 503 so WeChat pushes again");
+        metrics::counter!("wxpush_webhook_pushes_total", "account" => account.name.clone(), "outcome" => "unavailable")
+            .increment(1);
+        Reply::Refused(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+    }
+}

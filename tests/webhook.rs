@@ -1,0 +1,847 @@
+//! wxpush-webhook against the real local RabbitMQ (127.0.0.1:5672) and Redis (127.0.0.1:6379).
+//!
+//! Every test runs its own webhook on a free port, with its own exchange, queues and Redis
+//! prefix (a random suffix), and removes them at the end. Waits are bounded; "nothing more
+//! arrived" is shown by pushing a marker event afterwards and reading up to it (the webhook
+//! publishes on one channel, so the broker keeps the order), never by sleeping.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use futures_util::StreamExt;
+use lapin::{
+    Channel, Connection, ConnectionProperties, Consumer, ExchangeKind,
+    message::Delivery,
+    options::{
+        BasicConsumeOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
+        QueueDeleteOptions,
+    },
+    types::{AMQPValue, FieldTable, ShortString},
+};
+use rand::{Rng, distr::Alphanumeric};
+use reqwest::StatusCode;
+use serde_json::Value;
+use tokio::{net::TcpListener, sync::Mutex};
+use tokio_util::sync::CancellationToken;
+use wxpush::{
+    amqp::Broker,
+    config::Config,
+    domain::crypto::{self, Cipher},
+    store::Redis,
+    webhook::{Webhook, WebhookSettings, serve_with},
+};
+
+const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+const REDIS_URL: &str = "redis://127.0.0.1:6379/";
+const WAIT: Duration = Duration::from_secs(15);
+
+const DEFAULT_APPID: &str = "wxdefault0000001";
+const SAFE_APPID: &str = "wxsafe0000000001";
+const ROT_APPID: &str = "wxrotating000001";
+
+fn random(n: usize) -> String {
+    rand::rng().sample_iter(Alphanumeric).take(n).map(char::from).collect()
+}
+
+fn now() -> i64 {
+    chrono::Utc::now().timestamp()
+}
+
+/// A receipt as WeChat pushes it.
+fn receipt_xml(msgid: u64, status: &str) -> String {
+    format!(
+        "<xml>\n<ToUserName><![CDATA[gh_7f083739789a]]></ToUserName>\n<FromUserName><![CDATA[oia2TjuEGTNoeX76QEjQNrcURxG8]]></FromUserName>\n<CreateTime>1395658984</CreateTime>\n<MsgType><![CDATA[event]]></MsgType>\n<Event><![CDATA[TEMPLATESENDJOBFINISH]]></Event>\n<MsgID>{msgid}</MsgID>\n<Status><![CDATA[{status}]]></Status>\n</xml>"
+    )
+}
+
+/// The seed file's first sample, exactly as published (`]]&g;` instead of `]]>`).
+const SEED_MALFORMED: &str = "<xml>\n<ToUserName><![CDATA[gh_7f083739789a]]></ToUserName>\n<FromUserName><![CDATA[oia2TjuEGTNoeX76QEjQNrcURxG8]]&g;</FromUserName>\n<CreateTime>1395658920</CreateTime>\n<MsgType><![CDATA[event]]></MsgType>\n<Event><![CDATA[TEMPLATESENDJOBFINISH]]></Event>\n<MsgID>200163836</MsgID>\n<Status><![CDATA[success]]></Status>\n</xml>";
+/// The same sample, corrected, and the seed's two failure samples.
+const SEED_SUCCESS: &str = "<xml>\n<ToUserName><![CDATA[gh_7f083739789a]]></ToUserName>\n<FromUserName><![CDATA[oia2TjuEGTNoeX76QEjQNrcURxG8]]></FromUserName>\n<CreateTime>1395658920</CreateTime>\n<MsgType><![CDATA[event]]></MsgType>\n<Event><![CDATA[TEMPLATESENDJOBFINISH]]></Event>\n<MsgID>200163836</MsgID>\n<Status><![CDATA[success]]></Status>\n</xml>";
+const SEED_USER_BLOCK: &str = "<xml>\n<ToUserName><![CDATA[gh_7f083739789a]]></ToUserName>\n<FromUserName><![CDATA[oia2TjuEGTNoeX76QEjQNrcURxG8]]></FromUserName>\n<CreateTime>1395658984</CreateTime>\n<MsgType><![CDATA[event]]></MsgType>\n<Event><![CDATA[TEMPLATESENDJOBFINISH]]></Event>\n<MsgID>200163840</MsgID>\n<Status><![CDATA[failed:user block]]></Status>\n</xml>";
+const SEED_SYSTEM_FAILED: &str = "<xml>\n<ToUserName><![CDATA[gh_7f083739789a]]></ToUserName>\n<FromUserName><![CDATA[oia2TjuEGTNoeX76QEjQNrcURxG8]]></FromUserName>\n<CreateTime>1395658984</CreateTime>\n<MsgType><![CDATA[event]]></MsgType>\n<Event><![CDATA[TEMPLATESENDJOBFINISH]]></Event>\n<MsgID>200163840</MsgID>\n<Status><![CDATA[failed: system failed]]></Status>\n</xml>";
+
+/// Options of one test's webhook.
+struct Options {
+    timestamp_window: Option<Duration>,
+    amqp_url: String,
+    /// Redis as the webhook sees it (the test itself always uses the real one).
+    redis_url: String,
+    msgid_wait: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            timestamp_window: Some(Duration::from_secs(300)),
+            amqp_url: AMQP_URL.into(),
+            redis_url: REDIS_URL.into(),
+            msgid_wait: Duration::from_millis(1500),
+        }
+    }
+}
+
+/// One test's webhook, its RabbitMQ names, its Redis prefix and a consumer of its results.
+struct Harness {
+    base: String,
+    http: reqwest::Client,
+    exchange: String,
+    dlq: String,
+    results_queue: String,
+    redis: Redis,
+    channel: Channel,
+    _conn: Connection,
+    results: Consumer,
+    dead: Consumer,
+    safe_key: String,
+    rot_new_key: String,
+    rot_old_key: String,
+    stop: CancellationToken,
+    server: tokio::task::JoinHandle<()>,
+    marker: u64,
+}
+
+impl Harness {
+    async fn start(opts: Options) -> Harness {
+        let id = random(10).to_lowercase();
+        let exchange = format!("wxpush.test.{id}.results");
+        let dlq = format!("wxpush.test.{id}.dead");
+        let prefix = format!("wxpush-test-{id}");
+        let (safe_key, rot_new_key, rot_old_key) = (random(43), random(43), random(43));
+        let toml = format!(
+            r#"
+            redis_prefix = "{prefix}"
+            jobs_queue = "wxpush.test.{id}.jobs"
+            results_exchange = "{exchange}"
+            dead_letter_queue = "{dlq}"
+            [[accounts]]
+            name = "default"
+            appid = "{DEFAULT_APPID}"
+            callback_token = "AAAAA"
+            [[accounts]]
+            name = "safe"
+            appid = "{SAFE_APPID}"
+            callback_token = "safetoken"
+            encoding_aes_key = "{safe_key}"
+            [[accounts]]
+            name = "rotating"
+            appid = "{ROT_APPID}"
+            callback_token = "rottoken"
+            encoding_aes_key = "{rot_new_key}"
+            previous_encoding_aes_key = "{rot_old_key}"
+            [[accounts]]
+            name = "notoken"
+            appid = "wxnotoken0000001"
+            "#
+        );
+        let config = Config::from_sources("test", &toml, |_| None).expect("test config");
+        let mut settings = WebhookSettings::from_sources(&config, |_| None).expect("settings");
+        settings.timestamp_window = opts.timestamp_window;
+        settings.msgid_wait = opts.msgid_wait;
+        settings.publish_timeout = Duration::from_secs(5);
+
+        let conn =
+            Connection::connect(AMQP_URL, ConnectionProperties::default()).await.expect("RabbitMQ at 127.0.0.1:5672");
+        let channel = conn.create_channel().await.expect("channel");
+        let durable = ExchangeDeclareOptions { durable: true, ..Default::default() };
+        channel
+            .exchange_declare(ShortString::from(exchange.as_str()), ExchangeKind::Topic, durable, FieldTable::default())
+            .await
+            .expect("declare exchange");
+        let results_queue = format!("wxpush.test.{id}.observer");
+        let exclusive = QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() };
+        channel
+            .queue_declare(ShortString::from(results_queue.as_str()), exclusive, FieldTable::default())
+            .await
+            .expect("queue");
+        channel
+            .queue_bind(
+                ShortString::from(results_queue.as_str()),
+                ShortString::from(exchange.as_str()),
+                ShortString::from("#"),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("bind");
+        let durable_q = QueueDeclareOptions { durable: true, ..Default::default() };
+        channel.queue_declare(ShortString::from(dlq.as_str()), durable_q, FieldTable::default()).await.expect("dlq");
+        let consume = |queue: String| {
+            let channel = channel.clone();
+            async move {
+                channel
+                    .basic_consume(
+                        ShortString::from(queue.as_str()),
+                        ShortString::from(format!("test-{}", random(6))),
+                        BasicConsumeOptions { no_ack: true, ..Default::default() },
+                        FieldTable::default(),
+                    )
+                    .await
+                    .expect("consume")
+            }
+        };
+        let results = consume(results_queue.clone()).await;
+        let dead = consume(dlq.clone()).await;
+
+        let redis = Redis::connect(REDIS_URL, &prefix).await.expect("Redis at 127.0.0.1:6379");
+        let broker = Broker::new(&opts.amqp_url, "wxpush-webhook-test");
+        let webhook_redis = Redis::connect(&opts.redis_url, &prefix).await.expect("webhook's Redis");
+        let webhook = Webhook::new(&config, settings, broker, webhook_redis).expect("webhook");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let base = format!("http://{}", listener.local_addr().expect("addr"));
+        let stop = CancellationToken::new();
+        let stopped = stop.clone();
+        let server = tokio::spawn(async move {
+            serve_with(webhook, listener, async move { stopped.cancelled().await }).await.expect("serve");
+        });
+        Harness {
+            base,
+            http: reqwest::Client::new(),
+            exchange,
+            dlq,
+            results_queue,
+            redis,
+            channel,
+            _conn: conn,
+            results,
+            dead,
+            safe_key,
+            rot_new_key,
+            rot_old_key,
+            stop,
+            server,
+            marker: 9_000_000_000,
+        }
+    }
+
+    /// Stops the webhook and deletes everything the test made.
+    async fn finish(self) {
+        self.stop.cancel();
+        tokio::time::timeout(WAIT, self.server).await.expect("webhook stops").expect("webhook task");
+        let _ = self
+            .channel
+            .queue_delete(ShortString::from(self.results_queue.as_str()), QueueDeleteOptions::default())
+            .await;
+        let _ = self.channel.queue_delete(ShortString::from(self.dlq.as_str()), QueueDeleteOptions::default()).await;
+        let _ = self
+            .channel
+            .exchange_delete(ShortString::from(self.exchange.as_str()), ExchangeDeleteOptions::default())
+            .await;
+        let mut conn = self.redis.conn();
+        let pattern = format!("{}:*", self.redis.keys().prefix());
+        let keys: Vec<String> = redis::cmd("KEYS").arg(&pattern).query_async(&mut conn).await.expect("keys");
+        if !keys.is_empty() {
+            let _: () = redis::cmd("DEL").arg(&keys).query_async(&mut conn).await.expect("del");
+        }
+    }
+
+    fn url(&self, path: &str, query: &str) -> String {
+        format!("{}{path}?{query}", self.base)
+    }
+
+    /// A plaintext POST, signed with `token`.
+    async fn post_plain(&self, path: &str, token: &str, body: impl Into<reqwest::Body>) -> (StatusCode, String) {
+        let (ts, nonce) = (now().to_string(), random(9));
+        let sig = crypto::signature(token, &ts, &nonce);
+        let q = format!("signature={sig}&timestamp={ts}&nonce={nonce}&openid=oia2TjuEGTNoeX76QEjQNrcURxG8");
+        self.send(self.http.post(self.url(path, &q)).body(body)).await
+    }
+
+    /// A safe-mode POST: `plaintext` encrypted with `key` for `appid`, signed with `token`.
+    async fn post_aes(&self, path: &str, token: &str, key: &str, appid: &str, plaintext: &str) -> (StatusCode, String) {
+        let encrypt = Cipher::new(key).expect("key").encrypt(&rand::random(), plaintext.as_bytes(), appid);
+        let body = format!(
+            "<xml><ToUserName><![CDATA[gh_7f083739789a]]></ToUserName><Encrypt><![CDATA[{encrypt}]]></Encrypt></xml>"
+        );
+        self.post_envelope(path, token, &encrypt, body).await
+    }
+
+    async fn post_envelope(&self, path: &str, token: &str, encrypt: &str, body: String) -> (StatusCode, String) {
+        let (ts, nonce) = (now().to_string(), random(9));
+        let sig = crypto::signature(token, &ts, &nonce);
+        let msg_sig = crypto::msg_signature(token, &ts, &nonce, encrypt);
+        let q =
+            format!("signature={sig}&timestamp={ts}&nonce={nonce}&openid=o&encrypt_type=aes&msg_signature={msg_sig}");
+        self.send(self.http.post(self.url(path, &q)).body(body)).await
+    }
+
+    async fn send(&self, req: reqwest::RequestBuilder) -> (StatusCode, String) {
+        let resp = req.timeout(WAIT).send().await.expect("request");
+        let status = resp.status();
+        (status, resp.text().await.expect("body"))
+    }
+
+    async fn write_msgid_record(&self, appid: &str, msgid: u64, job_id: &str) {
+        let key = self.redis.keys().msgid(appid, msgid);
+        let _: () = redis::cmd("SET")
+            .arg(key)
+            .arg(job_id)
+            .arg("PX")
+            .arg(60_000)
+            .query_async(&mut self.redis.conn())
+            .await
+            .expect("set");
+    }
+
+    async fn next(consumer: &mut Consumer, what: &str) -> Delivery {
+        match tokio::time::timeout(WAIT, consumer.next()).await {
+            Ok(Some(Ok(d))) => d,
+            other => panic!("no {what} within {WAIT:?}: {:?}", other.map(|o| o.map(|r| r.map(|d| d.routing_key)))),
+        }
+    }
+
+    async fn next_result(&mut self) -> Delivery {
+        Self::next(&mut self.results, "result").await
+    }
+
+    async fn next_dead(&mut self) -> Delivery {
+        Self::next(&mut self.dead, "dead letter").await
+    }
+
+    /// Pushes a marker receipt and returns every result that arrived before it.
+    async fn results_until_marker(&mut self) -> Vec<Delivery> {
+        self.marker += 1;
+        let marker = self.marker;
+        self.write_msgid_record(DEFAULT_APPID, marker, "marker").await;
+        let (status, _) = self.post_plain("/wechat", "AAAAA", receipt_xml(marker, "success")).await;
+        assert_eq!(status, StatusCode::OK, "marker push");
+        let mut before = Vec::new();
+        loop {
+            let d = self.next_result().await;
+            if json(&d)["msgid"] == marker {
+                return before;
+            }
+            before.push(d);
+        }
+    }
+
+    /// Results that arrived before a marker the test publishes straight to the exchange.
+    async fn results_until_direct_marker(&mut self) -> Vec<Delivery> {
+        let marker = format!("{{\"marker\":\"{}\"}}", random(12));
+        let confirm = self
+            .channel
+            .basic_publish(
+                ShortString::from(self.exchange.as_str()),
+                ShortString::from("test.marker"),
+                lapin::options::BasicPublishOptions::default(),
+                marker.as_bytes(),
+                lapin::BasicProperties::default(),
+            )
+            .await
+            .expect("publish marker");
+        drop(confirm);
+        let mut before = Vec::new();
+        loop {
+            let d = self.next_result().await;
+            if d.data == marker.as_bytes() {
+                return before;
+            }
+            before.push(d);
+        }
+    }
+
+    /// Dead letters that arrived before a marker dead letter (an unreadable push of its own).
+    async fn dead_until_marker(&mut self) -> Vec<Delivery> {
+        let marker = format!("<xml><Marker>{}</Marker>", random(12));
+        let (status, _) = self.post_plain("/wechat", "AAAAA", marker.clone()).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "marker dead letter");
+        let mut before = Vec::new();
+        loop {
+            let d = self.next_dead().await;
+            if d.data == marker.as_bytes() {
+                return before;
+            }
+            before.push(d);
+        }
+    }
+}
+
+fn json(d: &Delivery) -> Value {
+    serde_json::from_slice(&d.data).expect("JSON body")
+}
+
+fn header(d: &Delivery, name: &str) -> Option<String> {
+    let headers = d.properties.headers().as_ref()?;
+    match headers.inner().get(name)? {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        other => Some(format!("{other:?}")),
+    }
+}
+
+fn correlation_id(d: &Delivery) -> Option<String> {
+    d.properties.correlation_id().as_ref().map(|c| c.as_str().to_owned())
+}
+
+#[tokio::test]
+async fn get_verification_answers_echostr_for_the_official_example() {
+    // The official vector is from 2024: the timestamp window must be off for it.
+    let h = Harness::start(Options { timestamp_window: None, ..Options::default() }).await;
+    let q = "signature=f464b24fc39322e44b38aa78f5edd27bd1441696&echostr=4375120948345356249&timestamp=1714036504&nonce=1514711492";
+    for path in ["/wechat", "/wechat/default"] {
+        let (status, body) = h.send(h.http.get(h.url(path, q))).await;
+        assert_eq!((status, body.as_str()), (StatusCode::OK, "4375120948345356249"), "{path}");
+    }
+    let wrong = q.replace("f464b", "f464c");
+    assert_eq!(h.send(h.http.get(h.url("/wechat", &wrong))).await.0, StatusCode::UNAUTHORIZED);
+    let missing = "echostr=1&timestamp=1714036504&nonce=1514711492";
+    assert_eq!(h.send(h.http.get(h.url("/wechat", missing))).await.0, StatusCode::BAD_REQUEST);
+    assert_eq!(h.send(h.http.get(h.url("/wechat/nobody", q))).await.0, StatusCode::NOT_FOUND);
+    // An account without a callback Token takes no pushes.
+    assert_eq!(h.send(h.http.get(h.url("/wechat/notoken", q))).await.0, StatusCode::NOT_FOUND);
+    // Another account's Token does not verify the default account's URL.
+    assert_eq!(h.send(h.http.get(h.url("/wechat/safe", q))).await.0, StatusCode::UNAUTHORIZED);
+    h.finish().await;
+}
+
+#[tokio::test]
+async fn get_verification_refuses_a_stale_timestamp() {
+    let h = Harness::start(Options::default()).await;
+    let q = "signature=f464b24fc39322e44b38aa78f5edd27bd1441696&echostr=4375120948345356249&timestamp=1714036504&nonce=1514711492";
+    let (status, body) = h.send(h.http.get(h.url("/wechat", q))).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    let (ts, nonce) = (now().to_string(), "42".to_owned());
+    let fresh =
+        format!("signature={}&echostr=hello&timestamp={ts}&nonce={nonce}", crypto::signature("AAAAA", &ts, &nonce));
+    assert_eq!(h.send(h.http.get(h.url("/wechat", &fresh))).await, (StatusCode::OK, "hello".into()));
+    h.finish().await;
+}
+
+#[tokio::test]
+async fn plaintext_seed_receipts_publish_delivery_events_tied_to_their_jobs() {
+    let mut h = Harness::start(Options::default()).await;
+    h.write_msgid_record(DEFAULT_APPID, 200163836, "order-42-paid").await;
+    for xml in [SEED_SUCCESS, SEED_USER_BLOCK, SEED_SYSTEM_FAILED] {
+        assert_eq!(h.post_plain("/wechat", "AAAAA", xml).await, (StatusCode::OK, "success".into()));
+    }
+    let first = h.next_result().await;
+    assert_eq!(first.routing_key.as_str(), "delivery.success");
+    assert_eq!(correlation_id(&first).as_deref(), Some("order-42-paid"));
+    assert_eq!(first.properties.content_type().as_ref().map(|c| c.as_str()), Some("application/json"));
+    assert_eq!(first.properties.delivery_mode(), &Some(2));
+    let v = json(&first);
+    assert_eq!(v["type"], "delivery");
+    assert_eq!(v["account"], "default");
+    assert_eq!(v["msgid"], 200163836);
+    assert_eq!(v["job_id"], "order-42-paid");
+    assert_eq!(v["touser"], "oia2TjuEGTNoeX76QEjQNrcURxG8");
+    assert_eq!(v["to_user_name"], "gh_7f083739789a");
+    assert_eq!(v["status"], "success");
+    assert_eq!(v["raw_status"], "success");
+    assert_eq!(v["create_time"], 1395658920);
+    assert!(v["received_at"].as_str().is_some_and(|t| t.ends_with('Z')), "{v}");
+
+    // The two failures share a MsgID but are different events: both are published.
+    let second = h.next_result().await;
+    assert_eq!(second.routing_key.as_str(), "delivery.user_block");
+    assert_eq!(
+        (json(&second)["raw_status"].clone(), json(&second)["job_id"].clone()),
+        ("failed:user block".into(), Value::Null)
+    );
+    assert_eq!(correlation_id(&second), None);
+    let third = h.next_result().await;
+    assert_eq!(third.routing_key.as_str(), "delivery.system_failed");
+    assert_eq!(json(&third)["status"], "system_failed");
+    assert_eq!(json(&third)["raw_status"], "failed: system failed");
+    assert!(h.results_until_marker().await.is_empty());
+    h.finish().await;
+}
+
+#[tokio::test]
+async fn each_status_goes_to_its_routing_key_and_big_msgids_stay_exact() {
+    let mut h = Harness::start(Options { msgid_wait: Duration::from_millis(100), ..Options::default() }).await;
+    let cases = [
+        ("success", "delivery.success", "success"),
+        ("failed:user block", "delivery.user_block", "user_block"),
+        ("failed: system failed", "delivery.system_failed", "system_failed"),
+        ("failed:system failed", "delivery.system_failed", "system_failed"),
+        ("failed: something new", "delivery.failed", "failed"),
+    ];
+    for (i, (raw, _, _)) in cases.iter().enumerate() {
+        let msgid = 3599307433715204104 + i as u64;
+        assert_eq!(h.post_plain("/wechat", "AAAAA", receipt_xml(msgid, raw)).await.0, StatusCode::OK);
+    }
+    for (i, (raw, key, status)) in cases.iter().enumerate() {
+        let d = h.next_result().await;
+        assert_eq!(d.routing_key.as_str(), *key, "{raw}");
+        let text = String::from_utf8(d.data.clone()).expect("utf8");
+        assert!(text.contains(&format!("\"msgid\":{}", 3599307433715204104 + i as u64)), "{text}");
+        assert_eq!(json(&d)["status"], *status);
+        assert_eq!(json(&d)["raw_status"], *raw);
+    }
+    h.finish().await;
+}
+
+#[tokio::test]
+async fn job_id_is_null_without_a_record_and_found_when_the_record_comes_a_little_late() {
+    let mut h = Harness::start(Options::default()).await;
+    let started = std::time::Instant::now();
+    assert_eq!(h.post_plain("/wechat", "AAAAA", receipt_xml(777, "success")).await.0, StatusCode::OK);
+    let waited = started.elapsed();
+    let d = h.next_result().await;
+    assert_eq!(json(&d)["job_id"], Value::Null);
+    assert_eq!(json(&d)["msgid"], 777);
+    assert!(waited >= Duration::from_millis(1400) && waited < Duration::from_millis(4500), "{waited:?}");
+
+    // The worker records the msgid only after WeChat answered it; the receipt can come first.
+    let redis_h = h.redis.clone();
+    let writer = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let key = redis_h.keys().msgid(DEFAULT_APPID, 778);
+        let _: () = redis::cmd("SET").arg(key).arg("late-job").query_async(&mut redis_h.conn()).await.expect("set");
+    });
+    assert_eq!(h.post_plain("/wechat", "AAAAA", receipt_xml(778, "success")).await.0, StatusCode::OK);
+    writer.await.expect("writer");
+    let d = h.next_result().await;
+    assert_eq!(json(&d)["job_id"], "late-job");
+    assert_eq!(correlation_id(&d).as_deref(), Some("late-job"));
+    h.finish().await;
+}
+
+#[tokio::test]
+async fn safe_mode_pushes_are_verified_decrypted_and_published() {
+    let mut h = Harness::start(Options::default()).await;
+    h.write_msgid_record(SAFE_APPID, 424242, "safe-job").await;
+    let key = h.safe_key.clone();
+    let (status, body) =
+        h.post_aes("/wechat/safe", "safetoken", &key, SAFE_APPID, &receipt_xml(424242, "failed:user block")).await;
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "success"));
+    let d = h.next_result().await;
+    assert_eq!(d.routing_key.as_str(), "delivery.user_block");
+    assert_eq!(json(&d)["account"], "safe");
+    assert_eq!(json(&d)["job_id"], "safe-job");
+
+    // JSON envelope and JSON plaintext, as an account set to JSON pushes.
+    let plain = r#"{"ToUserName":"gh_1","FromUserName":"o_json","CreateTime":1714112445,"MsgType":"event","Event":"TEMPLATESENDJOBFINISH","MsgID":424243,"Status":"success"}"#;
+    let encrypt = Cipher::new(&key).expect("key").encrypt(&[1; 16], plain.as_bytes(), SAFE_APPID);
+    let envelope = format!(r#"{{"ToUserName":"gh_1","Encrypt":"{encrypt}"}}"#);
+    assert_eq!(h.post_envelope("/wechat/safe", "safetoken", &encrypt, envelope).await.0, StatusCode::OK);
+    let d = h.next_result().await;
+    assert_eq!((json(&d)["msgid"].clone(), json(&d)["touser"].clone()), (424243.into(), "o_json".into()));
+
+    // Compatible mode: plaintext fields beside Encrypt; what counts is the signed Encrypt.
+    let encrypt =
+        Cipher::new(&key).expect("key").encrypt(&[2; 16], receipt_xml(424244, "success").as_bytes(), SAFE_APPID);
+    let compat = receipt_xml(999, "failed: forged")
+        .replace("</xml>", &format!("<Encrypt><![CDATA[{encrypt}]]></Encrypt></xml>"));
+    assert_eq!(h.post_envelope("/wechat/safe", "safetoken", &encrypt, compat).await.0, StatusCode::OK);
+    let d = h.next_result().await;
+    assert_eq!((d.routing_key.as_str(), json(&d)["msgid"].clone()), ("delivery.success", 424244.into()));
+
+    // No Encrypt in the envelope: nothing to verify, refused without being parked.
+    let empty = "<xml><ToUserName><![CDATA[gh_1]]></ToUserName></xml>".to_owned();
+    let (status, reason) = h.post_envelope("/wechat/safe", "safetoken", "", empty).await;
+    assert_eq!((status, reason.as_str()), (StatusCode::BAD_REQUEST, "Encrypt is missing"));
+    // A wrong msg_signature: refused, nothing published or parked.
+    let encrypt = Cipher::new(&key).expect("key").encrypt(&[3; 16], receipt_xml(1, "success").as_bytes(), SAFE_APPID);
+    let body = format!("<xml><Encrypt><![CDATA[{encrypt}]]></Encrypt></xml>");
+    assert_eq!(h.post_envelope("/wechat/safe", "wrongtoken", &encrypt, body).await.0, StatusCode::UNAUTHORIZED);
+    // Signed, but encrypted for another appid: refused and parked.
+    let (status, reason) =
+        h.post_aes("/wechat/safe", "safetoken", &key, "wxsomeoneelse001", &receipt_xml(2, "success")).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(reason.contains("wxsomeoneelse001"), "{reason}");
+    let parked = h.dead_until_marker().await;
+    assert_eq!(parked.len(), 1);
+    assert_eq!(header(&parked[0], "x-wxpush-account").as_deref(), Some("safe"));
+    assert_eq!(header(&parked[0], "x-wxpush-encrypt-type").as_deref(), Some("aes"));
+    assert!(h.results_until_marker().await.is_empty());
+    h.finish().await;
+}
+
+#[tokio::test]
+async fn the_previous_key_still_decrypts_during_a_rotation() {
+    let mut h = Harness::start(Options { msgid_wait: Duration::from_millis(50), ..Options::default() }).await;
+    let (new, old) = (h.rot_new_key.clone(), h.rot_old_key.clone());
+    assert_eq!(
+        h.post_aes("/wechat/rotating", "rottoken", &old, ROT_APPID, &receipt_xml(5001, "success")).await.0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        h.post_aes("/wechat/rotating", "rottoken", &new, ROT_APPID, &receipt_xml(5002, "success")).await.0,
+        StatusCode::OK
+    );
+    let a = h.next_result().await;
+    let b = h.next_result().await;
+    assert_eq!((json(&a)["msgid"].clone(), json(&b)["msgid"].clone()), (5001.into(), 5002.into()));
+    // A key that is neither: signed correctly, so parked, and answered 400.
+    let stranger = random(43);
+    assert_eq!(
+        h.post_aes("/wechat/rotating", "rottoken", &stranger, ROT_APPID, &receipt_xml(5003, "success")).await.0,
+        StatusCode::BAD_REQUEST
+    );
+    assert_eq!(h.dead_until_marker().await.len(), 1);
+    h.finish().await;
+}
+
+#[tokio::test]
+async fn repeated_pushes_of_one_event_publish_it_once() {
+    let mut h = Harness::start(Options::default()).await;
+    h.write_msgid_record(DEFAULT_APPID, 31337, "dup-job").await;
+    // Five concurrent pushes (WeChat re-pushing while the first is in flight), then a late one.
+    let pushes = (0..5).map(|_| h.post_plain("/wechat", "AAAAA", receipt_xml(31337, "success")));
+    for (status, body) in futures_util::future::join_all(pushes).await {
+        assert_eq!((status, body.as_str()), (StatusCode::OK, "success"));
+    }
+    assert_eq!(h.post_plain("/wechat", "AAAAA", receipt_xml(31337, "success")).await.0, StatusCode::OK);
+    // Same MsgID, another Status: another event.
+    assert_eq!(h.post_plain("/wechat", "AAAAA", receipt_xml(31337, "failed:user block")).await.0, StatusCode::OK);
+    // Other events are the same when FromUserName + CreateTime + Event are.
+    let subscribe = "<xml><ToUserName><![CDATA[gh_1]]></ToUserName><FromUserName><![CDATA[o_sub]]></FromUserName><CreateTime>1700000000</CreateTime><MsgType><![CDATA[event]]></MsgType><Event><![CDATA[subscribe]]></Event></xml>";
+    for _ in 0..3 {
+        assert_eq!(h.post_plain("/wechat", "AAAAA", subscribe).await.0, StatusCode::OK);
+    }
+    let got = h.results_until_marker().await;
+    let keys: Vec<&str> = got.iter().map(|d| d.routing_key.as_str()).collect();
+    assert_eq!(keys, ["delivery.success", "delivery.user_block", "event.subscribe"]);
+    h.finish().await;
+}
+
+#[tokio::test]
+async fn other_events_and_messages_are_published_with_all_their_fields() {
+    let mut h = Harness::start(Options::default()).await;
+    let scan = "<xml><ToUserName><![CDATA[gh_1]]></ToUserName><FromUserName><![CDATA[o_scan]]></FromUserName><CreateTime>1700000001</CreateTime><MsgType><![CDATA[event]]></MsgType><Event><![CDATA[SCAN]]></Event><EventKey><![CDATA[123]]></EventKey><Ticket><![CDATA[TICKET]]></Ticket></xml>";
+    assert_eq!(h.post_plain("/wechat", "AAAAA", scan).await.0, StatusCode::OK);
+    let d = h.next_result().await;
+    assert_eq!(d.routing_key.as_str(), "event.scan");
+    let v = json(&d);
+    assert_eq!((v["type"].clone(), v["account"].clone()), ("event".into(), "default".into()));
+    assert_eq!(
+        (v["EventKey"].clone(), v["Ticket"].clone(), v["Event"].clone()),
+        ("123".into(), "TICKET".into(), "SCAN".into())
+    );
+    assert!(v["received_at"].is_string());
+
+    let sent = "<xml><ToUserName><![CDATA[gh_1]]></ToUserName><FromUserName><![CDATA[o_s]]></FromUserName><CreateTime>1700000002</CreateTime><MsgType><![CDATA[event]]></MsgType><Event><![CDATA[subscribe_msg_sent_event]]></Event><SubscribeMsgSentEvent><List><TemplateId><![CDATA[T1]]></TemplateId><MsgID>1700827132819554304</MsgID><ErrorCode>0</ErrorCode><ErrorStatus><![CDATA[success]]></ErrorStatus></List></SubscribeMsgSentEvent></xml>";
+    assert_eq!(h.post_plain("/wechat", "AAAAA", sent).await.0, StatusCode::OK);
+    let d = h.next_result().await;
+    assert_eq!(d.routing_key.as_str(), "event.subscribe_msg_sent_event");
+    assert_eq!(json(&d)["SubscribeMsgSentEvent"]["List"]["MsgID"], "1700827132819554304");
+
+    let text = "<xml><ToUserName><![CDATA[gh_1]]></ToUserName><FromUserName><![CDATA[o_t]]></FromUserName><CreateTime>1700000003</CreateTime><MsgType><![CDATA[text]]></MsgType><Content><![CDATA[hello]]></Content><MsgId>6054768590064713728</MsgId></xml>";
+    assert_eq!(h.post_plain("/wechat", "AAAAA", text).await.0, StatusCode::OK);
+    let d = h.next_result().await;
+    assert_eq!(d.routing_key.as_str(), "message.text");
+    assert_eq!((json(&d)["type"].clone(), json(&d)["Content"].clone()), ("message".into(), "hello".into()));
+    h.finish().await;
+}
+
+#[tokio::test]
+async fn the_seed_malformed_push_is_400_and_parked_once_in_the_dead_letter_queue() {
+    let mut h = Harness::start(Options::default()).await;
+    let (status, reason) = h.post_plain("/wechat", "AAAAA", SEED_MALFORMED).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(reason.contains("unterminated CDATA in <FromUserName>"), "{reason}");
+    // WeChat may push it again: still one copy.
+    assert_eq!(h.post_plain("/wechat", "AAAAA", SEED_MALFORMED).await.0, StatusCode::BAD_REQUEST);
+    let parked = h.dead_until_marker().await;
+    assert_eq!(parked.len(), 1, "one dead-letter copy");
+    let d = &parked[0];
+    assert_eq!(d.data, SEED_MALFORMED.as_bytes(), "body untouched");
+    assert_eq!(header(d, "x-wxpush-source").as_deref(), Some("webhook"));
+    assert_eq!(header(d, "x-wxpush-account").as_deref(), Some("default"));
+    assert!(
+        header(d, "x-wxpush-reason").is_some_and(|r| r.contains("unterminated CDATA")),
+        "{:?}",
+        header(d, "x-wxpush-reason")
+    );
+    assert!(header(d, "x-wxpush-timestamp").is_some());
+    assert_eq!(d.properties.delivery_mode(), &Some(2));
+    assert!(h.results_until_marker().await.is_empty(), "nothing on the results exchange");
+    h.finish().await;
+}
+
+#[tokio::test]
+async fn doctype_oversized_and_badly_signed_pushes_are_refused() {
+    let mut h = Harness::start(Options::default()).await;
+    let doctype = format!(
+        "<?xml version=\"1.0\"?><!DOCTYPE xml [<!ENTITY xxe SYSTEM \"file:///etc/passwd\">]>{}",
+        receipt_xml(1, "success")
+    );
+    let (status, reason) = h.post_plain("/wechat", "AAAAA", doctype).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(reason.contains("DOCTYPE"), "{reason}");
+
+    let big = format!("<xml><Pad>{}</Pad></xml>", "x".repeat(70 * 1024));
+    assert_eq!(h.post_plain("/wechat", "AAAAA", big).await.0, StatusCode::PAYLOAD_TOO_LARGE);
+
+    let (status, reason) = h.post_plain("/wechat", "not-the-token", receipt_xml(2, "success")).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert!(!reason.contains("AAAAA"), "no secret in the answer: {reason}");
+    // Unsigned.
+    let (status, _) =
+        h.send(h.http.post(h.url("/wechat", "timestamp=1&nonce=2")).body(receipt_xml(3, "success"))).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    // Signed long ago: a replay.
+    let (ts, nonce) = ((now() - 3600).to_string(), "n".to_owned());
+    let q = format!("signature={}&timestamp={ts}&nonce={nonce}", crypto::signature("AAAAA", &ts, &nonce));
+    assert_eq!(
+        h.send(h.http.post(h.url("/wechat", &q)).body(receipt_xml(4, "success"))).await.0,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(h.post_plain("/wechat/nobody", "AAAAA", receipt_xml(5, "success")).await.0, StatusCode::NOT_FOUND);
+
+    // Only the DOCTYPE push was signed and unreadable: it alone is parked.
+    let parked = h.dead_until_marker().await;
+    assert_eq!(parked.len(), 1);
+    assert!(header(&parked[0], "x-wxpush-reason").is_some_and(|r| r.contains("DOCTYPE")));
+    assert!(h.results_until_marker().await.is_empty());
+    h.finish().await;
+}
+
+#[tokio::test]
+async fn a_push_whose_client_hangs_up_is_still_published() {
+    let mut h = Harness::start(Options::default()).await;
+    // No msgid record: the push waits ~1.5 s for it, long after this client gave up.
+    let (ts, nonce) = (now().to_string(), random(9));
+    let q = format!("signature={}&timestamp={ts}&nonce={nonce}", crypto::signature("AAAAA", &ts, &nonce));
+    let hung_up = h
+        .http
+        .post(h.url("/wechat", &q))
+        .body(receipt_xml(60606, "success"))
+        .timeout(Duration::from_millis(200))
+        .send()
+        .await;
+    assert!(hung_up.is_err_and(|e| e.is_timeout()));
+    let d = h.next_result().await;
+    assert_eq!(json(&d)["msgid"], 60606);
+    // WeChat's re-push finds it done and publishes nothing more.
+    assert_eq!(
+        h.post_plain("/wechat", "AAAAA", receipt_xml(60606, "success")).await,
+        (StatusCode::OK, "success".into())
+    );
+    assert!(h.results_until_marker().await.is_empty());
+    h.finish().await;
+}
+
+/// A TCP relay to RabbitMQ that the test can switch off (connections refused... by being
+/// dropped at once) and whose live connections it can cut, as a broker outage would.
+struct Relay {
+    port: u16,
+    open: Arc<AtomicBool>,
+    cut: Arc<Mutex<CancellationToken>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Relay {
+    async fn start() -> Relay {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind relay");
+        let port = listener.local_addr().expect("addr").port();
+        let open = Arc::new(AtomicBool::new(false));
+        let cut = Arc::new(Mutex::new(CancellationToken::new()));
+        let (open2, cut2) = (open.clone(), cut.clone());
+        let task = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if !open2.load(Ordering::SeqCst) {
+                    drop(inbound);
+                    continue;
+                }
+                let token = cut2.lock().await.clone();
+                tokio::spawn(async move {
+                    let Ok(mut upstream) = tokio::net::TcpStream::connect("127.0.0.1:5672").await else { return };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut upstream) => {},
+                        () = token.cancelled() => {},
+                    }
+                });
+            }
+        });
+        Relay { port, open, cut, task }
+    }
+
+    fn url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+
+    async fn set_open(&self, open: bool) {
+        self.open.store(open, Ordering::SeqCst);
+        if !open {
+            let mut cut = self.cut.lock().await;
+            cut.cancel();
+            *cut = CancellationToken::new();
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_broker_outage_answers_503_and_the_re_push_succeeds_once() {
+    let relay = Relay::start().await;
+    let mut h =
+        Harness::start(Options { amqp_url: relay.url(), msgid_wait: Duration::from_millis(50), ..Options::default() })
+            .await;
+
+    // The broker is unreachable from the start.
+    let (status, reason) = h.post_plain("/wechat", "AAAAA", receipt_xml(808, "success")).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{reason}");
+    // No done mark (and no pending mark left behind) for an event that was not confirmed.
+    let seen = h.redis.keys().push_seen(DEFAULT_APPID, "receipt:808:success");
+    let mark: Option<String> = redis::cmd("GET").arg(&seen).query_async(&mut h.redis.conn()).await.expect("get");
+    assert_eq!(mark, None);
+    let (status, _) = h.send(h.http.get(format!("{}/readyz", h.base))).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+
+    // The broker is back: WeChat's re-push goes through.
+    relay.set_open(true).await;
+    assert_eq!(h.post_plain("/wechat", "AAAAA", receipt_xml(808, "success")).await, (StatusCode::OK, "success".into()));
+    let (status, body) = h.send(h.http.get(format!("{}/readyz", h.base))).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    // The broker goes away while the webhook holds a connection to it.
+    relay.set_open(false).await;
+    let (status, _) = h.post_plain("/wechat", "AAAAA", receipt_xml(809, "success")).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    relay.set_open(true).await;
+    assert_eq!(h.post_plain("/wechat", "AAAAA", receipt_xml(809, "success")).await.0, StatusCode::OK);
+    assert_eq!(h.post_plain("/wechat", "AAAAA", receipt_xml(809, "success")).await.0, StatusCode::OK);
+
+    let got = h.results_until_marker().await;
+    let ids: Vec<Value> = got.iter().map(|d| json(d)["msgid"].clone()).collect();
+    assert_eq!(ids, [Value::from(808), Value::from(809)], "each event exactly once");
+    h.finish().await;
+    relay.task.abort();
+}
+
+#[tokio::test]
+async fn health_and_readiness() {
+    let h = Harness::start(Options::default()).await;
+    assert_eq!(h.send(h.http.get(format!("{}/healthz", h.base))).await, (StatusCode::OK, "ok".into()));
+    let (status, body) = h.send(h.http.get(format!("{}/readyz", h.base))).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(h.send(h.http.get(format!("{}/metrics", h.base))).await.0, StatusCode::OK);
+    h.finish().await;
+}
+
+#[tokio::test]
+async fn without_redis_nothing_is_published_and_the_answer_is_503() {
+    // Nothing listens on port 1: every Redis command fails at once.
+    let mut h = Harness::start(Options { redis_url: "redis://127.0.0.1:1/".into(), ..Options::default() }).await;
+    let (status, reason) = h.post_plain("/wechat", "AAAAA", receipt_xml(4040, "success")).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(reason.contains("Redis"), "{reason}");
+    // Unreadable pushes are not parked either (they could not be de-duplicated): WeChat pushes again.
+    assert_eq!(h.post_plain("/wechat", "AAAAA", SEED_MALFORMED).await.0, StatusCode::SERVICE_UNAVAILABLE);
+    let (status, body) = h.send(h.http.get(format!("{}/readyz", h.base))).await;
+    assert_eq!((status, body.contains("redis down")), (StatusCode::SERVICE_UNAVAILABLE, true), "{body}");
+    // This webhook cannot publish a marker push: the test publishes one itself. Anything the
+    // webhook had confirmed would be queued before it.
+    assert!(h.results_until_direct_marker().await.is_empty());
+    h.finish().await;
+}
+
+#[tokio::test]
+async fn shutdown_lets_a_push_in_flight_finish() {
+    let mut h = Harness::start(Options::default()).await;
+    // No msgid record: this push spends ~1.5 s waiting for one; shutdown starts meanwhile.
+    let stop = h.stop.clone();
+    let (answer, ()) = tokio::join!(h.post_plain("/wechat", "AAAAA", receipt_xml(7070, "success")), async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        stop.cancel();
+    });
+    assert_eq!(answer, (StatusCode::OK, "success".into()));
+    assert_eq!(json(&h.next_result().await)["msgid"], 7070);
+    h.finish().await;
+}
