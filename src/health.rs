@@ -14,7 +14,7 @@ use std::{
 };
 
 use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
@@ -104,7 +104,24 @@ impl Health {
 
 /// Installs the process-wide Prometheus recorder (once; later calls return `None`).
 pub fn install_metrics() -> Option<PrometheusHandle> {
-    PrometheusBuilder::new().install_recorder().ok()
+    // Buckets, not the default summary, so that dashboards can aggregate latency across workers
+    // (histogram_quantile over the pool); 5 ms to 10 s covers WeChat up to the HTTP timeout.
+    let buckets = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+    let builder =
+        PrometheusBuilder::new().set_buckets_for_metric(Matcher::Full("wxpush_send_seconds".into()), &buckets).ok()?;
+    let handle = builder.install_recorder().ok()?;
+    // install_recorder starts no upkeep: without it histogram samples pile up between scrapes
+    // (forever when nothing scrapes), so drain them every few seconds.
+    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+        let upkeep = handle.clone();
+        runtime.spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                upkeep.run_upkeep();
+            }
+        });
+    }
+    Some(handle)
 }
 
 #[derive(Clone)]

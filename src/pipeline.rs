@@ -162,9 +162,7 @@ struct AccountMetrics {
 
 impl AccountMetrics {
     fn new(account: &str) -> Self {
-        let jobs = |status: &'static str| {
-            metrics::counter!("wxpush_jobs_total", "account" => account.to_owned(), "status" => status)
-        };
+        let jobs = |status: &'static str| metrics::counter!("wxpush_jobs_total", "account" => account.to_owned(), "status" => status);
         Self {
             succeeded: jobs("succeeded"),
             failed: jobs("failed"),
