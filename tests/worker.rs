@@ -78,11 +78,13 @@ async fn three_workers_share_one_token_through_expiry_and_revocation() {
     let total = 1000;
     let batches = 10;
     for b in 0..batches {
-        for i in 0..total / batches {
-            env.publish_job(&job(&format!("tok-{b}-{i}"), "oia2TjuEGTNoeX76QEjQNrcURxG8")).await;
-        }
+        // Revoke right before a batch, so the batch's sends meet the revoked token (a revocation
+        // just before a scheduled refresh would otherwise go unnoticed).
         if b == batches / 2 {
             sandbox.revoke_tokens();
+        }
+        for i in 0..total / batches {
+            env.publish_job(&job(&format!("tok-{b}-{i}"), "oia2TjuEGTNoeX76QEjQNrcURxG8")).await;
         }
         tokio::time::sleep(Duration::from_millis(900)).await;
     }
