@@ -82,6 +82,10 @@ struct Run {
     workers: usize,
     jobs_per_sec: f64,
     cpu_ms_per_1000: f64,
+    /// CPU per 1,000 jobs of RabbitMQ, Redis, and this process (the sandbox and the observer).
+    broker_ms_per_1000: f64,
+    redis_ms_per_1000: f64,
+    harness_ms_per_1000: f64,
     peak_rss_mb: f64,
     p50_ms: f64,
     p99_ms: f64,
@@ -116,8 +120,13 @@ async fn run_all(o: &Options) -> Vec<Run> {
             for mode in &o.modes {
                 let run = measure(mode, latency, workers, o).await;
                 eprintln!(
-                    "{mode:>6} latency {latency:>3} ms, {workers} worker(s): {:>7.0} jobs/s, {:>6.1} ms CPU/1000 jobs, {:>5.1} MB",
-                    run.jobs_per_sec, run.cpu_ms_per_1000, run.peak_rss_mb
+                    "{mode:>6} latency {latency:>3} ms, {workers} worker(s): {:>7.0} jobs/s, CPU ms/1000 jobs: worker {:.0}, RabbitMQ {:.0}, Redis {:.0}, sandbox+observer {:.0}; {:.1} MB",
+                    run.jobs_per_sec,
+                    run.cpu_ms_per_1000,
+                    run.broker_ms_per_1000,
+                    run.redis_ms_per_1000,
+                    run.harness_ms_per_1000,
+                    run.peak_rss_mb
                 );
                 runs.push(run);
             }
@@ -239,6 +248,8 @@ async fn measure(mode: &str, latency_ms: u64, workers: usize, o: &Options) -> Ru
         })
         .collect();
     let cpu_before: u64 = children.iter().map(|c| cpu_ticks(c.id())).sum();
+    let others_before = [pids_of("beam.smp"), pids_of("redis-server"), vec![std::process::id()]]
+        .map(|pids| pids.iter().map(|&p| cpu_ticks(p)).sum::<u64>());
 
     let mut latencies = Vec::with_capacity(o.jobs);
     let mut seen = vec![false; o.jobs];
@@ -261,6 +272,8 @@ async fn measure(mode: &str, latency_ms: u64, workers: usize, o: &Options) -> Ru
     }
     let peak_rss_kb: u64 = children.iter().map(|c| peak_rss_kb(c.id())).max().unwrap_or(0);
     let cpu_after: u64 = children.iter().map(|c| cpu_ticks(c.id())).sum();
+    let others_after = [pids_of("beam.smp"), pids_of("redis-server"), vec![std::process::id()]]
+        .map(|pids| pids.iter().map(|&p| cpu_ticks(p)).sum::<u64>());
     for c in &mut children {
         let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
     }
@@ -287,12 +300,17 @@ async fn measure(mode: &str, latency_ms: u64, workers: usize, o: &Options) -> Ru
     let pct = |p: f64| latencies[((latencies.len() as f64 - 1.0) * p) as usize].as_secs_f64() * 1000.0;
     let span = last.duration_since(first.unwrap_or(last)).as_secs_f64().max(1e-9);
     let ticks = sysconf_ticks();
+    let per_1000 =
+        |before: u64, after: u64| after.saturating_sub(before) as f64 / ticks * 1000.0 / o.jobs as f64 * 1000.0;
     Run {
+        broker_ms_per_1000: per_1000(others_before[0], others_after[0]),
+        redis_ms_per_1000: per_1000(others_before[1], others_after[1]),
+        harness_ms_per_1000: per_1000(others_before[2], others_after[2]),
         mode: mode.to_owned(),
         latency_ms,
         workers,
         jobs_per_sec: (o.jobs - 1) as f64 / span,
-        cpu_ms_per_1000: (cpu_after - cpu_before) as f64 / ticks * 1000.0 / o.jobs as f64 * 1000.0,
+        cpu_ms_per_1000: per_1000(cpu_before, cpu_after),
         peak_rss_mb: peak_rss_kb as f64 / 1024.0,
         p50_ms: pct(0.50),
         p99_ms: pct(0.99),
@@ -398,6 +416,14 @@ fn cpu_ticks(pid: u32) -> u64 {
     let utime: u64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0);
     let stime: u64 = f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
     utime + stime
+}
+
+/// Processes whose command name is `name` (RabbitMQ's VM, Redis).
+fn pids_of(name: &str) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == name))
+        .collect()
 }
 
 fn peak_rss_kb(pid: u32) -> u64 {
