@@ -1,6 +1,6 @@
 //! The whole pipeline, measured against the bare minimum on the machine at hand.
 //!
-//! `cargo bench --bench pipeline [-- --jobs N --concurrency C --latencies 0,100 --workers 1,2]`
+//! `cargo bench --bench pipeline [-- --jobs N --concurrency C --latencies 0,100 --workers 1,2 --queue-type quorum]`
 //!
 //! For each sandbox latency and worker count, N jobs are published first, then the worker
 //! processes start; the report gives jobs/s (first result to last), worker CPU seconds per
@@ -41,6 +41,8 @@ struct Options {
     latencies: Vec<u64>,
     workers: Vec<usize>,
     modes: Vec<String>,
+    /// Kind of the jobs queue ("quorum", the default, or "classic").
+    queue_type: wxpush::config::QueueType,
 }
 
 fn options() -> Options {
@@ -50,6 +52,7 @@ fn options() -> Options {
         latencies: vec![0, 100],
         workers: vec![1, 2],
         modes: vec!["bare".into(), "wxpush".into()],
+        queue_type: wxpush::config::QueueType::default(),
     };
     let args: Vec<String> = std::env::args().collect();
     fn list<T: std::str::FromStr>(s: &str) -> Vec<T> {
@@ -64,6 +67,7 @@ fn options() -> Options {
             "--latencies" => o.latencies = list(&value),
             "--workers" => o.workers = list(&value),
             "--modes" => o.modes = value.split(',').map(str::to_owned).collect(),
+            "--queue-type" => o.queue_type = value.parse().expect("--queue-type quorum|classic"),
             _ => {
                 i += 1;
                 continue;
@@ -153,7 +157,14 @@ async fn measure(mode: &str, latency_ms: u64, workers: usize, o: &Options) -> Ru
     let exchange = format!("{ns}.results");
     let observed = format!("{ns}.observed");
     let durable = QueueDeclareOptions { durable: true, ..Default::default() };
-    ch.queue_declare(ShortString::from(jobs_queue.as_str()), durable, FieldTable::default()).await.unwrap();
+    // Declared as the worker declares it, so that the worker's own declare matches.
+    let topology = wxpush::amqp::Topology::from_config(&wxpush::config::Config {
+        jobs_queue: jobs_queue.clone(),
+        dead_letter_queue: format!("{ns}.dead"),
+        queue_type: o.queue_type,
+        ..wxpush::config::Config::default()
+    });
+    ch.queue_declare(ShortString::from(jobs_queue.as_str()), durable, topology.jobs_queue_args()).await.unwrap();
     ch.exchange_declare(
         ShortString::from(exchange.as_str()),
         ExchangeKind::Topic,
@@ -237,6 +248,7 @@ async fn measure(mode: &str, latency_ms: u64, workers: usize, o: &Options) -> Ru
                 .env("WXPUSH_JOBS_QUEUE", &jobs_queue)
                 .env("WXPUSH_RESULTS_EXCHANGE", &exchange)
                 .env("WXPUSH_DEAD_LETTER_QUEUE", format!("{ns}.dead"))
+                .env("WXPUSH_QUEUE_TYPE", o.queue_type.as_str())
                 .env("WXPUSH_CONCURRENCY", o.concurrency.to_string())
                 .env("WXPUSH_METRICS_LISTEN", "127.0.0.1:0")
                 .env("WXPUSH_APPID", APPID)
@@ -319,7 +331,13 @@ async fn measure(mode: &str, latency_ms: u64, workers: usize, o: &Options) -> Ru
 
 fn report(o: &Options, runs: &[Run]) {
     println!();
-    println!("pipeline benchmark: {} jobs, concurrency {} per worker, {} cores", o.jobs, o.concurrency, num_cpus());
+    println!(
+        "pipeline benchmark: {} jobs, concurrency {} per worker, {} queues, {} cores",
+        o.jobs,
+        o.concurrency,
+        o.queue_type,
+        num_cpus()
+    );
     println!(
         "| latency | workers | mode   |  jobs/s | CPU ms / 1000 jobs | peak RSS MB | p50 ms | p99 ms | ÷ bare (jobs/s, CPU) |"
     );

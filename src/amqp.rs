@@ -4,27 +4,51 @@
 //! Every publish here waits for the broker's confirm: a result or a dead-lettered job counts as
 //! safe only once the broker has it, and only then is the job that caused it acknowledged.
 
-use std::sync::Arc;
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
 
 use lapin::{
-    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ErrorKind, ExchangeKind,
     options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueDeclareOptions},
     types::{AMQPValue, FieldTable, LongString, ShortString},
 };
 use tokio::sync::Mutex;
 
-use crate::config::Config;
+use crate::config::{Config, QueueType};
 
 /// Persistent delivery mode.
 const PERSISTENT: u8 = 2;
+
+/// AMQP reply code of a declare that does not match the existing queue.
+const PRECONDITION_FAILED: u16 = 406;
+
+/// How long one node may take to accept a connection before the next one is tried.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A failure to reach or set up RabbitMQ.
 #[derive(Debug, thiserror::Error)]
 pub enum AmqpError {
     #[error("cannot connect to RabbitMQ at {url}: {source} (is the broker up and WXPUSH_AMQP_URL right?)")]
     Connect { url: String, source: lapin::Error },
+    #[error(
+        "RabbitMQ at {url} did not complete the connection within {secs} s (is the broker up and WXPUSH_AMQP_URL right?)"
+    )]
+    ConnectTimeout { url: String, secs: u64 },
     #[error("RabbitMQ channel error: {0}")]
     Channel(#[source] lapin::Error),
+    #[error(
+        "queue {queue:?} already exists with other arguments than wxpush declares for a {wanted} queue ({detail}). \
+         Either delete it once it is drained (`rabbitmqctl delete_queue {queue}`) so that it is declared again, or keep \
+         it and set queue_type = \"{other}\" (WXPUSH_QUEUE_TYPE={other}) if it is a {other} queue, or give wxpush \
+         queues of another name (jobs_queue / dead_letter_queue)",
+        other = wanted.other()
+    )]
+    QueueMismatch { queue: String, wanted: QueueType, detail: String },
     #[error(
         "cannot declare {what}: {source} (if it exists with other arguments, delete it or change its name in the configuration)"
     )]
@@ -44,8 +68,15 @@ pub enum PublishError {
     Returned { exchange: String, routing_key: String },
 }
 
-/// The URL with its password hidden, for logs and errors.
+/// The URL with its password hidden, for logs and errors (each of them, for a list of nodes).
 pub fn redact_url(url: &str) -> String {
+    if url.contains(',') {
+        return url.split(',').map(|u| redact_one(u.trim())).collect::<Vec<_>>().join(",");
+    }
+    redact_one(url)
+}
+
+fn redact_one(url: &str) -> String {
     match url::Url::parse(url) {
         Ok(mut u) if u.password().is_some() => {
             let _ = u.set_password(Some("***"));
@@ -56,10 +87,83 @@ pub fn redact_url(url: &str) -> String {
     }
 }
 
-/// Opens a connection, naming it so operators can tell the pool's connections apart.
-pub async fn connect(url: &str, name: &str) -> Result<Connection, AmqpError> {
+/// Opens a connection to the first node of `urls` (one URL, or several separated by commas)
+/// that answers, naming it so operators can tell the pool's connections apart.
+pub async fn connect(urls: &str, name: &str) -> Result<Connection, AmqpError> {
+    Brokers::new(urls).connect(name).await
+}
+
+/// Opens a connection to one node.
+async fn connect_one(url: &str, name: &str) -> Result<Connection, AmqpError> {
     let props = ConnectionProperties::default().with_connection_name(LongString::from(name));
-    Connection::connect(url, props).await.map_err(|source| AmqpError::Connect { url: redact_url(url), source })
+    match tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(url, props)).await {
+        Ok(connected) => connected.map_err(|source| AmqpError::Connect { url: redact_url(url), source }),
+        Err(_) => Err(AmqpError::ConnectTimeout { url: redact_url(url), secs: CONNECT_TIMEOUT.as_secs() }),
+    }
+}
+
+/// The nodes of `WXPUSH_AMQP_URL`: one broker, or several nodes of a cluster. A connection goes
+/// to the first that answers; the next connection (after this one broke) starts with the node
+/// after it, so a node that went away is tried last and the pool spreads over the nodes.
+#[derive(Debug)]
+pub struct Brokers {
+    urls: Vec<String>,
+    /// Index of the node the next connection tries first.
+    next: AtomicUsize,
+}
+
+impl Brokers {
+    pub fn new(list: &str) -> Brokers {
+        let mut urls: Vec<String> =
+            list.split(',').map(str::trim).filter(|u| !u.is_empty()).map(str::to_owned).collect();
+        if urls.is_empty() {
+            // Config validation refuses an empty list; keep the error at connect time otherwise.
+            urls.push(list.to_owned());
+        }
+        Brokers { urls, next: AtomicUsize::new(0) }
+    }
+
+    /// How many nodes there are.
+    pub fn len(&self) -> usize {
+        self.urls.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.urls.is_empty()
+    }
+
+    /// The node indexes in the order the next connection tries them.
+    fn order(&self) -> impl Iterator<Item = usize> + use<> {
+        let n = self.urls.len();
+        let start = self.next.load(Ordering::Relaxed) % n;
+        (0..n).map(move |i| (start + i) % n)
+    }
+
+    /// Connects to the first node that answers. Each failure is logged; if every node fails,
+    /// the last node's error is returned.
+    pub async fn connect(&self, name: &str) -> Result<Connection, AmqpError> {
+        let mut last = None;
+        for i in self.order() {
+            match connect_one(&self.urls[i], name).await {
+                Ok(connection) => {
+                    self.next.store((i + 1) % self.urls.len(), Ordering::Relaxed);
+                    if self.urls.len() > 1 {
+                        tracing::info!(node = %redact_url(&self.urls[i]), "connected to RabbitMQ");
+                    }
+                    return Ok(connection);
+                }
+                Err(e) => {
+                    if self.urls.len() > 1 {
+                        tracing::warn!(error = %e, "RabbitMQ node unavailable; trying the next");
+                    }
+                    last = Some(e);
+                }
+            }
+        }
+        // Start the next round elsewhere, so that a node that hangs is not always tried first.
+        self.next.fetch_add(1, Ordering::Relaxed);
+        Err(last.unwrap_or_else(|| AmqpError::ConnectTimeout { url: "(no URL)".into(), secs: 0 }))
+    }
 }
 
 /// `application/json`, persistent, with a correlation id where one is known.
@@ -85,6 +189,9 @@ pub struct Topology {
     pub results_exchange: String,
     pub dead_letter_queue: String,
     pub delay_tiers_secs: Vec<u64>,
+    pub queue_type: QueueType,
+    /// Quorum only: deliveries of a job before the broker dead-letters it.
+    pub delivery_limit: u32,
 }
 
 impl Topology {
@@ -94,7 +201,47 @@ impl Topology {
             results_exchange: config.results_exchange.clone(),
             dead_letter_queue: config.dead_letter_queue.clone(),
             delay_tiers_secs: config.retry.delay_tiers_secs.clone(),
+            queue_type: config.queue_type,
+            delivery_limit: config.delivery_limit,
         }
+    }
+
+    /// The jobs queue's arguments. A quorum jobs queue counts deliveries and, past the limit,
+    /// dead-letters the job to the dead-letter queue (at least once: the broker keeps it until
+    /// the dead-letter queue has confirmed it, where the broker supports that).
+    pub fn jobs_queue_args(&self) -> FieldTable {
+        let mut args = queue_type_args(self.queue_type);
+        if self.queue_type == QueueType::Quorum {
+            args.insert(ShortString::from("x-delivery-limit"), AMQPValue::LongLongInt(self.delivery_limit.into()));
+            dead_letter_to(&mut args, &self.dead_letter_queue, self.queue_type);
+        }
+        args
+    }
+
+    /// The dead-letter queue's arguments.
+    pub fn dead_letter_queue_args(&self) -> FieldTable {
+        dead_letter_queue_args(self.queue_type)
+    }
+
+    /// A delay queue's arguments: its TTL, after which the broker moves the job back to the
+    /// jobs queue (per-queue TTL works on quorum queues from RabbitMQ 3.10).
+    pub fn delay_queue_args(&self, secs: u64) -> FieldTable {
+        let mut args = queue_type_args(self.queue_type);
+        args.insert(ShortString::from("x-message-ttl"), AMQPValue::LongLongInt((secs * 1000) as i64));
+        dead_letter_to(&mut args, &self.jobs_queue, self.queue_type);
+        args
+    }
+
+    /// Every queue wxpush declares, with its arguments.
+    pub fn queues(&self) -> Vec<(String, FieldTable)> {
+        let mut queues = vec![
+            (self.jobs_queue.clone(), self.jobs_queue_args()),
+            (self.dead_letter_queue.clone(), self.dead_letter_queue_args()),
+        ];
+        for &secs in &self.delay_tiers_secs {
+            queues.push((self.delay_queue(secs), self.delay_queue_args(secs)));
+        }
+        queues
     }
 
     /// The delay queue for one tier: messages sit there `secs` seconds, then the broker
@@ -117,28 +264,62 @@ impl Topology {
 
     /// Declares everything, idempotently. Safe to call on every (re)connect.
     pub async fn declare(&self, channel: &Channel) -> Result<(), AmqpError> {
-        declare_queue(channel, &self.jobs_queue, FieldTable::default()).await?;
-        declare_queue(channel, &self.dead_letter_queue, FieldTable::default()).await?;
+        // The dead-letter queue first: the jobs queue names it as its dead-letter target.
+        declare_queue(channel, &self.dead_letter_queue, self.dead_letter_queue_args()).await?;
+        declare_queue(channel, &self.jobs_queue, self.jobs_queue_args()).await?;
         declare_exchange(channel, &self.results_exchange).await?;
         for &secs in &self.delay_tiers_secs {
-            let mut args = FieldTable::default();
-            args.insert(ShortString::from("x-message-ttl"), AMQPValue::LongLongInt((secs * 1000) as i64));
-            args.insert(ShortString::from("x-dead-letter-exchange"), header_str(""));
-            args.insert(ShortString::from("x-dead-letter-routing-key"), header_str(&self.jobs_queue));
-            declare_queue(channel, &self.delay_queue(secs), args).await?;
+            declare_queue(channel, &self.delay_queue(secs), self.delay_queue_args(secs)).await?;
         }
         Ok(())
     }
 }
 
-/// Declares a durable queue.
+/// The arguments of a dead-letter queue of `queue_type`.
+pub fn dead_letter_queue_args(queue_type: QueueType) -> FieldTable {
+    queue_type_args(queue_type)
+}
+
+fn queue_type_args(queue_type: QueueType) -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert(ShortString::from("x-queue-type"), header_str(queue_type.as_str()));
+    args
+}
+
+/// Dead-letters through the default exchange to `queue`. On quorum queues, at least once:
+/// RabbitMQ then keeps a dead-lettered message until the target queue has it (it needs
+/// `x-overflow: reject-publish` for that, and the `stream_queue` feature flag, on from 3.9).
+fn dead_letter_to(args: &mut FieldTable, queue: &str, queue_type: QueueType) {
+    args.insert(ShortString::from("x-dead-letter-exchange"), header_str(""));
+    args.insert(ShortString::from("x-dead-letter-routing-key"), header_str(queue));
+    if queue_type == QueueType::Quorum {
+        args.insert(ShortString::from("x-dead-letter-strategy"), header_str("at-least-once"));
+        args.insert(ShortString::from("x-overflow"), header_str("reject-publish"));
+    }
+}
+
+/// Declares a durable queue. A queue that exists with other arguments is a
+/// [`AmqpError::QueueMismatch`], which says what to do about it.
 pub async fn declare_queue(channel: &Channel, name: &str, args: FieldTable) -> Result<(), AmqpError> {
     let options = QueueDeclareOptions { durable: true, ..QueueDeclareOptions::default() };
-    channel
-        .queue_declare(ShortString::from(name), options, args)
-        .await
-        .map(drop)
-        .map_err(|source| AmqpError::Declare { what: format!("queue {name:?}"), source })
+    let wanted = match args.inner().get("x-queue-type") {
+        Some(AMQPValue::LongString(t)) if t.as_bytes() == b"classic" => QueueType::Classic,
+        _ => QueueType::Quorum,
+    };
+    channel.queue_declare(ShortString::from(name), options, args).await.map(drop).map_err(|source| {
+        match precondition_failed(&source) {
+            Some(detail) => AmqpError::QueueMismatch { queue: name.to_owned(), wanted, detail },
+            None => AmqpError::Declare { what: format!("queue {name:?}"), source },
+        }
+    })
+}
+
+/// The broker's explanation, when `e` is a 406 PRECONDITION_FAILED.
+fn precondition_failed(e: &lapin::Error) -> Option<String> {
+    match e.kind() {
+        ErrorKind::ProtocolError(p) if p.get_id() == PRECONDITION_FAILED => Some(p.get_message().to_string()),
+        _ => None,
+    }
 }
 
 /// Declares a durable topic exchange.
@@ -203,14 +384,15 @@ impl Publisher {
 /// A publisher that connects on first use and again after any failure: for programs (the
 /// webhook, tools) that publish but do not consume.
 pub struct Broker {
-    url: String,
+    brokers: Brokers,
     name: String,
     link: Mutex<Option<(Connection, Publisher)>>,
 }
 
 impl Broker {
-    pub fn new(url: &str, connection_name: &str) -> Arc<Broker> {
-        Arc::new(Broker { url: url.to_owned(), name: connection_name.to_owned(), link: Mutex::new(None) })
+    /// `urls`: one URL, or the nodes of a cluster separated by commas (see [`Brokers`]).
+    pub fn new(urls: &str, connection_name: &str) -> Arc<Broker> {
+        Arc::new(Broker { brokers: Brokers::new(urls), name: connection_name.to_owned(), link: Mutex::new(None) })
     }
 
     /// The current publisher, connecting when there is none or the old one broke.
@@ -222,8 +404,13 @@ impl Broker {
         {
             return Ok(publisher.clone());
         }
-        *link = None;
-        let conn = connect(&self.url, &self.name).await?;
+        if let Some((old, _)) = link.take()
+            && old.status().connected()
+        {
+            // Only the channel broke (a failed declare closes it): free the old connection.
+            let _ = old.close(200, ShortString::from("replaced")).await;
+        }
+        let conn = self.brokers.connect(&self.name).await?;
         let publisher = Publisher::open(&conn).await?;
         *link = Some((conn, publisher.clone()));
         Ok(publisher)
@@ -261,8 +448,10 @@ impl Broker {
         declare_exchange(&self.channel().await?, name).await
     }
 
-    pub async fn declare_queue(&self, name: &str) -> Result<(), AmqpError> {
-        declare_queue(&self.channel().await?, name, FieldTable::default()).await
+    /// Declares a durable queue with `args`. A failed declare closes the channel; the next
+    /// call finds it unusable and opens another.
+    pub async fn declare_queue(&self, name: &str, args: FieldTable) -> Result<(), AmqpError> {
+        declare_queue(&self.channel().await?, name, args).await
     }
 }
 
@@ -275,6 +464,73 @@ mod tests {
     fn passwords_are_hidden() {
         assert_eq!(redact_url("amqp://guest:guest@127.0.0.1:5672/%2f"), "amqp://guest:***@127.0.0.1:5672/%2f");
         assert_eq!(redact_url("amqp://127.0.0.1"), "amqp://127.0.0.1");
+        assert_eq!(
+            redact_url("amqp://u:p@a:5672/%2f, amqp://u:p@b:5672/%2f"),
+            "amqp://u:***@a:5672/%2f,amqp://u:***@b:5672/%2f"
+        );
+    }
+
+    #[test]
+    fn each_connection_starts_with_the_node_after_the_last_one_used() {
+        let b = Brokers::new("amqp://a, amqp://b ,amqp://c,");
+        assert_eq!(b.len(), 3);
+        assert_eq!(b.order().collect::<Vec<_>>(), [0, 1, 2]);
+        // Connected to b: when that connection breaks, c is tried first and b last.
+        b.next.store(2, Ordering::Relaxed);
+        assert_eq!(b.order().collect::<Vec<_>>(), [2, 0, 1]);
+        assert_eq!(Brokers::new("amqp://only").order().collect::<Vec<_>>(), [0]);
+    }
+
+    fn text(args: &FieldTable, key: &str) -> Option<String> {
+        match args.inner().get(key)? {
+            AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+            AMQPValue::LongLongInt(n) => Some(n.to_string()),
+            other => Some(format!("{other:?}")),
+        }
+    }
+
+    #[test]
+    fn quorum_queues_count_deliveries_and_dead_letter_at_least_once() {
+        let mut config = Config { jobs_queue: "j".into(), dead_letter_queue: "d".into(), ..Config::default() };
+        config.retry.delay_tiers_secs = vec![1, 5];
+        let t = Topology::from_config(&config);
+        let jobs = t.jobs_queue_args();
+        assert_eq!(text(&jobs, "x-queue-type").as_deref(), Some("quorum"));
+        assert_eq!(text(&jobs, "x-delivery-limit").as_deref(), Some("10"));
+        assert_eq!(text(&jobs, "x-dead-letter-exchange").as_deref(), Some(""));
+        assert_eq!(text(&jobs, "x-dead-letter-routing-key").as_deref(), Some("d"));
+        assert_eq!(text(&jobs, "x-dead-letter-strategy").as_deref(), Some("at-least-once"));
+        assert_eq!(text(&jobs, "x-overflow").as_deref(), Some("reject-publish"));
+        let delay = t.delay_queue_args(5);
+        assert_eq!(text(&delay, "x-message-ttl").as_deref(), Some("5000"));
+        assert_eq!(text(&delay, "x-dead-letter-routing-key").as_deref(), Some("j"));
+        assert_eq!(text(&delay, "x-queue-type").as_deref(), Some("quorum"));
+        assert_eq!(text(&t.dead_letter_queue_args(), "x-queue-type").as_deref(), Some("quorum"));
+        let names: Vec<String> = t.queues().into_iter().map(|(n, _)| n).collect();
+        assert_eq!(names, ["j", "d", "j.delay.1s", "j.delay.5s"]);
+
+        config.queue_type = QueueType::Classic;
+        let t = Topology::from_config(&config);
+        let jobs = t.jobs_queue_args();
+        assert_eq!(text(&jobs, "x-queue-type").as_deref(), Some("classic"));
+        assert_eq!(text(&jobs, "x-delivery-limit"), None, "classic queues have no delivery limit");
+        assert_eq!(text(&jobs, "x-dead-letter-exchange"), None);
+        let delay = t.delay_queue_args(1);
+        assert_eq!(text(&delay, "x-dead-letter-routing-key").as_deref(), Some("j"));
+        assert_eq!(text(&delay, "x-dead-letter-strategy"), None, "at-least-once is for quorum queues only");
+    }
+
+    #[test]
+    fn a_mismatch_says_what_to_do() {
+        let e = AmqpError::QueueMismatch {
+            queue: "wxpush.jobs".into(),
+            wanted: QueueType::Quorum,
+            detail: "inequivalent arg 'x-queue-type'".into(),
+        }
+        .to_string();
+        assert!(e.contains("\"wxpush.jobs\"") && e.contains("inequivalent arg 'x-queue-type'"), "{e}");
+        assert!(e.contains("rabbitmqctl delete_queue wxpush.jobs"), "{e}");
+        assert!(e.contains("WXPUSH_QUEUE_TYPE=classic"), "{e}");
     }
 
     #[test]
@@ -284,6 +540,8 @@ mod tests {
             results_exchange: "r".into(),
             dead_letter_queue: "d".into(),
             delay_tiers_secs: vec![1, 5, 30],
+            queue_type: QueueType::Quorum,
+            delivery_limit: 10,
         };
         assert_eq!(t.tier_for(Duration::from_millis(300)), 1);
         assert_eq!(t.tier_for(Duration::from_secs(7)), 5);

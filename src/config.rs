@@ -33,6 +33,54 @@ pub enum TokenApi {
     Classic,
 }
 
+/// The kind of RabbitMQ queue wxpush declares for its jobs, delay and dead-letter queues.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueType {
+    /// Replicated over the cluster's nodes (Raft); survives the loss of a minority of them, and
+    /// counts deliveries so that a poison message ends in the dead-letter queue.
+    #[default]
+    Quorum,
+    /// A classic queue on one node: for brokers older than 3.10 or queues kept from before.
+    Classic,
+}
+
+impl QueueType {
+    /// The value of the `x-queue-type` argument.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            QueueType::Quorum => "quorum",
+            QueueType::Classic => "classic",
+        }
+    }
+
+    /// The other kind (for advice in errors).
+    pub fn other(&self) -> QueueType {
+        match self {
+            QueueType::Quorum => QueueType::Classic,
+            QueueType::Classic => QueueType::Quorum,
+        }
+    }
+}
+
+impl std::fmt::Display for QueueType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for QueueType {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "quorum" => Ok(QueueType::Quorum),
+            "classic" => Ok(QueueType::Classic),
+            _ => Err("expected \"quorum\" or \"classic\"".into()),
+        }
+    }
+}
+
 /// One WeChat official account.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -130,6 +178,11 @@ pub struct Config {
     pub jobs_queue: String,
     pub results_exchange: String,
     pub dead_letter_queue: String,
+    /// Kind of the queues wxpush declares (jobs, delay, dead-letter).
+    pub queue_type: QueueType,
+    /// Deliveries of one job after which a quorum jobs queue dead-letters it (a poison message
+    /// that keeps being requeued, or crashes its workers). Ignored for classic queues.
+    pub delivery_limit: u32,
     /// Default sends per second per account (0 = no limit).
     pub rate_limit: u32,
     /// Extra sends a burst may add to `rate_limit`, as a fraction (at most 0.1 = 10 %).
@@ -169,6 +222,8 @@ impl Default for Config {
             jobs_queue: "wxpush.jobs".into(),
             results_exchange: "wxpush.results".into(),
             dead_letter_queue: "wxpush.jobs.dead".into(),
+            queue_type: QueueType::Quorum,
+            delivery_limit: 10,
             rate_limit: 0,
             rate_burst: 0.05,
             max_attempts: 5,
@@ -198,6 +253,7 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("WXPUSH_JOBS_QUEUE", "jobs_queue"),
     ("WXPUSH_RESULTS_EXCHANGE", "results_exchange"),
     ("WXPUSH_DEAD_LETTER_QUEUE", "dead_letter_queue"),
+    ("WXPUSH_QUEUE_TYPE", "queue_type"),
     ("WXPUSH_RATE_LIMIT", "rate_limit"),
     ("WXPUSH_MAX_ATTEMPTS", "max_attempts"),
     ("WXPUSH_CONCURRENCY", "concurrency"),
@@ -268,6 +324,9 @@ impl Config {
         }
         if let Some(v) = get("WXPUSH_DEAD_LETTER_QUEUE") {
             self.dead_letter_queue = v;
+        }
+        if let Some(v) = get("WXPUSH_QUEUE_TYPE") {
+            self.queue_type = parse("WXPUSH_QUEUE_TYPE", &v)?;
         }
         if let Some(v) = get("WXPUSH_RATE_LIMIT") {
             self.rate_limit = parse("WXPUSH_RATE_LIMIT", &v)?;
@@ -360,6 +419,14 @@ impl Config {
                 ));
             }
         }
+        if self.delivery_limit == 0 {
+            return invalid(
+                "delivery_limit must be at least 1 (deliveries of a job before it is dead-lettered)".into(),
+            );
+        }
+        if self.amqp_url.split(',').all(|u| u.trim().is_empty()) {
+            return invalid("amqp_url (WXPUSH_AMQP_URL) must name at least one broker".into());
+        }
         if self.jobs_queue == self.dead_letter_queue {
             return invalid("jobs_queue and dead_letter_queue must differ".into());
         }
@@ -440,6 +507,21 @@ mod tests {
         assert_eq!(c.webhook_listen.to_string(), "0.0.0.0:8080");
         assert_eq!(c.metrics_listen.to_string(), "0.0.0.0:9100");
         assert!(c.accounts.is_empty());
+        assert_eq!((c.queue_type, c.delivery_limit), (QueueType::Quorum, 10));
+    }
+
+    #[test]
+    fn the_queue_type_comes_from_the_file_or_the_environment() {
+        let c = Config::from_sources("t", "queue_type = \"classic\"\ndelivery_limit = 3\n", env(&[])).unwrap();
+        assert_eq!((c.queue_type, c.delivery_limit), (QueueType::Classic, 3));
+        let c = Config::from_sources("t", "queue_type = \"classic\"", env(&[("WXPUSH_QUEUE_TYPE", "Quorum")])).unwrap();
+        assert_eq!(c.queue_type, QueueType::Quorum);
+        let e = Config::from_sources("t", "", env(&[("WXPUSH_QUEUE_TYPE", "stream")])).unwrap_err().to_string();
+        assert!(e.contains("WXPUSH_QUEUE_TYPE=\"stream\"") && e.contains("\"quorum\" or \"classic\""), "{e}");
+        let e = Config::from_sources("t", "delivery_limit = 0", env(&[])).unwrap_err().to_string();
+        assert!(e.contains("delivery_limit must be at least 1"), "{e}");
+        let e = Config::from_sources("t", "", env(&[("WXPUSH_AMQP_URL", " , ")])).unwrap_err().to_string();
+        assert!(e.contains("at least one broker"), "{e}");
     }
 
     #[test]

@@ -15,7 +15,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{error, info, warn};
 
 use crate::{
-    amqp::{self, AmqpError, Publisher, Topology, header_str},
+    amqp::{AmqpError, Brokers, Publisher, Topology, header_str},
     config::Config,
     health::Health,
     pipeline::{Disposition, Pipeline, REASON_HEADER, SOURCE_HEADER},
@@ -42,9 +42,24 @@ struct Session {
 }
 
 impl Session {
-    async fn open(config: &Config, topology: &Topology) -> Result<Session, AmqpError> {
+    async fn open(config: &Config, topology: &Topology, brokers: &Brokers) -> Result<Session, AmqpError> {
         let name = format!("wxpush-worker {} pid {}", hostname(), std::process::id());
-        let connection = amqp::connect(&config.amqp_url, &name).await?;
+        let connection = brokers.connect(&name).await?;
+        match Self::start_consuming(&connection, config, topology).await {
+            Ok((channel, consumer, publisher)) => Ok(Session { connection, channel, consumer, publisher }),
+            Err(e) => {
+                // Close politely rather than drop it: the broker would log every retry as a lost client.
+                let _ = connection.close(200, ShortString::from("setup failed")).await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn start_consuming(
+        connection: &Connection,
+        config: &Config,
+        topology: &Topology,
+    ) -> Result<(lapin::Channel, Consumer, Publisher), AmqpError> {
         let channel = connection.create_channel().await.map_err(AmqpError::Channel)?;
         topology.declare(&channel).await?;
         channel.basic_qos(config.concurrency, BasicQosOptions::default()).await.map_err(AmqpError::Channel)?;
@@ -57,8 +72,8 @@ impl Session {
             )
             .await
             .map_err(AmqpError::Channel)?;
-        let publisher = Publisher::open(&connection).await?;
-        Ok(Session { connection, channel, consumer, publisher })
+        let publisher = Publisher::open(connection).await?;
+        Ok((channel, consumer, publisher))
     }
 }
 
@@ -83,14 +98,20 @@ pub async fn run(config: Config, shutdown: CancellationToken, health: Arc<Health
         .without_max_times();
     let mut delays = reconnect.build();
     let mut last_session: Option<Session> = None;
+    let brokers = Brokers::new(&config.amqp_url);
 
     'connect: while !shutdown.is_cancelled() {
-        let mut session = match Session::open(&config, &topology).await {
+        let mut session = match Session::open(&config, &topology, &brokers).await {
             Ok(s) => s,
             Err(e) => {
                 health.set_amqp(false);
                 let delay = delays.next().unwrap_or(Duration::from_secs(10));
-                error!(error = %e, retry_in_secs = delay.as_secs_f64(), "RabbitMQ unavailable; jobs wait until it is back");
+                if let AmqpError::QueueMismatch { .. } = e {
+                    // An operator has to act; keep asking (slowly) so the worker resumes once they have.
+                    error!(error = %e, retry_in_secs = delay.as_secs_f64(), "cannot declare the queues; no jobs are consumed until this is fixed");
+                } else {
+                    error!(error = %e, retry_in_secs = delay.as_secs_f64(), "RabbitMQ unavailable; jobs wait until it is back");
+                }
                 tokio::select! {
                     _ = shutdown.cancelled() => break 'connect,
                     _ = tokio::time::sleep(delay) => continue 'connect,

@@ -170,7 +170,8 @@ impl Harness {
             .await
             .expect("bind");
         let durable_q = QueueDeclareOptions { durable: true, ..Default::default() };
-        channel.queue_declare(ShortString::from(dlq.as_str()), durable_q, FieldTable::default()).await.expect("dlq");
+        let dlq_args = wxpush::amqp::dead_letter_queue_args(config.queue_type);
+        channel.queue_declare(ShortString::from(dlq.as_str()), durable_q, dlq_args).await.expect("dlq");
         let consume = |queue: String| {
             let channel = channel.clone();
             async move {

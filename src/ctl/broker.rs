@@ -107,16 +107,46 @@ pub(crate) async fn exchange_exists(connection: &Connection, exchange: &str) -> 
 }
 
 /// Declares the jobs queue exactly as the worker does, unless it exists already: an operator
-/// may have declared it with other arguments (a quorum queue), and re-declaring it differently
-/// would fail. Returns whether it had to be created.
+/// may have declared it with other arguments, and re-declaring it differently would fail.
+/// Returns whether it had to be created.
 pub(crate) async fn ensure_jobs_queue(connection: &Connection, config: &Config) -> Result<bool, CtlError> {
     if queue_info(connection, &config.jobs_queue).await?.is_some() {
         return Ok(false);
     }
+    let topology = amqp::Topology::from_config(config);
     let channel = call("open a channel", connection.create_channel()).await?;
-    amqp::declare_queue(&channel, &config.jobs_queue, FieldTable::default()).await?;
+    // The jobs queue of a quorum topology dead-letters to this one: have it in place.
+    amqp::declare_queue(&channel, &topology.dead_letter_queue, topology.dead_letter_queue_args()).await?;
+    amqp::declare_queue(&channel, &config.jobs_queue, topology.jobs_queue_args()).await?;
     let _ = channel.close(200, ShortString::from("done")).await;
     Ok(true)
+}
+
+/// Whether an existing queue has the arguments wxpush declares: a declare with the same
+/// arguments changes nothing, a different one fails with the broker's reason. `Ok(None)` when the
+/// queue does not exist (nothing is created).
+pub(crate) async fn queue_matches(
+    connection: &Connection,
+    queue: &str,
+    args: FieldTable,
+) -> Result<Option<Result<(), amqp::AmqpError>>, CtlError> {
+    if queue_info(connection, queue).await?.is_none() {
+        return Ok(None);
+    }
+    let channel = call("open a channel", connection.create_channel()).await?;
+    let declared = match tokio::time::timeout(RPC_TIMEOUT, amqp::declare_queue(&channel, queue, args)).await {
+        Ok(declared) => declared,
+        Err(_) => {
+            return Err(CtlError::BrokerTimeout {
+                action: format!("declare queue {queue:?}"),
+                secs: RPC_TIMEOUT.as_secs(),
+            });
+        }
+    };
+    if declared.is_ok() {
+        let _ = channel.close(200, ShortString::from("done")).await;
+    }
+    Ok(Some(declared))
 }
 
 /// Declares the results exchange as the worker does, unless it exists already.

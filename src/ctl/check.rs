@@ -5,8 +5,8 @@ use secrecy::{ExposeSecret, SecretString};
 
 use super::{RPC_TIMEOUT, broker, status::redact_redis_url};
 use crate::{
-    amqp::redact_url,
-    config::{Account, Config, TokenApi},
+    amqp::{Topology, redact_url},
+    config::{Account, Config, QueueType, TokenApi},
     domain::crypto::Cipher,
     store::Redis,
 };
@@ -148,6 +148,14 @@ async fn rabbitmq(config: &Config, report: &mut CheckReport) {
         }
     };
     report.push(Level::Ok, format!("RabbitMQ {url}: connected"));
+    let topology = Topology::from_config(config);
+    report.push(
+        Level::Ok,
+        match config.queue_type {
+            QueueType::Quorum => format!("queues: quorum, delivery limit {}", config.delivery_limit),
+            QueueType::Classic => "queues: classic".to_owned(),
+        },
+    );
     for (what, name) in [("jobs queue", &config.jobs_queue), ("dead-letter queue", &config.dead_letter_queue)] {
         match broker::queue_info(&connection, name).await {
             Ok(Some(q)) => {
@@ -168,6 +176,14 @@ async fn rabbitmq(config: &Config, report: &mut CheckReport) {
             ),
         ),
         Err(e) => report.push(Level::Problem, format!("results exchange {}: {e}", config.results_exchange)),
+    }
+    // A queue declared before with other arguments (another queue type) stops the workers.
+    for (name, args) in topology.queues() {
+        match broker::queue_matches(&connection, &name, args).await {
+            Ok(Some(Err(e))) => report.push(Level::Problem, e.to_string()),
+            Ok(_) => {}
+            Err(e) => report.push(Level::Problem, format!("queue {name}: {e}")),
+        }
     }
     broker::close(&connection).await;
 }

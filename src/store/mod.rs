@@ -1,8 +1,9 @@
 //! Redis: the pool's shared memory. The access token ([`token`]), the idempotency ledger and
 //! the msgid records ([`ledger`]) live here, under `WXPUSH_REDIS_PREFIX`.
 //!
-//! Keys that one operation touches together share a hash tag (`{appid}` or `{job:…}`), so every
-//! script runs on Redis Cluster too.
+//! Keys that one script touches together share a hash tag (`{appid}`), so every script runs on
+//! Redis Cluster too. A job's record (`prefix:job:<id>`) is only ever used alone; the one
+//! pipeline that spans slots (a job's record with its msgid record) is split on a cluster.
 
 pub mod ledger;
 pub mod limits;
@@ -53,7 +54,16 @@ impl ConnectionLike for Conn {
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
             Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
-            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(c) => Box::pin(async move {
+                match c.req_packed_commands(pipeline, offset, count).await {
+                    // Refused by the client before anything was sent: the pipeline's keys live
+                    // in different slots (e.g. a job record and a msgid record).
+                    Err(e) if is_cross_slot(&e) && !pipeline.is_transaction() => {
+                        across_slots(c, pipeline, offset, count).await
+                    }
+                    other => other,
+                }
+            }),
         }
     }
 
@@ -63,6 +73,28 @@ impl ConnectionLike for Conn {
             Conn::Cluster(c) => c.get_db(),
         }
     }
+}
+
+fn is_cross_slot(e: &redis::RedisError) -> bool {
+    e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::CrossSlot)
+}
+
+/// Runs a pipeline whose keys span several cluster slots as single commands, all at once (one
+/// round trip's latency, each command on its own node). Not atomic, like any pipeline; the
+/// first error fails the whole.
+async fn across_slots(
+    conn: &ClusterConnection,
+    pipeline: &Pipeline,
+    offset: usize,
+    count: usize,
+) -> redis::RedisResult<Vec<Value>> {
+    let replies = futures_util::future::join_all(pipeline.cmd_iter().map(|cmd| {
+        let mut conn = conn.clone();
+        async move { conn.req_packed_command(cmd).await }
+    }))
+    .await;
+    let values = replies.into_iter().collect::<redis::RedisResult<Vec<Value>>>()?;
+    Ok(values.into_iter().skip(offset).take(count).collect())
 }
 
 /// The Redis handle the programs share: a connection and the key layout.

@@ -44,8 +44,8 @@ use tower_http::{limit::RequestBodyLimitLayer, timeout::RequestBodyTimeoutLayer}
 use tracing::{error, info, warn};
 
 use crate::{
-    amqp::{AmqpError, Broker},
-    config::Config,
+    amqp::{AmqpError, Broker, dead_letter_queue_args},
+    config::{Config, QueueType},
     domain::job::DEFAULT_ACCOUNT,
     store::{Redis, StoreError},
 };
@@ -84,6 +84,8 @@ pub enum WebhookError {
 pub struct WebhookSettings {
     pub results_exchange: String,
     pub dead_letter_queue: String,
+    /// Kind of the dead-letter queue, declared as the worker declares it.
+    pub queue_type: QueueType,
     /// Pushes signed further than this from now are refused (403); `None` = no check.
     pub timestamp_window: Option<Duration>,
     /// How long a receipt waits for the worker's msgid record before it is published with
@@ -134,6 +136,7 @@ impl WebhookSettings {
         Ok(WebhookSettings {
             results_exchange: config.results_exchange.clone(),
             dead_letter_queue: config.dead_letter_queue.clone(),
+            queue_type: config.queue_type,
             timestamp_window: (window > 0).then(|| Duration::from_secs(window)),
             msgid_wait: Duration::from_millis(msgid_wait),
             pending_ttl: Duration::from_secs(30),
@@ -236,7 +239,8 @@ impl Inner {
             return Ok(());
         }
         self.broker.declare_results_exchange(&self.settings.results_exchange).await?;
-        self.broker.declare_queue(&self.settings.dead_letter_queue).await?;
+        let args = dead_letter_queue_args(self.settings.queue_type);
+        self.broker.declare_queue(&self.settings.dead_letter_queue, args).await?;
         self.topology_declared.store(true, Ordering::Release);
         Ok(())
     }

@@ -4,6 +4,8 @@
 //! even when the test fails.
 #![allow(dead_code)]
 
+pub mod cluster;
+
 use std::{
     process::{Child, Command, Stdio},
     sync::{Arc, Mutex},

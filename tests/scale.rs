@@ -1,0 +1,530 @@
+//! Beyond one machine: quorum queues (a delivery limit that parks poison messages, a clear error
+//! when a queue of the other kind is in the way), a list of RabbitMQ nodes, and the pool on a
+//! Redis Cluster (token sharing, the pool-wide rate limit, the idempotency ledger, every script).
+
+mod common;
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use chrono::{DateTime, Utc};
+use common::{cluster::RedisCluster, *};
+use lapin::{
+    BasicProperties,
+    options::{BasicGetOptions, ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions},
+    types::{AMQPValue, FieldTable, ShortString},
+};
+use secrecy::{ExposeSecret, SecretString};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use wxpush::{
+    amqp::{AmqpError, Broker, Topology, declare_queue, json_properties},
+    config::QueueType,
+    ctl::check::{Level, check},
+    health::Health,
+    sandbox::SandboxConfig,
+    store::{
+        Redis,
+        ledger::Claim,
+        limits::{Admission, Budget},
+    },
+    webhook::dedupe,
+};
+
+/// The token and rate tests measure what the sandbox sees per second: one at a time, so that
+/// they do not skew each other's timing on a small machine.
+static TIMED: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Declares `queue` with `args` on a channel of its own (a refused declare closes its channel).
+async fn declare(env: &TestEnv, queue: &str, args: FieldTable) -> Result<(), AmqpError> {
+    let channel = env.bus.connection.create_channel().await.expect("channel");
+    let result = declare_queue(&channel, queue, args).await;
+    if result.is_ok() {
+        let _ = channel.close(200, ShortString::from("done")).await;
+    }
+    result
+}
+
+fn with(mut args: FieldTable, key: &str, value: AMQPValue) -> FieldTable {
+    args.insert(ShortString::from(key), value);
+    args
+}
+
+fn header_text(props: &BasicProperties, name: &str) -> Option<String> {
+    match props.headers().as_ref()?.inner().get(name)? {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
+        other => Some(format!("{other:?}")),
+    }
+}
+
+/// A worker in this process whose readiness the test can watch.
+fn spawn_watched_worker(config: &wxpush::config::Config) -> (WorkerHandle, Arc<Health>) {
+    let health = Health::new();
+    let cancel = CancellationToken::new();
+    let (c, h, config) = (cancel.clone(), Arc::clone(&health), config.clone());
+    let join = tokio::spawn(async move {
+        wxpush::worker::run(config, c, h).await.expect("worker runs");
+    });
+    (WorkerHandle { cancel, join }, health)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_queues_are_quorum_queues_by_default_with_a_delivery_limit() {
+    let ns = unique("quorum");
+    let cfg = config(&ns, "http://127.0.0.1:9/");
+    assert_eq!((cfg.queue_type, cfg.delivery_limit), (QueueType::Quorum, 10), "the defaults");
+    let env = TestEnv::new("quorum", cfg).await;
+    env.declare_topology().await;
+    let topology = Topology::from_config(&env.config);
+    let queues = topology.queues();
+    assert_eq!(queues.len(), 2 + env.config.retry.delay_tiers_secs.len(), "jobs, dead-letter and delay queues");
+    for (queue, args) in queues {
+        // The broker compares a declare with what the queue is: the same arguments pass...
+        declare(&env, &queue, args.clone()).await.unwrap_or_else(|e| panic!("{queue} again as declared: {e}"));
+        // ...and another queue type is refused, so this one is a quorum queue.
+        let classic = with(args, "x-queue-type", AMQPValue::LongString("classic".into()));
+        let e = declare(&env, &queue, classic).await.expect_err("a classic declare of a quorum queue is refused");
+        assert!(matches!(e, AmqpError::QueueMismatch { .. }), "{queue}: {e}");
+        assert!(e.to_string().contains("x-queue-type"), "{queue}: {e}");
+    }
+    // The jobs queue has the configured delivery limit and dead-letters at least once.
+    let jobs = &env.config.jobs_queue;
+    for (key, other) in [
+        ("x-delivery-limit", AMQPValue::LongLongInt(11)),
+        ("x-dead-letter-strategy", AMQPValue::LongString("at-most-once".into())),
+        ("x-dead-letter-routing-key", AMQPValue::LongString("elsewhere".into())),
+    ] {
+        let e = declare(&env, jobs, with(topology.jobs_queue_args(), key, other)).await.expect_err(key);
+        assert!(e.to_string().contains(key), "{key}: {e}");
+    }
+}
+
+/// A job whose result can never be published is requeued on every delivery; past the delivery
+/// limit RabbitMQ moves it to the dead-letter queue (untouched, with its death recorded), and
+/// the idempotency ledger kept it from being sent more than once meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_requeued_past_the_delivery_limit_ends_in_the_dead_letter_queue() {
+    let sandbox = start_sandbox(SandboxConfig::default()).await;
+    let ns = unique("poison");
+    let mut cfg = config(&ns, &sandbox.base_url());
+    cfg.delivery_limit = 3;
+    let mut env = TestEnv::new("poison", cfg).await;
+    env.declare_topology().await;
+    let worker = spawn_worker(&env.config);
+    env.publish_job(&job("healthy", "u-healthy")).await;
+    let first = env.next_result(Duration::from_secs(15)).await.expect("the worker runs");
+    assert_eq!(first.routing_key, "send.succeeded");
+
+    // From now on every result publish fails: the worker cannot make any job safe.
+    env.bus
+        .channel
+        .exchange_delete(ShortString::from(env.config.results_exchange.as_str()), ExchangeDeleteOptions::default())
+        .await
+        .expect("delete the results exchange");
+    let body = serde_json::to_vec(&job("poison", "u-poison")).unwrap();
+    env.publish_raw(&body, BasicProperties::default()).await;
+
+    let dlq = env.config.dead_letter_queue.clone();
+    let parked = TestEnv::eventually(Duration::from_secs(20), || async { env.queue_len(&dlq).await == 1 }).await;
+    worker.stop().await;
+    assert!(parked, "the job reached the dead-letter queue");
+    let got = env
+        .bus
+        .channel
+        .basic_get(ShortString::from(dlq.as_str()), BasicGetOptions { no_ack: true })
+        .await
+        .expect("basic.get")
+        .expect("a message in the dead-letter queue");
+    assert_eq!(got.delivery.data, body, "the body is untouched");
+    let props = &got.delivery.properties;
+    assert_eq!(header_text(props, "x-first-death-reason").as_deref(), Some("delivery_limit"), "{props:?}");
+    assert_eq!(header_text(props, "x-first-death-queue").as_deref(), Some(env.config.jobs_queue.as_str()));
+    assert!(header_text(props, "x-death").is_some(), "RabbitMQ's death record: {props:?}");
+    assert_eq!(env.queue_len(&env.config.jobs_queue).await, 0, "nothing left circulating");
+    assert_eq!(sandbox.stats().sends_accepted, 2, "the poison job was sent once, however often it came back");
+}
+
+/// A classic queue already holding the jobs queue's name: the declare fails with an error that
+/// names the queue and what to do; the worker stays up, unready, and retrying, and carries on
+/// once the queue is gone. `wxpush-ctl check` reports the same, and a classic configuration
+/// accepts the queue as it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_of_the_other_type_is_a_clear_error_the_worker_waits_out() {
+    let sandbox = start_sandbox(SandboxConfig::default()).await;
+    let ns = unique("mismatch");
+    let mut env = TestEnv::new("mismatch", config(&ns, &sandbox.base_url())).await;
+    let jobs = env.config.jobs_queue.clone();
+    let durable = QueueDeclareOptions { durable: true, ..Default::default() };
+    env.bus
+        .channel
+        .queue_declare(ShortString::from(jobs.as_str()), durable, FieldTable::default())
+        .await
+        .expect("a classic queue, as an older deployment left it");
+
+    let channel = env.bus.connection.create_channel().await.expect("channel");
+    let e = Topology::from_config(&env.config).declare(&channel).await.expect_err("a quorum declare is refused");
+    let text = e.to_string();
+    assert!(matches!(&e, AmqpError::QueueMismatch { queue, .. } if *queue == jobs), "{e:?}");
+    // The broker names the first argument that differs; the advice covers every case.
+    for part in [format!("{jobs:?}"), "inequivalent arg".into(), "WXPUSH_QUEUE_TYPE=classic".into(), "delete".into()] {
+        assert!(text.contains(&part), "the error says {part}: {text}");
+    }
+
+    let mut classic = env.config.clone();
+    classic.queue_type = QueueType::Classic;
+    classic.dead_letter_queue = format!("{ns}.classic.dead");
+    classic.retry.delay_tiers_secs = vec![7];
+    env.remove_later(&classic.dead_letter_queue);
+    env.remove_later(&format!("{jobs}.delay.7s"));
+    let channel = env.bus.connection.create_channel().await.expect("channel");
+    Topology::from_config(&classic).declare(&channel).await.expect("queue_type = classic takes the queue as it is");
+
+    let report = check(&env.config).await;
+    let problems: Vec<&str> = report.problems().map(|f| f.text.as_str()).collect();
+    assert!(problems.iter().any(|p| p.contains(&format!("{jobs:?}")) && p.contains("inequivalent arg")), "{report}");
+    assert!(report.findings.iter().any(|f| f.level == Level::Ok && f.text.contains("quorum")), "{report}");
+
+    // The worker reaches the broker through a counting forwarder, to see it retry.
+    let node = Node::start().await;
+    let mut through_node = env.config.clone();
+    through_node.amqp_url = node.url();
+    let (worker, health) = spawn_watched_worker(&through_node);
+    let started = Instant::now();
+    let retried = TestEnv::eventually(Duration::from_secs(10), || async { node.connections() >= 3 }).await;
+    assert!(retried, "the worker keeps trying: {} connections", node.connections());
+    assert!(started.elapsed() >= Duration::from_millis(500), "with backoff, not in a spin: {:?}", started.elapsed());
+    assert!(!worker.join.is_finished(), "the worker does not exit over a mismatch");
+    assert!(!health.is_ready(), "not ready while it cannot consume");
+    let closed = TestEnv::eventually(Duration::from_secs(5), || async { node.open() <= 1 }).await;
+    assert!(closed, "a failed attempt closes its connection: {} open", node.open());
+
+    // The operator deletes the drained classic queue; the worker declares it anew and consumes.
+    env.bus
+        .channel
+        .queue_delete(ShortString::from(jobs.as_str()), QueueDeleteOptions::default())
+        .await
+        .expect("delete the classic queue");
+    env.declare_topology().await;
+    env.publish_job(&job("after-fix", "u-after-fix")).await;
+    let result = env.next_result(Duration::from_secs(20)).await.expect("the worker carried on");
+    assert_eq!(result.routing_key, "send.succeeded", "{:?}", result.body);
+    assert!(health.is_ready());
+    worker.stop().await;
+}
+
+/// A TCP forwarder to RabbitMQ that counts its connections and can be switched off (listener
+/// closed, live connections cut), standing in for one node of a cluster.
+struct Node {
+    addr: SocketAddr,
+    connections: Arc<AtomicUsize>,
+    open: Arc<AtomicUsize>,
+    stop: CancellationToken,
+}
+
+impl Node {
+    async fn start() -> Node {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let node = Node {
+            addr: listener.local_addr().expect("addr"),
+            connections: Arc::new(AtomicUsize::new(0)),
+            open: Arc::new(AtomicUsize::new(0)),
+            stop: CancellationToken::new(),
+        };
+        let (stop, connections, open) = (node.stop.clone(), Arc::clone(&node.connections), Arc::clone(&node.open));
+        tokio::spawn(async move {
+            loop {
+                let (mut client, _) = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    accepted = listener.accept() => match accepted {
+                        Ok(a) => a,
+                        Err(_) => continue,
+                    },
+                };
+                connections.fetch_add(1, Ordering::SeqCst);
+                open.fetch_add(1, Ordering::SeqCst);
+                let (stop, open) = (stop.clone(), Arc::clone(&open));
+                tokio::spawn(async move {
+                    if let Ok(mut server) = TcpStream::connect("127.0.0.1:5672").await {
+                        tokio::select! {
+                            _ = stop.cancelled() => {}
+                            _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        }
+                    }
+                    open.fetch_sub(1, Ordering::SeqCst);
+                });
+            }
+        });
+        node
+    }
+
+    fn url(&self) -> String {
+        format!("amqp://guest:guest@{}/%2f", self.addr)
+    }
+
+    /// Connections made so far.
+    fn connections(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
+    }
+
+    /// Connections still open.
+    fn open(&self) -> usize {
+        self.open.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// `WXPUSH_AMQP_URL` naming three nodes, the first dead: the worker, the webhook's publisher
+/// and `wxpush-ctl check` reach the second; when it goes away, the worker moves to the third.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_list_of_brokers_is_tried_in_turn_and_a_lost_node_is_replaced() {
+    let sandbox = start_sandbox(SandboxConfig::default()).await;
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr")
+    };
+    let (a, b) = (Node::start().await, Node::start().await);
+    let ns = unique("nodes");
+    let mut cfg = config(&ns, &sandbox.base_url());
+    cfg.amqp_url = format!("amqp://guest:guest@{dead}/%2f, {}, {}", a.url(), b.url());
+    let mut env = TestEnv::new("nodes", cfg).await;
+    env.declare_topology().await;
+
+    let worker = spawn_worker(&env.config);
+    env.publish_job(&job("via-a", "u-a")).await;
+    let result = env.next_result(Duration::from_secs(20)).await.expect("a result through the second node");
+    assert_eq!(result.routing_key, "send.succeeded", "{:?}", result.body);
+    assert_eq!((a.connections(), b.connections()), (1, 0), "the worker skipped the dead node and took the next");
+
+    let broker = Broker::new(&env.config.amqp_url, "wxpush-test-webhook");
+    broker
+        .publish(&env.config.results_exchange, "delivery.success", b"{}", json_properties(Some("via-list")), false)
+        .await
+        .expect("the webhook's publisher skips the dead node too");
+    let event = env.next_result(Duration::from_secs(10)).await.expect("the event arrived");
+    assert_eq!(event.correlation_id.as_deref(), Some("via-list"));
+
+    let report = check(&env.config).await;
+    assert!(report.findings.iter().any(|f| f.level == Level::Ok && f.text.contains(": connected")), "{report}");
+    assert!(!report.findings.iter().any(|f| f.text.contains("RabbitMQ") && f.level == Level::Problem), "{report}");
+
+    // The node the worker uses goes away: it reconnects to the one after it.
+    let before = b.connections();
+    a.stop.cancel();
+    env.publish_job(&job("via-b", "u-b")).await;
+    let result = env.next_result(Duration::from_secs(30)).await.expect("a result through the third node");
+    assert_eq!(result.routing_key, "send.succeeded", "{:?}", result.body);
+    assert!(b.connections() > before, "the worker moved to the next node");
+    worker.stop().await;
+}
+
+/// Every store operation, script and pipeline on a Redis Cluster, including the one pipeline
+/// whose keys live in different slots (a job's record and its msgid record).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_store_operation_works_on_a_redis_cluster() {
+    let cluster = RedisCluster::start();
+    let ns = unique("cstore");
+    let redis = Redis::connect(&cluster.url(), &ns).await.expect("connect to the cluster");
+    redis.ping().await.expect("PING");
+    let keys = redis.keys().clone();
+    assert_ne!(
+        cluster.slot_of(&keys.job("job-1")),
+        cluster.slot_of(&keys.msgid(APPID, 42)),
+        "the test needs the job and msgid records in different slots"
+    );
+
+    let lease = Duration::from_secs(5);
+    assert_eq!(redis.claim_job("job-1", "me", lease).await.expect("claim"), Claim::Claimed);
+    assert!(matches!(redis.claim_job("job-1", "other", lease).await.expect("claim"), Claim::Busy { .. }));
+    redis
+        .record_sent("job-1", br#"{"job_id":"job-1"}"#, lease, APPID, 42, Duration::from_secs(60))
+        .await
+        .expect("record a sent job across two slots");
+    assert_eq!(
+        redis.claim_job("job-1", "other", lease).await.expect("claim"),
+        Claim::Done(br#"{"job_id":"job-1"}"#.to_vec())
+    );
+    assert_eq!(redis.job_for_msgid(APPID, 42).await.expect("msgid").as_deref(), Some("job-1"));
+    assert_eq!(redis.claim_job("job-2", "me", lease).await.expect("claim"), Claim::Claimed);
+    redis.release_job("job-2", "me").await.expect("release");
+    assert_eq!(redis.claim_job("job-2", "other", lease).await.expect("claim"), Claim::Claimed);
+
+    let budget = Budget::new(5, 0.0, 3);
+    let mut granted = 0;
+    for _ in 0..4 {
+        match redis.admit(APPID, &budget, "20261129").await.expect("admit") {
+            Admission::Granted => granted += 1,
+            Admission::Wait(_) | Admission::QuotaSpent { .. } => {}
+        }
+    }
+    assert!((1..=3).contains(&granted), "the rate and quota script ran: {granted} granted");
+    redis.pause_account(APPID, Duration::from_secs(5), "wait|test").await.expect("pause");
+    let (left, why) = redis.account_pause(APPID).await.expect("pause read").expect("paused");
+    assert!(left > Duration::from_secs(3) && why == "wait|test", "{left:?} {why}");
+
+    assert!(redis.try_lock_token(APPID, "me", lease).await.expect("lock"));
+    assert!(!redis.try_lock_token(APPID, "other", lease).await.expect("lock"));
+    redis.store_token_failure(APPID, 1, "boom", Duration::from_millis(100)).await.expect("failure");
+    let token = SecretString::from("tok-1");
+    redis.store_token(APPID, &token, Duration::from_secs(60)).await.expect("store the token");
+    let snapshot = redis.read_token(APPID).await.expect("read the token");
+    assert_eq!(snapshot.token.expect("a token").value.expose_secret(), "tok-1");
+    assert!(snapshot.failure.is_none(), "storing the token cleared the failure mark");
+    redis.unlock_token(APPID, "me").await.expect("unlock");
+    assert!(redis.invalidate_token(APPID, &token).await.expect("invalidate"));
+
+    // The webhook's claim reads the msgid record in the same round trip.
+    let seen = keys.push_seen(APPID, "42:success");
+    let wait = Duration::from_millis(200);
+    match dedupe::claim(&redis, &seen, Some(&keys.msgid(APPID, 42)), lease, wait).await.expect("claim a push") {
+        dedupe::Claim::Owned { lookup, .. } => assert_eq!(lookup.as_deref(), Some("job-1")),
+        other => panic!("the first push owns its event: {other:?}"),
+    }
+    dedupe::mark_done(&redis, &seen, lease).await.expect("mark done");
+    assert_eq!(dedupe::claim(&redis, &seen, None, lease, wait).await.expect("claim again"), dedupe::Claim::Done);
+}
+
+/// The idempotency ledger on a cluster: a job published twice, and once more later, is sent
+/// once; every copy gets the recorded result; the webhook can find the job by its msgid.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_duplicate_job_is_sent_once_on_a_redis_cluster() {
+    let cluster = RedisCluster::start();
+    let sandbox = start_sandbox(SandboxConfig::default()).await;
+    let ns = unique("cledger");
+    let mut cfg = config(&ns, &sandbox.base_url());
+    cfg.redis_url = cluster.url();
+    let mut env = TestEnv::new("cledger", cfg).await;
+    env.declare_topology().await;
+    let worker = spawn_worker(&env.config);
+    let body = job("dup-1", "u-dup");
+    env.publish_job(&body).await;
+    env.publish_job(&body).await;
+    let mut results = env.results(2, Duration::from_secs(20)).await;
+    env.publish_job(&body).await;
+    results.extend(env.results(1, Duration::from_secs(20)).await);
+    worker.stop().await;
+
+    assert_eq!(results.len(), 3, "every copy has a result");
+    assert!(results.iter().all(|r| r.routing_key == "send.succeeded"), "{results:?}");
+    let msgid = results[0].body["msgid"].as_u64().expect("a msgid");
+    assert!(results.iter().all(|r| r.body["msgid"].as_u64() == Some(msgid)), "one send, one msgid: {results:?}");
+    assert_eq!(sandbox.stats().sends_accepted, 1, "sent once");
+    let redis = Redis::connect(&cluster.url(), &ns).await.expect("connect to the cluster");
+    assert_eq!(redis.job_for_msgid(APPID, msgid).await.expect("msgid").as_deref(), Some("dup-1"));
+}
+
+/// As `three_workers_share_one_token_through_expiry_and_revocation` (tests/worker.rs), with the
+/// token, its lock and its failure mark on a Redis Cluster.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_workers_share_one_token_on_a_redis_cluster() {
+    let _timed = TIMED.lock().await;
+    let cluster = RedisCluster::start();
+    let lifetime = Duration::from_secs(3);
+    let sandbox = start_sandbox(SandboxConfig {
+        token_lifetime: lifetime,
+        token_overlap: Duration::from_millis(1500),
+        ..SandboxConfig::default()
+    })
+    .await;
+    let ns = unique("ctoken");
+    let mut cfg = config(&ns, &sandbox.base_url());
+    cfg.redis_url = cluster.url();
+    let mut env = TestEnv::new("ctoken", cfg).await;
+    env.declare_topology().await;
+    let workers: Vec<_> = (0..3).map(|_| spawn_worker(&env.config)).collect();
+
+    let started = Instant::now();
+    let (total, batches) = (600, 10);
+    for b in 0..batches {
+        if b == batches / 2 {
+            sandbox.revoke_tokens();
+        }
+        for i in 0..total / batches {
+            env.publish_job(&job(&format!("ctok-{b}-{i}"), "oia2TjuEGTNoeX76QEjQNrcURxG8")).await;
+        }
+        tokio::time::sleep(Duration::from_millis(900)).await;
+    }
+    let results = env.results(total, Duration::from_secs(60)).await;
+    let elapsed = started.elapsed();
+    for w in workers {
+        w.stop().await;
+    }
+
+    assert_eq!(results.len(), total, "every job has a result");
+    let failed: Vec<_> = results.iter().filter(|r| r.routing_key != "send.succeeded").take(3).collect();
+    assert!(failed.is_empty(), "all jobs succeed; failures: {failed:?}");
+    let stats = sandbox.stats();
+    assert_eq!(stats.sends_accepted, total as u64);
+    assert!(stats.errors.get(&40001).copied().unwrap_or(0) > 0, "the revocation was felt: {stats:?}");
+    let lifetimes = (elapsed.as_secs_f64() / lifetime.as_secs_f64()).ceil() as u64;
+    eprintln!(
+        "cluster: {} token requests over {:.1} s ({lifetimes} lifetimes)",
+        stats.token_requests,
+        elapsed.as_secs_f64()
+    );
+    assert!(
+        stats.token_requests <= lifetimes + 2,
+        "{} token requests, {lifetimes} lifetimes: {stats:?}",
+        stats.token_requests
+    );
+    assert!(stats.token_requests >= 3, "tokens were refreshed across lifetimes: {stats:?}");
+}
+
+/// The most sends any 1-second window saw, and the mean rate from first to last send.
+fn window_stats(times: &[DateTime<Utc>]) -> (usize, f64) {
+    let mut t: Vec<i64> = times.iter().map(|t| t.timestamp_micros()).collect();
+    t.sort_unstable();
+    let mut most = 0;
+    let mut start = 0;
+    for end in 0..t.len() {
+        while t[end] - t[start] >= 1_000_000 {
+            start += 1;
+        }
+        most = most.max(end - start + 1);
+    }
+    let span = (t[t.len() - 1] - t[0]) as f64 / 1e6;
+    (most, (t.len() - 1) as f64 / span)
+}
+
+/// As `three_worker_processes_hold_one_rate_limit` (tests/limits.rs), the limiter's state on a
+/// Redis Cluster.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_worker_processes_hold_one_rate_limit_on_a_redis_cluster() {
+    let _timed = TIMED.lock().await;
+    let cluster = RedisCluster::start();
+    let sandbox = start_sandbox(SandboxConfig::default()).await;
+    let ns = unique("crate");
+    let mut cfg = config(&ns, &sandbox.base_url());
+    cfg.rate_limit = 100;
+    cfg.redis_url = cluster.url();
+    let mut env = TestEnv::new("crate", cfg).await;
+    env.declare_topology().await;
+    let total = 800;
+    for i in 0..total {
+        env.publish_job(&job(&format!("crate-{i}"), &format!("u-{i}"))).await;
+    }
+    let mut workers: Vec<_> = (0..3).map(|_| WorkerProcess::start(&env.config)).collect();
+    let results = env.results(total, Duration::from_secs(60)).await;
+    for w in &mut workers {
+        w.signal("TERM");
+        w.wait(Duration::from_secs(15));
+    }
+    assert_eq!(results.len(), total);
+    assert!(results.iter().all(|r| r.routing_key == "send.succeeded"));
+    let times: Vec<DateTime<Utc>> = sandbox.messages().iter().map(|m| m.accepted_at).collect();
+    let (most, mean) = window_stats(&times);
+    eprintln!("cluster, limit 100/s: at most {most} sends in a 1-second window, mean {mean:.1}/s");
+    assert!(most <= 110, "a 1-second window saw {most} sends (limit 100/s, burst 10 %)");
+    assert!(mean >= 90.0, "mean rate {mean:.1}/s");
+}
