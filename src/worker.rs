@@ -8,13 +8,14 @@ use futures_util::{FutureExt, StreamExt};
 use lapin::{
     Connection, Consumer,
     message::Delivery,
-    options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions},
+    options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions},
     types::{FieldTable, ShortString},
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{error, info, warn};
 
 use crate::{
+    acks::Acknowledger,
     amqp::{self, AmqpError, Publisher, Topology, header_str},
     config::Config,
     health::Health,
@@ -38,6 +39,7 @@ struct Session {
     connection: Connection,
     channel: lapin::Channel,
     consumer: Consumer,
+    acks: Acknowledger,
     publisher: Publisher,
 }
 
@@ -58,7 +60,9 @@ impl Session {
             .await
             .map_err(AmqpError::Channel)?;
         let publisher = Publisher::open(&connection).await?;
-        Ok(Session { connection, channel, consumer, publisher })
+        let max_held = (config.concurrency as usize / 4).max(1);
+        let acks = Acknowledger::start(channel.clone(), Duration::from_millis(2), max_held);
+        Ok(Session { connection, channel, consumer, publisher, acks })
     }
 }
 
@@ -117,9 +121,12 @@ pub async fn run(config: Config, shutdown: CancellationToken, health: Arc<Health
                         let publisher = session.publisher.clone();
                         let hard_stop = hard_stop.clone();
                         let health = Arc::clone(&health);
+                        let acks = session.acks.handle();
+                        acks.delivered(delivery.delivery_tag);
                         tracker.spawn(async move {
                             health.job_started();
-                            handle(&pipeline, delivery, &publisher, &hard_stop).await;
+                            let tag = delivery.delivery_tag;
+                            acks.finished(tag, handle(&pipeline, delivery, &publisher, &hard_stop).await);
                             health.job_finished();
                         });
                     }
@@ -139,6 +146,7 @@ pub async fn run(config: Config, shutdown: CancellationToken, health: Arc<Health
         // In-flight jobs of the old connection finish on their own: their acks fail and the
         // broker redelivers them, which the idempotency ledger makes harmless.
         let _ = session.connection.close(320, ShortString::from("reconnecting")).await;
+        tokio::spawn(session.acks.close());
         let delay = delays.next().unwrap_or(Duration::from_secs(1));
         tokio::select! {
             _ = shutdown.cancelled() => break 'connect,
@@ -156,30 +164,29 @@ pub async fn run(config: Config, shutdown: CancellationToken, health: Arc<Health
     }
     background.cancel();
     if let Some(session) = last_session {
-        // Closing the connection returns every unacknowledged delivery to the queue.
+        // Settle what finished, then close: that returns every unacknowledged delivery.
+        session.acks.close().await;
         let _ = session.connection.close(200, ShortString::from("shutdown")).await;
     }
     info!("worker stopped");
     Ok(())
 }
 
-/// Runs one delivery and acknowledges it as the pipeline decided. A panic in the pipeline is a
-/// poison message: it is dead-lettered rather than redelivered forever.
-async fn handle(pipeline: &Pipeline, delivery: Delivery, publisher: &Publisher, hard_stop: &CancellationToken) {
+/// Runs one delivery; says how to acknowledge it. A panic in the pipeline is a poison message:
+/// it is dead-lettered rather than redelivered forever.
+async fn handle(
+    pipeline: &Pipeline,
+    delivery: Delivery,
+    publisher: &Publisher,
+    hard_stop: &CancellationToken,
+) -> Disposition {
     let outcome = AssertUnwindSafe(pipeline.process(&delivery, publisher, hard_stop)).catch_unwind().await;
-    let disposition = match outcome {
+    match outcome {
         Ok(d) => d,
         Err(_) => {
             error!("the pipeline panicked on a job; dead-lettering it as a poison message");
             poison(pipeline, &delivery, publisher).await
         }
-    };
-    let result = match disposition {
-        Disposition::Ack => delivery.ack(BasicAckOptions::default()).await,
-        Disposition::Requeue => delivery.nack(BasicNackOptions { requeue: true, ..Default::default() }).await,
-    };
-    if let Err(e) = result {
-        warn!(error = %e, "could not acknowledge a delivery; the broker will deliver it again");
     }
 }
 
