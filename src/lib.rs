@@ -10,6 +10,7 @@
 //! RabbitMQ in [`amqp`], Redis in [`store`], WeChat's HTTP API in [`wechat`], the HTTP servers in
 //! [`webhook`], [`sandbox`] and [`health`].
 
+pub mod acks;
 pub mod amqp;
 pub mod config;
 pub mod ctl;

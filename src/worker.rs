@@ -8,13 +8,14 @@ use futures_util::{FutureExt, StreamExt};
 use lapin::{
     Connection, Consumer,
     message::Delivery,
-    options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions},
+    options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions},
     types::{FieldTable, ShortString},
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{error, info, warn};
 
 use crate::{
+    acks::Acknowledger,
     amqp::{AmqpError, Brokers, Publisher, Topology, header_str},
     config::Config,
     health::Health,
@@ -38,28 +39,15 @@ struct Session {
     connection: Connection,
     channel: lapin::Channel,
     consumer: Consumer,
+    acks: Acknowledger,
     publisher: Publisher,
 }
 
 impl Session {
     async fn open(config: &Config, topology: &Topology, brokers: &Brokers) -> Result<Session, AmqpError> {
         let name = format!("wxpush-worker {} pid {}", hostname(), std::process::id());
+        // The first node that answers, starting after the one the last connection used.
         let connection = brokers.connect(&name).await?;
-        match Self::start_consuming(&connection, config, topology).await {
-            Ok((channel, consumer, publisher)) => Ok(Session { connection, channel, consumer, publisher }),
-            Err(e) => {
-                // Close politely rather than drop it: the broker would log every retry as a lost client.
-                let _ = connection.close(200, ShortString::from("setup failed")).await;
-                Err(e)
-            }
-        }
-    }
-
-    async fn start_consuming(
-        connection: &Connection,
-        config: &Config,
-        topology: &Topology,
-    ) -> Result<(lapin::Channel, Consumer, Publisher), AmqpError> {
         let channel = connection.create_channel().await.map_err(AmqpError::Channel)?;
         topology.declare(&channel).await?;
         channel.basic_qos(config.concurrency, BasicQosOptions::default()).await.map_err(AmqpError::Channel)?;
@@ -72,8 +60,10 @@ impl Session {
             )
             .await
             .map_err(AmqpError::Channel)?;
-        let publisher = Publisher::open(connection).await?;
-        Ok((channel, consumer, publisher))
+        let publisher = Publisher::open(&connection).await?;
+        let max_held = (config.concurrency as usize / 4).max(1);
+        let acks = Acknowledger::start(channel.clone(), Duration::from_millis(2), max_held);
+        Ok(Session { connection, channel, consumer, publisher, acks })
     }
 }
 
@@ -107,7 +97,7 @@ pub async fn run(config: Config, shutdown: CancellationToken, health: Arc<Health
                 health.set_amqp(false);
                 let delay = delays.next().unwrap_or(Duration::from_secs(10));
                 if let AmqpError::QueueMismatch { .. } = e {
-                    // An operator has to act; keep asking (slowly) so the worker resumes once they have.
+                    // An operator has to act; keep asking (with backoff) so the worker resumes once they have.
                     error!(error = %e, retry_in_secs = delay.as_secs_f64(), "cannot declare the queues; no jobs are consumed until this is fixed");
                 } else {
                     error!(error = %e, retry_in_secs = delay.as_secs_f64(), "RabbitMQ unavailable; jobs wait until it is back");
@@ -138,9 +128,12 @@ pub async fn run(config: Config, shutdown: CancellationToken, health: Arc<Health
                         let publisher = session.publisher.clone();
                         let hard_stop = hard_stop.clone();
                         let health = Arc::clone(&health);
+                        let acks = session.acks.handle();
+                        acks.delivered(delivery.delivery_tag);
                         tracker.spawn(async move {
                             health.job_started();
-                            handle(&pipeline, delivery, &publisher, &hard_stop).await;
+                            let tag = delivery.delivery_tag;
+                            acks.finished(tag, handle(&pipeline, delivery, &publisher, &hard_stop).await);
                             health.job_finished();
                         });
                     }
@@ -160,6 +153,7 @@ pub async fn run(config: Config, shutdown: CancellationToken, health: Arc<Health
         // In-flight jobs of the old connection finish on their own: their acks fail and the
         // broker redelivers them, which the idempotency ledger makes harmless.
         let _ = session.connection.close(320, ShortString::from("reconnecting")).await;
+        tokio::spawn(session.acks.close());
         let delay = delays.next().unwrap_or(Duration::from_secs(1));
         tokio::select! {
             _ = shutdown.cancelled() => break 'connect,
@@ -177,30 +171,29 @@ pub async fn run(config: Config, shutdown: CancellationToken, health: Arc<Health
     }
     background.cancel();
     if let Some(session) = last_session {
-        // Closing the connection returns every unacknowledged delivery to the queue.
+        // Settle what finished, then close: that returns every unacknowledged delivery.
+        session.acks.close().await;
         let _ = session.connection.close(200, ShortString::from("shutdown")).await;
     }
     info!("worker stopped");
     Ok(())
 }
 
-/// Runs one delivery and acknowledges it as the pipeline decided. A panic in the pipeline is a
-/// poison message: it is dead-lettered rather than redelivered forever.
-async fn handle(pipeline: &Pipeline, delivery: Delivery, publisher: &Publisher, hard_stop: &CancellationToken) {
+/// Runs one delivery; says how to acknowledge it. A panic in the pipeline is a poison message:
+/// it is dead-lettered rather than redelivered forever.
+async fn handle(
+    pipeline: &Pipeline,
+    delivery: Delivery,
+    publisher: &Publisher,
+    hard_stop: &CancellationToken,
+) -> Disposition {
     let outcome = AssertUnwindSafe(pipeline.process(&delivery, publisher, hard_stop)).catch_unwind().await;
-    let disposition = match outcome {
+    match outcome {
         Ok(d) => d,
         Err(_) => {
             error!("the pipeline panicked on a job; dead-lettering it as a poison message");
             poison(pipeline, &delivery, publisher).await
         }
-    };
-    let result = match disposition {
-        Disposition::Ack => delivery.ack(BasicAckOptions::default()).await,
-        Disposition::Requeue => delivery.nack(BasicNackOptions { requeue: true, ..Default::default() }).await,
-    };
-    if let Err(e) = result {
-        warn!(error = %e, "could not acknowledge a delivery; the broker will deliver it again");
     }
 }
 
