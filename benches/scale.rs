@@ -104,6 +104,12 @@ fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
     }
+    // `cargo test --all-targets` runs bench binaries too, without `--bench`: a minute of load
+    // is no test, so only `cargo bench` measures.
+    if !std::env::args().any(|a| a == "--bench") {
+        eprintln!("scale: run it with `cargo bench --bench scale`");
+        return;
+    }
     let o = options();
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
     let mut throughput = Vec::new();
