@@ -35,6 +35,13 @@ use wxpush::{
 };
 
 /// A config whose WeChat is nowhere: for tests that run no worker.
+/// Messages ready in `queue` once `expected` are, or after 5 s: messages a command handed back
+/// (nack with requeue) become ready again asynchronously on a quorum queue.
+async fn settled_len(env: &TestEnv, queue: &str, expected: u32) -> u32 {
+    TestEnv::eventually(Duration::from_secs(5), || async { env.queue_len(queue).await == expected }).await;
+    env.queue_len(queue).await
+}
+
 fn offline_config(ns: &str) -> Config {
     config(ns, "http://127.0.0.1:9")
 }
@@ -267,11 +274,11 @@ async fn dead_list_shows_why_jobs_were_parked_and_removes_nothing() {
     let text = list.to_string();
     assert!(text.contains("unknown account") && text.contains("removes nothing"), "{text}");
 
-    assert_eq!(env.queue_len(&dlq).await, 2, "listing removed nothing");
+    assert_eq!(settled_len(&env, &dlq, 2).await, 2, "listing removed nothing");
     let again = dead::list(&env.config, 1).await.expect("list");
     assert_eq!((again.total, again.jobs.len()), (2, 1), "--limit is honoured");
     assert_eq!(again.jobs[0], list.jobs[0], "the head of the queue is unchanged");
-    assert_eq!(env.queue_len(&dlq).await, 2);
+    assert_eq!(settled_len(&env, &dlq, 2).await, 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -302,7 +309,7 @@ async fn replay_moves_exactly_the_chosen_job_untouched_but_for_the_dead_letter_h
     }
     assert_eq!(header(&moved, "x-tenant"), Some(header_str("shop")), "other headers kept");
 
-    assert_eq!(env.queue_len(&env.config.dead_letter_queue).await, 2);
+    assert_eq!(settled_len(&env, &env.config.dead_letter_queue, 2).await, 2);
     assert_eq!(parked_ids(&env.config).await, vec![Some("r-1".to_owned()), Some("r-3".to_owned())]);
 }
 
@@ -318,7 +325,7 @@ async fn replay_all_moves_everything_and_a_dry_run_moves_nothing() {
     let dry = dead::replay(&env.config, &ReplayOptions { selection: Selection::All, dry_run: true }).await.unwrap();
     assert_eq!(dry.moved, vec!["a-1".to_owned(), "(no job_id)".to_owned(), "a-3".to_owned()]);
     assert!(dry.to_string().contains("would move 3"), "{dry}");
-    assert_eq!(env.queue_len(&env.config.dead_letter_queue).await, 3, "a dry run moves nothing");
+    assert_eq!(settled_len(&env, &env.config.dead_letter_queue, 3).await, 3, "a dry run moves nothing");
     assert_eq!(env.queue_len(&env.config.jobs_queue).await, 0);
 
     let all = dead::replay(&env.config, &ReplayOptions { selection: Selection::All, dry_run: false }).await.unwrap();
