@@ -42,10 +42,11 @@ pub enum AmqpError {
     #[error("RabbitMQ channel error: {0}")]
     Channel(#[source] lapin::Error),
     #[error(
-        "queue {queue:?} already exists with other arguments than wxpush declares for a {wanted} queue ({detail}). \
-         Either delete it once it is drained (`rabbitmqctl delete_queue {queue}`) so that it is declared again, or keep \
-         it and set queue_type = \"{other}\" (WXPUSH_QUEUE_TYPE={other}) if it is a {other} queue, or give wxpush \
-         queues of another name (jobs_queue / dead_letter_queue)",
+        "queue {queue:?} already exists with other arguments than wxpush declares for it as a {wanted} queue \
+         ({detail}). RabbitMQ cannot change them: either delete the queue once it is drained (`rabbitmqctl \
+         delete_queue {queue}`) so that it is declared anew, or make the configuration match it (queue_type = \
+         \"{other}\", WXPUSH_QUEUE_TYPE={other}, for a {other} queue; delivery_limit as the queue has it), or use \
+         queues of another name (jobs_queue, dead_letter_queue)",
         other = wanted.other()
     )]
     QueueMismatch { queue: String, wanted: QueueType, detail: String },
