@@ -642,8 +642,22 @@ impl Pipeline {
         header_reason: &str,
         result_reason: &str,
     ) -> Disposition {
+        if self.dead_letter(delivery, publisher, header_reason).await == Disposition::Requeue {
+            return Disposition::Requeue;
+        }
+        let Some(job_id) = job_id else { return Disposition::Ack };
+        let result = match job {
+            Some(job) => SendResult::failed(job, None, None, result_reason.to_owned(), 0),
+            None => SendResult::invalid(job_id, None, result_reason.to_owned()),
+        };
+        self.publish_result(publisher, &result).await
+    }
+
+    /// Parks the delivery's body untouched in the dead-letter queue, with headers saying why,
+    /// where from and when. `Ack` once the broker has it.
+    pub async fn dead_letter(&self, delivery: &Delivery, publisher: &Publisher, reason: &str) -> Disposition {
         let mut headers = delivery.properties.headers().clone().unwrap_or_default();
-        headers.insert(ShortString::from(REASON_HEADER), header_str(header_reason));
+        headers.insert(ShortString::from(REASON_HEADER), header_str(reason));
         headers.insert(ShortString::from(SOURCE_HEADER), header_str(&self.topology.jobs_queue));
         headers.insert(ShortString::from("x-wxpush-dead-lettered-at"), header_str(&Utc::now().to_rfc3339()));
         let props = delivery.properties.clone().with_headers(headers).with_delivery_mode(2);
@@ -652,12 +666,7 @@ impl Pipeline {
             return Disposition::Requeue;
         }
         metrics::counter!("wxpush_jobs_dead_lettered_total").increment(1);
-        let Some(job_id) = job_id else { return Disposition::Ack };
-        let result = match job {
-            Some(job) => SendResult::failed(job, None, None, result_reason.to_owned(), 0),
-            None => SendResult::invalid(job_id, None, result_reason.to_owned()),
-        };
-        self.publish_result(publisher, &result).await
+        Disposition::Ack
     }
 
     /// Puts the job in the delay queue that best fits `after`, carrying `attempts`.

@@ -16,10 +16,10 @@ use tracing::{error, info, warn};
 
 use crate::{
     acks::Acknowledger,
-    amqp::{AmqpError, Brokers, Publisher, Topology, header_str},
+    amqp::{AmqpError, Brokers, Publisher, Topology},
     config::Config,
     health::Health,
-    pipeline::{Disposition, Pipeline, REASON_HEADER, SOURCE_HEADER},
+    pipeline::{Disposition, Pipeline},
     store::{Redis, StoreError},
     token::TokenManager,
     wechat::{HttpError, WechatClient},
@@ -192,20 +192,8 @@ async fn handle(
         Ok(d) => d,
         Err(_) => {
             error!("the pipeline panicked on a job; dead-lettering it as a poison message");
-            poison(pipeline, &delivery, publisher).await
+            pipeline.dead_letter(&delivery, publisher, "poison message: the worker panicked processing it").await
         }
-    }
-}
-
-async fn poison(pipeline: &Pipeline, delivery: &Delivery, publisher: &Publisher) -> Disposition {
-    let topology = pipeline.topology();
-    let mut headers = delivery.properties.headers().clone().unwrap_or_default();
-    headers.insert(ShortString::from(REASON_HEADER), header_str("poison message: the worker panicked processing it"));
-    headers.insert(ShortString::from(SOURCE_HEADER), header_str(&topology.jobs_queue));
-    let props = delivery.properties.clone().with_headers(headers);
-    match publisher.publish("", &topology.dead_letter_queue, &delivery.data, props, true).await {
-        Ok(()) => Disposition::Ack,
-        Err(_) => Disposition::Requeue,
     }
 }
 

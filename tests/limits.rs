@@ -18,22 +18,6 @@ const APPID_B: &str = "wxtest0000000002";
 static RATE_TESTS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 const SECRET_B: &str = "test-secret-0002";
 
-/// The most sends any 1-second window saw, and the mean rate from first to last send.
-fn window_stats(times: &[DateTime<Utc>]) -> (usize, f64) {
-    let mut t: Vec<i64> = times.iter().map(|t| t.timestamp_micros()).collect();
-    t.sort_unstable();
-    let mut most = 0;
-    let mut start = 0;
-    for end in 0..t.len() {
-        while t[end] - t[start] >= 1_000_000 {
-            start += 1;
-        }
-        most = most.max(end - start + 1);
-    }
-    let span = (t[t.len() - 1] - t[0]) as f64 / 1e6;
-    (most, (t.len() - 1) as f64 / span)
-}
-
 fn times_of(messages: &[SentMessage], appid: &str) -> Vec<DateTime<Utc>> {
     messages.iter().filter(|m| m.appid == appid).map(|m| m.accepted_at).collect()
 }

@@ -481,22 +481,6 @@ async fn three_workers_share_one_token_on_a_redis_cluster() {
     assert!(stats.token_requests >= 3, "tokens were refreshed across lifetimes: {stats:?}");
 }
 
-/// The most sends any 1-second window saw, and the mean rate from first to last send.
-fn window_stats(times: &[DateTime<Utc>]) -> (usize, f64) {
-    let mut t: Vec<i64> = times.iter().map(|t| t.timestamp_micros()).collect();
-    t.sort_unstable();
-    let mut most = 0;
-    let mut start = 0;
-    for end in 0..t.len() {
-        while t[end] - t[start] >= 1_000_000 {
-            start += 1;
-        }
-        most = most.max(end - start + 1);
-    }
-    let span = (t[t.len() - 1] - t[0]) as f64 / 1e6;
-    (most, (t.len() - 1) as f64 / span)
-}
-
 /// As `three_worker_processes_hold_one_rate_limit` (tests/limits.rs), the limiter's state on a
 /// Redis Cluster.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

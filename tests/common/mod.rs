@@ -425,3 +425,19 @@ impl Drop for WorkerProcess {
         let _ = self.child.wait();
     }
 }
+
+/// The most sends any 1-second window saw, and the mean rate from first to last send.
+pub fn window_stats(times: &[chrono::DateTime<chrono::Utc>]) -> (usize, f64) {
+    let mut t: Vec<i64> = times.iter().map(|t| t.timestamp_micros()).collect();
+    t.sort_unstable();
+    let mut most = 0;
+    let mut start = 0;
+    for end in 0..t.len() {
+        while t[end] - t[start] >= 1_000_000 {
+            start += 1;
+        }
+        most = most.max(end - start + 1);
+    }
+    let span = (t[t.len() - 1] - t[0]) as f64 / 1e6;
+    (most, (t.len() - 1) as f64 / span)
+}
