@@ -20,10 +20,10 @@ use std::{
 
 use futures_util::StreamExt;
 use lapin::{
-    BasicProperties, Connection, ConnectionProperties, ExchangeKind,
+    BasicProperties, Connection, ConnectionProperties,
     options::{
         BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
-        ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+        ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
     },
     types::{FieldTable, ShortString},
 };
@@ -165,14 +165,7 @@ async fn measure(mode: &str, latency_ms: u64, workers: usize, o: &Options) -> Ru
         ..wxpush::config::Config::default()
     });
     ch.queue_declare(ShortString::from(jobs_queue.as_str()), durable, topology.jobs_queue_args()).await.unwrap();
-    ch.exchange_declare(
-        ShortString::from(exchange.as_str()),
-        ExchangeKind::Topic,
-        ExchangeDeclareOptions { durable: true, ..Default::default() },
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
+    wxpush::amqp::declare_results_exchange(&ch, &exchange).await.unwrap();
     ch.queue_declare(ShortString::from(observed.as_str()), QueueDeclareOptions::default(), FieldTable::default())
         .await
         .unwrap();
@@ -296,7 +289,8 @@ async fn measure(mode: &str, latency_ms: u64, workers: usize, o: &Options) -> Ru
     let stats = sandbox.stats();
     assert_eq!(stats.sends_accepted, o.jobs as u64, "{mode}: every job sent once");
 
-    for q in [&jobs_queue, &observed, &format!("{ns}.dead")] {
+    let unrouted = wxpush::amqp::unrouted_name(&exchange);
+    for q in [&jobs_queue, &observed, &format!("{ns}.dead"), &unrouted] {
         let _ = ch.queue_delete(ShortString::from(q.as_str()), QueueDeleteOptions::default()).await;
     }
     let ch2 = conn.create_channel().await.unwrap();
@@ -305,7 +299,9 @@ async fn measure(mode: &str, latency_ms: u64, workers: usize, o: &Options) -> Ru
             .queue_delete(ShortString::from(format!("{jobs_queue}.delay.{t}s")), QueueDeleteOptions::default())
             .await;
     }
-    let _ = ch2.exchange_delete(ShortString::from(exchange.as_str()), ExchangeDeleteOptions::default()).await;
+    for x in [&exchange, &unrouted] {
+        let _ = ch2.exchange_delete(ShortString::from(x.as_str()), ExchangeDeleteOptions::default()).await;
+    }
     delete_prefix(&ns).await;
 
     latencies.sort();

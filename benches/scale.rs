@@ -263,8 +263,10 @@ async fn measure(o: &Options, workers: usize, jobs: usize, rate: u32) -> Run {
         let _ = ch.queue_delete(ShortString::from(queue.as_str()), QueueDeleteOptions::default()).await;
     }
     let ch = conn.create_channel().await.expect("channel");
-    let _ =
-        ch.exchange_delete(ShortString::from(config.results_exchange.as_str()), ExchangeDeleteOptions::default()).await;
+    let unrouted = wxpush::amqp::unrouted_name(&config.results_exchange);
+    for exchange in [&config.results_exchange, &unrouted] {
+        let _ = ch.exchange_delete(ShortString::from(exchange.as_str()), ExchangeDeleteOptions::default()).await;
+    }
     let _ = conn.close(200, ShortString::from("done")).await;
     delete_prefix(&o.redis_url, &ns).await;
 

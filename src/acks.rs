@@ -14,7 +14,7 @@ use std::{
 
 use lapin::{
     Channel,
-    options::{BasicAckOptions, BasicNackOptions},
+    options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions},
 };
 use tokio::{sync::mpsc, task::JoinHandle};
 use tracing::debug;
@@ -104,6 +104,12 @@ async fn run(channel: Channel, mut rx: mpsc::UnboundedReceiver<Event>, max_wait:
                 Event::Finished(tag, Disposition::Ack) => {
                     in_progress.remove(&tag);
                     ready.insert(tag);
+                }
+                Event::Finished(tag, Disposition::Reject) => {
+                    in_progress.remove(&tag);
+                    if let Err(e) = channel.basic_reject(tag, BasicRejectOptions { requeue: false }).await {
+                        debug!(error = %e, tag, "could not reject a delivery; the broker redelivers it anyway");
+                    }
                 }
                 Event::Finished(tag, Disposition::Requeue) => {
                     in_progress.remove(&tag);

@@ -133,11 +133,25 @@ pub struct TokenSettings {
     /// After a failed token fetch, how long the pool waits before the next one (doubles up
     /// to 5 minutes while failures go on), so a wrong secret does not burn the daily quota.
     pub failure_backoff_ms: u64,
+    /// Least time between two forced refreshes (`force_refresh=true`) of one appid, pool-wide.
+    /// WeChat ignores a forced refresh less than 30 s after the last one.
+    pub forced_refresh_interval_secs: u64,
+    /// Forced refreshes one appid may make per Beijing day, pool-wide. WeChat allows 20, and
+    /// each one invalidates the token every worker is using; the rest of the 20 is left for
+    /// people (the console, a script) who may need one.
+    pub forced_refresh_daily_budget: u32,
 }
 
 impl Default for TokenSettings {
     fn default() -> Self {
-        Self { refresh_ahead_secs: 240.0, lock_ttl_ms: 15_000, wait_ms: 10_000, failure_backoff_ms: 2_000 }
+        Self {
+            refresh_ahead_secs: 240.0,
+            lock_ttl_ms: 15_000,
+            wait_ms: 10_000,
+            failure_backoff_ms: 2_000,
+            forced_refresh_interval_secs: 30,
+            forced_refresh_daily_budget: 10,
+        }
     }
 }
 
@@ -205,8 +219,14 @@ pub struct Config {
     pub msgid_ttl_secs: u64,
     /// How long a job's recorded success is kept, to answer redeliveries and duplicates.
     pub ledger_ttl_secs: u64,
-    /// Lease a worker holds on a job while it sends it; a crashed worker's lease runs out.
+    /// Lease a worker holds on a job while it sends it, renewed every third of it while the job
+    /// is in flight: a crashed worker's jobs are free for the next worker within this time.
     pub job_lease_ms: u64,
+    /// Most results the unrouted-results queue (`<results_exchange>.unrouted`) keeps; past
+    /// it the oldest are dropped.
+    pub unrouted_max_length: u64,
+    /// How long a result stays in the unrouted-results queue.
+    pub unrouted_ttl_secs: u64,
     pub token: TokenSettings,
     pub retry: RetrySettings,
     pub accounts: Vec<Account>,
@@ -236,7 +256,9 @@ impl Default for Config {
             http_timeout_ms: 5_000,
             msgid_ttl_secs: 7 * 24 * 3600,
             ledger_ttl_secs: 7 * 24 * 3600,
-            job_lease_ms: 60_000,
+            job_lease_ms: 5_000,
+            unrouted_max_length: 100_000,
+            unrouted_ttl_secs: 7 * 24 * 3600,
             token: TokenSettings::default(),
             retry: RetrySettings::default(),
             accounts: Vec::new(),
@@ -261,6 +283,8 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("WXPUSH_METRICS_LISTEN", "metrics_listen"),
     ("WXPUSH_SHUTDOWN_GRACE_SECS", "shutdown_grace_secs"),
     ("WXPUSH_HTTP_TIMEOUT_MS", "http_timeout_ms"),
+    ("WXPUSH_UNROUTED_MAX_LENGTH", "unrouted_max_length"),
+    ("WXPUSH_UNROUTED_TTL_SECS", "unrouted_ttl_secs"),
     ("WXPUSH_APPID", "accounts[default].appid"),
     ("WXPUSH_APPSECRET", "accounts[default].secret"),
     ("WXPUSH_CALLBACK_TOKEN", "accounts[default].callback_token"),
@@ -349,6 +373,12 @@ impl Config {
         if let Some(v) = get("WXPUSH_HTTP_TIMEOUT_MS") {
             self.http_timeout_ms = parse("WXPUSH_HTTP_TIMEOUT_MS", &v)?;
         }
+        if let Some(v) = get("WXPUSH_UNROUTED_MAX_LENGTH") {
+            self.unrouted_max_length = parse("WXPUSH_UNROUTED_MAX_LENGTH", &v)?;
+        }
+        if let Some(v) = get("WXPUSH_UNROUTED_TTL_SECS") {
+            self.unrouted_ttl_secs = parse("WXPUSH_UNROUTED_TTL_SECS", &v)?;
+        }
 
         let appid = get("WXPUSH_APPID");
         let secret = get("WXPUSH_APPSECRET");
@@ -418,6 +448,32 @@ impl Config {
                     "{key} must be 1 to 200 characters (queue and exchange names are at most 255 bytes)"
                 ));
             }
+        }
+        if self.token.forced_refresh_interval_secs < 30 {
+            return invalid(format!(
+                "token.forced_refresh_interval_secs {} must be at least 30: WeChat ignores forced refreshes closer together",
+                self.token.forced_refresh_interval_secs
+            ));
+        }
+        if self.token.forced_refresh_daily_budget > 20 {
+            return invalid(format!(
+                "token.forced_refresh_daily_budget {} must be at most 20, WeChat's daily limit (keep some for people)",
+                self.token.forced_refresh_daily_budget
+            ));
+        }
+        if self.unrouted_max_length == 0 || self.unrouted_ttl_secs == 0 {
+            return invalid(
+                "unrouted_max_length and unrouted_ttl_secs must be at least 1: the unrouted-results queue keeps what no \
+                 consumer's binding took"
+                    .into(),
+            );
+        }
+        if self.job_lease_ms < 1_000 {
+            return invalid(format!(
+                "job_lease_ms {} must be at least 1000: the lease is renewed every third of it, and a shorter one could \
+                 run out under a moment of load and let a second worker send the job",
+                self.job_lease_ms
+            ));
         }
         if self.delivery_limit == 0 {
             return invalid(

@@ -29,18 +29,18 @@ use chrono::Utc;
 use lapin::{
     BasicProperties,
     message::Delivery,
-    types::{AMQPValue, FieldTable, ShortString},
+    types::{AMQPValue, ShortString},
 };
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::{
     amqp::{Publisher, Topology, header_str, json_properties},
-    config::{Account, Config},
+    config::{Account, Config, QueueType},
     domain::{
         calendar::{self, QuotaDay},
         errcode::{self, Action},
-        job::Job,
+        job::{Job, MAX_JOB_BYTES},
         result::{SendResult, SendStatus},
     },
     store::{
@@ -68,6 +68,9 @@ pub enum Disposition {
     Ack,
     /// Something could not be made safe (broker or Redis trouble, shutdown): deliver it again.
     Requeue,
+    /// Refuse the delivery without requeueing: the jobs queue's own dead-lettering moves it to
+    /// the dead-letter queue, so the worker never holds or copies it (oversized bodies).
+    Reject,
 }
 
 /// How one claimed job ended.
@@ -146,9 +149,15 @@ pub struct Pipeline {
     /// share a worker, one throttled account must not take every concurrency slot.
     waiting: HashMap<String, AtomicUsize>,
     waiting_cap: usize,
-    /// Metric handles per account, registered once instead of looked up per job.
+    /// Metric handles per configured account, registered once instead of looked up per job;
+    /// anything else (an unknown account in a job, an unreadable job) counts under `unknown`,
+    /// so job bodies cannot create metric series.
     metrics: HashMap<String, AccountMetrics>,
+    unknown_metrics: AccountMetrics,
 }
+
+/// The `account` label of jobs whose account is not configured.
+pub const UNKNOWN_ACCOUNT_LABEL: &str = "unknown";
 
 /// One account's per-job metrics.
 struct AccountMetrics {
@@ -158,19 +167,30 @@ struct AccountMetrics {
     send_seconds: metrics::Histogram,
     retries: metrics::Counter,
     rate_waits: metrics::Counter,
+    parked: metrics::Counter,
+    pauses: metrics::Counter,
 }
 
 impl AccountMetrics {
     fn new(account: &str) -> Self {
         let jobs = |status: &'static str| metrics::counter!("wxpush_jobs_total", "account" => account.to_owned(), "status" => status);
-        Self {
+        let this = Self {
             succeeded: jobs("succeeded"),
             failed: jobs("failed"),
             deferred: jobs("deferred"),
             send_seconds: metrics::histogram!("wxpush_send_seconds", "account" => account.to_owned()),
             retries: metrics::counter!("wxpush_send_retries_total", "account" => account.to_owned()),
             rate_waits: metrics::counter!("wxpush_rate_limit_waits_total", "account" => account.to_owned()),
+            parked: metrics::counter!("wxpush_jobs_parked_total", "account" => account.to_owned()),
+            pauses: metrics::counter!("wxpush_account_pauses_total", "account" => account.to_owned()),
+        };
+        // Series exist from the start at 0, so the first increase() of a dashboard is not lost.
+        for counter in
+            [&this.succeeded, &this.failed, &this.deferred, &this.retries, &this.rate_waits, &this.parked, &this.pauses]
+        {
+            counter.increment(0);
         }
+        this
     }
 
     fn finished(&self, status: SendStatus) -> &metrics::Counter {
@@ -179,14 +199,6 @@ impl AccountMetrics {
             SendStatus::Failed => &self.failed,
             SendStatus::Deferred => &self.deferred,
         }
-    }
-}
-
-fn status_label(status: SendStatus) -> &'static str {
-    match status {
-        SendStatus::Succeeded => "succeeded",
-        SendStatus::Failed => "failed",
-        SendStatus::Deferred => "deferred",
     }
 }
 
@@ -218,6 +230,7 @@ impl Pipeline {
         let metrics = config.accounts.iter().map(|a| (a.name.clone(), AccountMetrics::new(&a.name))).collect();
         Self {
             metrics,
+            unknown_metrics: AccountMetrics::new(UNKNOWN_ACCOUNT_LABEL),
             budgets,
             quota_day: QuotaDay::with_length(config.quota_day_secs),
             waiting,
@@ -239,20 +252,54 @@ impl Pipeline {
         &self.topology
     }
 
+    /// The metric handles of `account`, or those labelled `unknown` when it is not configured.
+    fn metrics_of(&self, account: &str) -> &AccountMetrics {
+        self.metrics.get(account).unwrap_or(&self.unknown_metrics)
+    }
+
     /// Takes one delivery of the jobs queue through its whole life.
     pub async fn process(&self, delivery: &Delivery, publisher: &Publisher, cancel: &CancellationToken) -> Disposition {
         let props = &delivery.properties;
         let message_id = props.message_id().as_ref().map(|m| m.as_str());
+        if let Some(oversized) = self.oversized(delivery) {
+            return self.refuse_oversized(oversized, publisher).await;
+        }
         let job = match Job::parse(&delivery.data, message_id) {
             Ok(job) => job,
             Err(invalid) => {
                 let reason = invalid.to_string();
-                warn!(job_id = ?invalid.job_id, %reason, "job refused, dead-lettering it");
-                return self.reject(delivery, publisher, invalid.job_id, None, &reason, &reason).await;
+                warn!(job_id = invalid.job_id.as_deref().unwrap_or(""), %reason, "job refused, dead-lettering it");
+                return self.reject(delivery, publisher, invalid.job_id, None, &reason).await;
             }
         };
         let span = info_span!("job", job_id = %job.job_id, account = %job.account);
         self.process_job(delivery, publisher, cancel, job).instrument(span).await
+    }
+
+    /// Whether a delivery's body is over the job size limit and can be refused without its body:
+    /// then the caller drops the body at once and hands [`refuse_oversized`](Self::refuse_oversized)
+    /// only what it says here.
+    pub fn oversized(&self, delivery: &Delivery) -> Option<Oversized> {
+        (delivery.data.len() > MAX_JOB_BYTES && self.topology.queue_type == QueueType::Quorum).then(|| Oversized {
+            bytes: delivery.data.len(),
+            message_id: delivery.properties.message_id().as_ref().map(|m| m.to_string()),
+        })
+    }
+
+    /// Refuses a body over the job size limit unread: the broker's own dead-lettering of the
+    /// quorum jobs queue moves it, body untouched, to the dead-letter queue, so the worker never
+    /// holds or copies it. A `send.failed` goes out when the message_id names the job.
+    pub async fn refuse_oversized(&self, oversized: Oversized, publisher: &Publisher) -> Disposition {
+        let reason = oversized.reason();
+        warn!(bytes = oversized.bytes, "job refused: body too large");
+        metrics::counter!("wxpush_jobs_oversized_total").increment(1);
+        let Some(job_id) = oversized.message_id.filter(|id| crate::domain::job::is_valid_job_id(id)) else {
+            return Disposition::Reject;
+        };
+        match self.publish_result(publisher, &SendResult::invalid(job_id, None, reason)).await {
+            Disposition::Ack => Disposition::Reject,
+            other => other,
+        }
     }
 
     async fn process_job(
@@ -262,15 +309,31 @@ impl Pipeline {
         cancel: &CancellationToken,
         job: Job,
     ) -> Disposition {
-        let attempts_before = attempts_of(&delivery.properties);
+        let attempts_before = match attempts_of(&delivery.properties) {
+            Ok(n) => n,
+            Err(header) => {
+                let reason = format!("invalid job: {header}");
+                warn!(%reason, "job refused, dead-lettering it");
+                return self.reject(delivery, publisher, Some(job.job_id.clone()), Some(&job), &reason).await;
+            }
+        };
         let Some(account) = self.accounts.get(&job.account) else {
             let reason = format!("invalid job: unknown account {:?}", job.account);
             warn!(%reason, "job refused, dead-lettering it");
-            return self.reject(delivery, publisher, Some(job.job_id.clone()), Some(&job), &reason, &reason).await;
+            return self.reject(delivery, publisher, Some(job.job_id.clone()), Some(&job), &reason).await;
         };
         if job.is_expired(Utc::now()) {
             info!("job expired before it could be sent");
-            return self.reject(delivery, publisher, Some(job.job_id.clone()), Some(&job), "expired", "expired").await;
+            return self.reject(delivery, publisher, Some(job.job_id.clone()), Some(&job), "expired").await;
+        }
+        if attempts_before >= self.config.max_attempts {
+            // Only a forged or foreign header gets here: the pipeline never delays a job whose
+            // attempts are spent. Such a header may end a job, never extend it.
+            let reason = format!("attempts exhausted: {attempts_before} attempts recorded in {ATTEMPTS_HEADER}");
+            warn!(%reason, "job failed");
+            return self
+                .publish_result(publisher, &SendResult::failed(&job, None, None, reason, attempts_before))
+                .await;
         }
         if let Some((left, pause)) = self.pause_of(account).await {
             debug!(why = %pause.why, "account paused; the job waits in a delay queue");
@@ -315,7 +378,8 @@ impl Pipeline {
             }
         }
 
-        let outcome = self.attempts(&job, account, attempts_before, cancel).await;
+        let outcome =
+            self.holding_lease(&job.job_id, &owner, lease, self.attempts(&job, account, attempts_before, cancel)).await;
         let result = match outcome {
             Outcome::Sent { msgid, errmsg, attempts } => {
                 let result = SendResult::succeeded(&job, msgid, errmsg, attempts);
@@ -361,6 +425,10 @@ impl Pipeline {
                 Err(e @ TokenError::Unavailable { .. }) => {
                     return Outcome::Later { after: token_wait, attempts: attempt, why: e.to_string(), parked: false };
                 }
+                Err(e @ TokenError::Refused { .. }) => {
+                    let after = e.retry_after().unwrap_or(token_wait);
+                    return Outcome::Later { after, attempts: attempt, why: e.to_string(), parked: false };
+                }
                 Err(e @ TokenError::Store { .. }) => {
                     warn!(error = %e, "the job waits for Redis");
                     if !sleep_or_cancel(cancel, jittered(Duration::from_millis(500))).await {
@@ -379,7 +447,7 @@ impl Pipeline {
                 }
                 Gate::Abandoned => return Outcome::Abandoned,
             }
-            attempt += 1;
+            attempt = attempt.saturating_add(1);
             let started = Instant::now();
             let mut answer = self.wechat.send_template(&token, body.clone()).await;
             if let Ok(a) = &answer
@@ -389,13 +457,25 @@ impl Pipeline {
                 // transient failure below, never as a reason to refresh again.
                 match self.tokens.replace(&account.name, &token).await {
                     Ok(fresh) => answer = self.wechat.send_template(&fresh, body.clone()).await,
+                    // The refusal cost an attempt: a token WeChat keeps refusing ends the job
+                    // once its attempts are spent, with the reason, instead of circling forever.
+                    Err(e @ TokenError::Refused { .. }) => {
+                        let errcode = answer.as_ref().ok().map(|a| a.errcode);
+                        let errmsg = answer.ok().map(|a| a.errmsg);
+                        let after = e.retry_after().unwrap_or(token_wait).max(self.backoff_after(attempt));
+                        if attempt >= self.config.max_attempts {
+                            let reason = format!("attempts exhausted: {e}");
+                            return Outcome::Failed { errcode, errmsg, reason, attempts: attempt };
+                        }
+                        return Outcome::Later { after, attempts: attempt, why: e.to_string(), parked: false };
+                    }
                     Err(e) => {
                         let why = e.to_string();
                         return Outcome::Later { after: token_wait, attempts: attempt - 1, why, parked: false };
                     }
                 }
             }
-            self.metrics[&account.name].send_seconds.record(started.elapsed().as_secs_f64());
+            self.metrics_of(&account.name).send_seconds.record(started.elapsed().as_secs_f64());
             let (errcode, errmsg, why) = match answer {
                 Ok(a) => match errcode::classify(a.errcode) {
                     Action::Accepted => match a.msgid {
@@ -443,7 +523,7 @@ impl Pipeline {
                 },
                 Err(e) => (None, None, e.to_string()),
             };
-            self.metrics[&account.name].retries.increment(1);
+            self.metrics_of(&account.name).retries.increment(1);
             if attempt >= self.config.max_attempts {
                 let reason = format!("attempts exhausted: {why}");
                 return Outcome::Failed { errcode, errmsg, reason, attempts: attempt };
@@ -483,7 +563,7 @@ impl Pipeline {
                     jittered(Duration::from_millis(500))
                 }
             };
-            self.metrics[&account.name].rate_waits.increment(1);
+            self.metrics_of(&account.name).rate_waits.increment(1);
             if waiting.fetch_add(1, Ordering::Relaxed) >= self.waiting_cap {
                 waiting.fetch_sub(1, Ordering::Relaxed);
                 let why = "rate limit: the account's share of this worker is busy waiting".to_owned();
@@ -517,7 +597,7 @@ impl Pipeline {
                 return Disposition::Requeue;
             }
         }
-        metrics::counter!("wxpush_jobs_parked_total", "account" => job.account.clone()).increment(1);
+        self.metrics_of(&job.account).parked.increment(1);
         self.delay(delivery, publisher, after, attempts, why, true).await
     }
 
@@ -547,6 +627,24 @@ impl Pipeline {
                     error!(error = %e, msgid, "could not record the sent job: a duplicate publish of it would be sent again, and its receipts will carry no job_id");
                     return;
                 }
+            }
+        }
+    }
+
+    /// Runs `work` while renewing our lease on the job every third of its length, so that the
+    /// lease can be short: a crashed worker's jobs are free again within one lease, while a job
+    /// that waits long (rate limit, backoff) stays ours.
+    async fn holding_lease<T>(&self, job_id: &str, owner: &str, lease: Duration, work: impl Future<Output = T>) -> T {
+        tokio::pin!(work);
+        let every = lease / 3;
+        loop {
+            tokio::select! {
+                out = &mut work => return out,
+                _ = tokio::time::sleep(every) => match self.redis.renew_job(job_id, owner, lease).await {
+                    Ok(true) => {}
+                    Ok(false) => error!("the job's lease ran out before it could be renewed; another worker may take the job"),
+                    Err(e) => warn!(error = %e, "could not renew the job's lease; retrying"),
+                },
             }
         }
     }
@@ -581,7 +679,7 @@ impl Pipeline {
     /// Pauses the account across the pool for `for_`.
     async fn pause(&self, account: &Account, for_: Duration, why: &str, parked: bool) {
         warn!(account = %account.name, pause_secs = for_.as_secs_f64(), "{why}");
-        metrics::counter!("wxpush_account_pauses_total", "account" => account.name.clone()).increment(1);
+        self.metrics_of(&account.name).pauses.increment(1);
         let now = Instant::now();
         let pause = Pause { why: why.to_owned(), parked };
         if let Err(e) = self.redis.pause_account(&account.appid, for_, &pause.encode()).await {
@@ -604,11 +702,7 @@ impl Pipeline {
         let props = json_properties(result.job_id.as_deref());
         match publisher.publish(&self.topology.results_exchange, result.routing_key(), json, props, false).await {
             Ok(()) => {
-                let account = result.account.as_deref().unwrap_or("");
-                match self.metrics.get(account) {
-                    Some(m) => m.finished(result.status).increment(1),
-                    None => metrics::counter!("wxpush_jobs_total", "account" => account.to_owned(), "status" => status_label(result.status)).increment(1),
-                }
+                self.metrics_of(result.account.as_deref().unwrap_or("")).finished(result.status).increment(1);
                 Disposition::Ack
             }
             Err(e) => {
@@ -639,16 +733,15 @@ impl Pipeline {
         publisher: &Publisher,
         job_id: Option<String>,
         job: Option<&Job>,
-        header_reason: &str,
-        result_reason: &str,
+        reason: &str,
     ) -> Disposition {
-        if self.dead_letter(delivery, publisher, header_reason).await == Disposition::Requeue {
+        if self.dead_letter(delivery, publisher, reason).await == Disposition::Requeue {
             return Disposition::Requeue;
         }
         let Some(job_id) = job_id else { return Disposition::Ack };
         let result = match job {
-            Some(job) => SendResult::failed(job, None, None, result_reason.to_owned(), 0),
-            None => SendResult::invalid(job_id, None, result_reason.to_owned()),
+            Some(job) => SendResult::failed(job, None, None, reason.to_owned(), 0),
+            None => SendResult::invalid(job_id, None, reason.to_owned()),
         };
         self.publish_result(publisher, &result).await
     }
@@ -712,6 +805,19 @@ impl Pipeline {
     }
 }
 
+/// A delivery refused for its size, without its body.
+#[derive(Debug)]
+pub struct Oversized {
+    bytes: usize,
+    message_id: Option<String>,
+}
+
+impl Oversized {
+    fn reason(&self) -> String {
+        format!("invalid job: body is {} bytes, over the {MAX_JOB_BYTES}-byte limit", self.bytes)
+    }
+}
+
 /// Whether a job may go on to its send.
 enum Gate {
     Open,
@@ -719,24 +825,23 @@ enum Gate {
     Abandoned,
 }
 
-/// Attempts so far, from the header (any integer type a publisher may have used).
-pub fn attempts_of(props: &BasicProperties) -> u32 {
-    props.headers().as_ref().and_then(|h| header_u32(h, ATTEMPTS_HEADER)).unwrap_or(0)
-}
-
-fn header_u32(headers: &FieldTable, name: &str) -> Option<u32> {
-    let value = headers.inner().get(name)?;
-    let n: i64 = match value {
-        AMQPValue::ShortShortInt(v) => (*v).into(),
-        AMQPValue::ShortShortUInt(v) => (*v).into(),
-        AMQPValue::ShortInt(v) => (*v).into(),
-        AMQPValue::ShortUInt(v) => (*v).into(),
-        AMQPValue::LongInt(v) => (*v).into(),
-        AMQPValue::LongUInt(v) => (*v).into(),
-        AMQPValue::LongLongInt(v) => *v,
-        _ => return None,
+/// Attempts so far, from the header (any integer type a publisher may have used); 0 when there
+/// is none. A header that is not a whole number from 0 to 2^32 - 1 is an error (its text says
+/// what it held): a corrupt count must neither reset a job's attempts nor wrap around.
+pub fn attempts_of(props: &BasicProperties) -> Result<u32, String> {
+    let Some(value) = props.headers().as_ref().and_then(|h| h.inner().get(ATTEMPTS_HEADER)) else { return Ok(0) };
+    let n: Option<i64> = match value {
+        AMQPValue::ShortShortInt(v) => Some((*v).into()),
+        AMQPValue::ShortShortUInt(v) => Some((*v).into()),
+        AMQPValue::ShortInt(v) => Some((*v).into()),
+        AMQPValue::ShortUInt(v) => Some((*v).into()),
+        AMQPValue::LongInt(v) => Some((*v).into()),
+        AMQPValue::LongUInt(v) => Some((*v).into()),
+        AMQPValue::LongLongInt(v) => Some(*v),
+        _ => None,
     };
-    u32::try_from(n).ok()
+    n.and_then(|n| u32::try_from(n).ok())
+        .ok_or_else(|| format!("header {ATTEMPTS_HEADER} is not a count of attempts: {value:?}"))
 }
 
 /// Sleeps unless cancelled first; returns false when cancelled.

@@ -8,8 +8,16 @@
 //! - fetching is single-flight across the pool: a `SET NX PX` lease with a unique value, a
 //!   re-check after acquiring it, release by compare-and-delete; everyone else polls Redis for the
 //!   token the holder stores instead of fetching their own;
+//! - the refresher decides on the token it saw (its fetch time); under the lock it fetches only
+//!   if nobody fetched after that decision, so a pool of any size makes one request per token
+//!   lifetime, also when WeChat hands back the same token or tokens live shorter than
+//!   `refresh_ahead` (the refresh point is then a sixth of the lifetime before expiry);
 //! - on 40001/40014/42001 the failed token is dropped only if Redis still holds it
 //!   (compare-and-invalidate), so one bad answer cannot rotate a token someone just fetched;
+//! - a forced refresh (when stable_token hands the refused token back) passes a pool-wide gate:
+//!   one per `forced_refresh_interval_secs`, `forced_refresh_daily_budget` a day. While the gate
+//!   is shut the token is marked refused, and refusals are answered from that mark without
+//!   calling WeChat: jobs wait in the delay queues, never in a loop of token requests;
 //! - a failed fetch (wrong secret, IP whitelist, WeChat down) is remembered in Redis with a
 //!   doubling back-off, so the pool does not burn WeChat's 2,000-a-day token quota in a storm.
 
@@ -25,8 +33,11 @@ use tracing::{debug, error, info, warn};
 
 use crate::{
     config::{Account, TokenSettings},
-    domain::errcode::token_error_advice,
-    store::{Redis, StoreError, token::StoredToken},
+    domain::{calendar, errcode::token_error_advice},
+    store::{
+        Redis, StoreError,
+        token::{ForcedRefresh, StoredToken, fingerprint},
+    },
     wechat::{TokenFetchError, WechatClient},
 };
 
@@ -35,16 +46,49 @@ pub type Token = Arc<SecretString>;
 
 /// Longest pause after failed fetches.
 const MAX_FAILURE_BACKOFF: Duration = Duration::from_secs(300);
-/// A token with less than this left is not handed to a send.
+/// A token with less than this left (or a tenth of its lifetime, if shorter) is not handed to
+/// a send.
 const MIN_USABLE: Duration = Duration::from_millis(500);
+/// A refused token is not asked about again for longer than this, even when the forced-refresh
+/// budget is spent: someone may have forced a refresh in the console meanwhile.
+const MAX_REFUSAL_MARK: Duration = Duration::from_secs(300);
 
 /// Why no token could be had. The job that asked waits; it is not failed.
 #[derive(Debug, thiserror::Error)]
 pub enum TokenError {
     #[error("no access token for account {account}: {reason}")]
     Unavailable { account: String, reason: String },
-    #[error("no access token for account {account}: {source}")]
+    #[error("no access token for account {account}")]
     Store { account: String, source: StoreError },
+    /// WeChat refuses the token, hands the same one back, and no forced refresh is allowed
+    /// before `retry_after`.
+    #[error(
+        "WeChat refuses the access token of account {account} and no new one can be had for {secs:.0} s ({why}); \
+         if this lasts, check that no other system uses this appid's secret to fetch tokens",
+        secs = retry_after.as_secs_f64()
+    )]
+    Refused { account: String, why: String, retry_after: Duration },
+}
+
+impl TokenError {
+    /// When asking again may help, for a refused token.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            TokenError::Refused { retry_after, .. } => Some(*retry_after),
+            TokenError::Unavailable { .. } | TokenError::Store { .. } => None,
+        }
+    }
+}
+
+/// Why a fetch under the lock is wanted; the re-check under the lock depends on it.
+#[derive(Clone, Copy)]
+enum Need<'a> {
+    /// No usable token at all.
+    Missing,
+    /// WeChat refused this token.
+    Replace(&'a Token),
+    /// The refresher saw the token fetched at this time (None: no token) enter its refresh window.
+    Refresh { seen: Option<i64> },
 }
 
 struct Local {
@@ -58,6 +102,10 @@ struct AccountTokens {
     local: RwLock<Option<Local>>,
     /// One fetch or Redis wait at a time in this process; the rest read what it found.
     flight: tokio::sync::Mutex<()>,
+    /// `wxpush_token_healthy`: 1 while the account has a token WeChat accepts, 0 after a failed
+    /// fetch or a refusal that cannot be remedied; the last value, to log changes once.
+    health: metrics::Gauge,
+    healthy: std::sync::atomic::AtomicI8,
 }
 
 /// Hands out tokens for every configured account.
@@ -74,7 +122,13 @@ impl TokenManager {
         let accounts = accounts
             .iter()
             .map(|a| {
-                let tokens = AccountTokens { account: a.clone(), local: RwLock::new(None), flight: Default::default() };
+                let tokens = AccountTokens {
+                    account: a.clone(),
+                    local: RwLock::new(None),
+                    flight: Default::default(),
+                    health: metrics::gauge!("wxpush_token_healthy", "account" => a.name.clone()),
+                    healthy: std::sync::atomic::AtomicI8::new(-1),
+                };
                 (a.name.clone(), Arc::new(tokens))
             })
             .collect();
@@ -103,11 +157,20 @@ impl TokenManager {
     }
 
     /// Reports that WeChat refused `failed` (40001/40014/42001) and returns a token to retry
-    /// with: a newer one if someone already replaced it, else one fetched once.
+    /// with: a newer one if someone already replaced it, else one fetched once. A token already
+    /// known to be refused with no replacement in reach is answered with
+    /// [`TokenError::Refused`] at once, without calling WeChat.
     pub async fn replace(&self, account: &str, failed: &Token) -> Result<Token, TokenError> {
         let entry = self.entry(account)?;
         entry.forget_local(failed);
         let appid = &entry.account.appid;
+        let snapshot = self.redis.read_token(appid).await.map_err(|source| entry.store_error(source))?;
+        if let Some(refusal) = snapshot.refusal.filter(|r| r.fingerprint == fingerprint(failed)) {
+            return Err(entry.refused(refusal.why, refusal.remaining));
+        }
+        if let Some(t) = snapshot.token.as_ref().filter(|t| usable(t, Some(failed))) {
+            return Ok(entry.remember(t));
+        }
         let dropped = self.redis.invalidate_token(appid, failed).await.map_err(|source| entry.store_error(source))?;
         if dropped {
             info!(account = %entry.account.name, "access token refused by WeChat; dropped it from the pool's cache");
@@ -132,10 +195,19 @@ impl TokenManager {
             return Ok(token);
         }
         let appid = entry.account.appid.as_str();
+        let need = match stale {
+            Some(bad) => Need::Replace(bad),
+            None => Need::Missing,
+        };
         loop {
             let snapshot = self.redis.read_token(appid).await.map_err(|source| entry.store_error(source))?;
             if let Some(t) = snapshot.token.as_ref().filter(|t| usable(t, stale)) {
                 return Ok(entry.remember(t));
+            }
+            if let (Some(refusal), Some(bad)) = (&snapshot.refusal, stale)
+                && refusal.fingerprint == fingerprint(bad)
+            {
+                return Err(entry.refused(refusal.why.clone(), refusal.remaining));
             }
             if let Some(failure) = snapshot.failure.as_ref().filter(|f| !f.remaining.is_zero()) {
                 if Instant::now() + failure.remaining > deadline {
@@ -153,7 +225,7 @@ impl TokenManager {
             }
             let lease = Duration::from_millis(self.settings.lock_ttl_ms);
             if self.redis.try_lock_token(appid, &self.owner, lease).await.map_err(|s| entry.store_error(s))? {
-                let result = self.fetch_locked(entry, stale, None).await;
+                let result = self.fetch_locked(entry, need).await;
                 if let Err(e) = self.redis.unlock_token(appid, &self.owner).await {
                     warn!(account = %entry.account.name, error = %e, "could not release the token lock; it expires by itself");
                 }
@@ -170,42 +242,69 @@ impl TokenManager {
         }
     }
 
-    /// Holding the lock: re-checks Redis, then fetches. `refresh_below` makes a token with less
-    /// than that left count as stale (refresh-ahead).
-    async fn fetch_locked(
-        &self,
-        entry: &AccountTokens,
-        stale: Option<&Token>,
-        refresh_below: Option<Duration>,
-    ) -> Result<Token, TokenError> {
+    /// Holding the lock: re-checks Redis for what `need` asks, then fetches.
+    async fn fetch_locked(&self, entry: &AccountTokens, need: Need<'_>) -> Result<Token, TokenError> {
         let account = &entry.account;
         let snapshot = self.redis.read_token(&account.appid).await.map_err(|source| entry.store_error(source))?;
-        if let Some(t) = snapshot.token.as_ref().filter(|t| usable(t, stale))
-            && refresh_below.is_none_or(|below| t.remaining > below)
+        let stale = match need {
+            Need::Replace(bad) => Some(bad),
+            Need::Missing | Need::Refresh { .. } => None,
+        };
+        if let Some(t) = snapshot.token.as_ref().filter(|t| usable(t, stale)) {
+            let fetched_since = match need {
+                Need::Missing | Need::Replace(_) => true,
+                // Did someone fetch after I decided to? Compared by fetch time, so it holds when
+                // WeChat handed back the same token.
+                Need::Refresh { seen } => seen != Some(t.fetched_at_ms),
+            };
+            if fetched_since {
+                debug!(account = %account.name, "another worker fetched the token meanwhile");
+                return Ok(entry.remember(t));
+            }
+        }
+        if let (Some(refusal), Some(bad)) = (&snapshot.refusal, stale)
+            && refusal.fingerprint == fingerprint(bad)
         {
-            debug!(account = %account.name, "another worker refreshed the token meanwhile");
-            return Ok(entry.remember(t));
+            return Err(entry.refused(refusal.why.clone(), refusal.remaining));
         }
         let streak = snapshot.failure.as_ref().map_or(0, |f| f.streak);
         let mut grant = self.wechat.fetch_token(account.token_api, &account.appid, &account.secret, false).await;
         // stable_token hands out the current token while it is valid; if that is the very token
-        // WeChat just refused, only a forced refresh gets a new one (WeChat allows 20 a day).
+        // WeChat just refused, only a forced refresh gets a new one.
         if let (Ok(g), Some(bad)) = (&grant, stale)
             && g.access_token.expose_secret() == bad.expose_secret()
         {
-            warn!(account = %account.name, "WeChat returned the refused token again; forcing a refresh");
-            grant = self.wechat.fetch_token(account.token_api, &account.appid, &account.secret, true).await;
+            let lifetime = g.expires_in;
+            grant = match self.force_refresh(entry).await? {
+                Ok(()) => self.wechat.fetch_token(account.token_api, &account.appid, &account.secret, true).await,
+                Err((why, retry_after)) => return Err(self.keep_refused(entry, bad, lifetime, why, retry_after).await),
+            };
+            if let Ok(g) = &grant
+                && g.access_token.expose_secret() == bad.expose_secret()
+            {
+                // WeChat ignored the forced refresh (someone forced one less than 30 s ago).
+                let why = "WeChat ignored a forced refresh and handed the refused token back".to_owned();
+                let retry_after = Duration::from_secs(self.settings.forced_refresh_interval_secs);
+                return Err(self.keep_refused(entry, bad, g.expires_in, why, retry_after).await);
+            }
         }
         match grant {
             Ok(g) => {
-                self.redis
+                let fetched_at_ms = self
+                    .redis
                     .store_token(&account.appid, &g.access_token, g.expires_in)
                     .await
                     .map_err(|source| entry.store_error(source))?;
                 info!(account = %account.name, expires_in_secs = g.expires_in.as_secs(), "fetched a new access token");
                 metrics::counter!("wxpush_token_fetches_total", "account" => account.name.clone(), "outcome" => "ok")
                     .increment(1);
-                let stored = StoredToken { value: g.access_token, remaining: g.expires_in, fetched_at_ms: 0 };
+                entry.set_healthy(true, "");
+                let stored = StoredToken {
+                    value: g.access_token,
+                    remaining: g.expires_in,
+                    fetched_at_ms,
+                    lifetime: g.expires_in,
+                };
                 Ok(entry.remember(&stored))
             }
             Err(e) => {
@@ -228,12 +327,72 @@ impl TokenManager {
                 metrics::counter!("wxpush_token_fetches_total", "account" => account.name.clone(), "outcome" => "error")
                     .increment(1);
                 let message = e.to_string();
+                entry.set_healthy(false, &message);
                 if let Err(store) = self.redis.store_token_failure(&account.appid, streak, &message, backoff).await {
                     warn!(account = %account.name, error = %store, "could not record the failed token fetch");
                 }
                 Err(TokenError::Unavailable { account: account.name.clone(), reason: message })
             }
         }
+    }
+
+    /// Asks the pool-wide gate for a forced refresh: `Ok(Ok(()))` to go ahead, `Ok(Err((why,
+    /// retry_after)))` when the interval or the day's budget says no.
+    async fn force_refresh(&self, entry: &AccountTokens) -> Result<Result<(), (String, Duration)>, TokenError> {
+        let account = &entry.account;
+        let interval = Duration::from_secs(self.settings.forced_refresh_interval_secs);
+        let budget = self.settings.forced_refresh_daily_budget;
+        let now = chrono::Utc::now();
+        let gate = self
+            .redis
+            .gate_forced_refresh(
+                &account.appid,
+                interval,
+                budget,
+                &calendar::beijing_day(now),
+                calendar::until_beijing_midnight(now),
+            )
+            .await
+            .map_err(|source| entry.store_error(source))?;
+        Ok(match gate {
+            ForcedRefresh::Granted { used } => {
+                warn!(account = %account.name, forced_today = used, budget, "WeChat returned the refused token again; forcing a refresh");
+                metrics::counter!("wxpush_token_forced_refreshes_total", "account" => account.name.clone())
+                    .increment(1);
+                Ok(())
+            }
+            ForcedRefresh::Denied { retry_after, used } if u64::from(budget) <= used => Err((
+                format!("the day's budget of {budget} forced refreshes is spent (token.forced_refresh_daily_budget)"),
+                retry_after,
+            )),
+            ForcedRefresh::Denied { retry_after, .. } => {
+                Err((format!("the last forced refresh was less than {} s ago", interval.as_secs()), retry_after))
+            }
+        })
+    }
+
+    /// Keeps the refused token cached (fetching it again would only return it again) and marks
+    /// it refused, so that the pool's refusals are answered without calling WeChat.
+    async fn keep_refused(
+        &self,
+        entry: &AccountTokens,
+        bad: &Token,
+        lifetime: Duration,
+        why: String,
+        retry_after: Duration,
+    ) -> TokenError {
+        let appid = &entry.account.appid;
+        let mark = retry_after.min(MAX_REFUSAL_MARK);
+        let stored = async {
+            self.redis.store_token(appid, bad, lifetime).await?;
+            self.redis.mark_token_refused(appid, bad, &why, mark).await
+        };
+        if let Err(e) = stored.await {
+            warn!(account = %entry.account.name, error = %e, "could not share the token refusal with the pool");
+        }
+        error!(account = %entry.account.name, %why, retry_in_secs = mark.as_secs_f64(), "WeChat refuses the access token and no new one can be had yet; jobs wait");
+        entry.set_healthy(false, &why);
+        entry.refused(why, mark)
     }
 
     /// Keeps every account's token fresh until `cancel`: wakes up `refresh_ahead` before expiry
@@ -261,7 +420,6 @@ impl TokenManager {
 
     /// One round of the refresher; returns how long to sleep before the next.
     async fn refresh_once(&self, entry: &AccountTokens) -> Duration {
-        let ahead = self.refresh_ahead();
         let appid = entry.account.appid.as_str();
         let snapshot = match self.redis.read_token(appid).await {
             Ok(s) => s,
@@ -273,30 +431,40 @@ impl TokenManager {
         if let Some(failure) = &snapshot.failure
             && !failure.remaining.is_zero()
         {
+            entry.set_healthy(false, &failure.message);
             return failure.remaining + jitter(Duration::from_millis(50));
         }
-        if let Some(t) = &snapshot.token {
-            entry.remember(t);
-            if t.remaining > ahead {
-                // Wake up when it enters the refresh window; jitter spreads the pool's wake-ups.
-                return (t.remaining - ahead + jitter(Duration::from_millis(20))).min(Duration::from_secs(60));
-            }
+        if let Some(refusal) = &snapshot.refusal {
+            entry.set_healthy(false, &refusal.why);
+            // Refreshing now would hand the refused token back; the mark says when to look again.
+            return refusal.remaining + jitter(Duration::from_millis(50));
         }
+        let seen = match &snapshot.token {
+            Some(t) => {
+                entry.remember(t);
+                entry.set_healthy(true, "");
+                let ahead = self.refresh_point(t.lifetime);
+                if t.remaining > ahead {
+                    // Wake up when it enters the refresh window; jitter spreads the pool's wake-ups.
+                    return (t.remaining - ahead + jitter(Duration::from_millis(20))).min(Duration::from_secs(60));
+                }
+                Some(t.fetched_at_ms)
+            }
+            None => None,
+        };
         let lease = Duration::from_millis(self.settings.lock_ttl_ms);
         match self.redis.try_lock_token(appid, &self.owner, lease).await {
             Ok(true) => {
                 let _flight = entry.flight.lock().await;
-                let result = self.fetch_locked(entry, None, Some(ahead)).await;
+                let result = self.fetch_locked(entry, Need::Refresh { seen }).await;
                 let _ = self.redis.unlock_token(appid, &self.owner).await;
                 match result {
-                    // If WeChat returned the same token (not yet in its own refresh window), look
-                    // again halfway to its expiry instead of asking again at once.
-                    Ok(_) => entry.local_remaining().map_or(Duration::from_millis(200), |r| {
-                        if r <= ahead { (r / 2).max(Duration::from_millis(200)) } else { Duration::from_millis(10) }
-                    }),
+                    // The next round reads what is stored now and sleeps until its window.
+                    Ok(_) => Duration::ZERO,
                     Err(_) => Duration::from_millis(100),
                 }
             }
+            // Someone else is refreshing: the next round sees what they stored.
             Ok(false) => jitter(Duration::from_millis(100)),
             Err(e) => {
                 warn!(account = %entry.account.name, error = %e, "token refresher cannot reach Redis; retrying");
@@ -304,17 +472,18 @@ impl TokenManager {
             }
         }
     }
+
+    /// How long before expiry a token of `lifetime` is refreshed: `refresh_ahead`, or a sixth
+    /// of the lifetime when that is shorter (short-lived tokens would otherwise always be due).
+    fn refresh_point(&self, lifetime: Duration) -> Duration {
+        self.refresh_ahead().min(lifetime / 6)
+    }
 }
 
 impl AccountTokens {
     fn fresh_local(&self) -> Option<Token> {
         let local = self.local.read().unwrap_or_else(|p| p.into_inner());
         local.as_ref().filter(|l| Instant::now() + MIN_USABLE < l.expires_at).map(|l| Arc::clone(&l.token))
-    }
-
-    fn local_remaining(&self) -> Option<Duration> {
-        let local = self.local.read().unwrap_or_else(|p| p.into_inner());
-        local.as_ref().map(|l| l.expires_at.saturating_duration_since(Instant::now()))
     }
 
     fn remember(&self, stored: &StoredToken) -> Token {
@@ -343,6 +512,22 @@ impl AccountTokens {
     fn store_error(&self, source: StoreError) -> TokenError {
         TokenError::Store { account: self.account.name.clone(), source }
     }
+
+    fn refused(&self, why: String, retry_after: Duration) -> TokenError {
+        TokenError::Refused { account: self.account.name.clone(), why, retry_after }
+    }
+
+    /// Sets the health gauge and logs when health changes.
+    fn set_healthy(&self, healthy: bool, why: &str) {
+        use std::sync::atomic::Ordering;
+        self.health.set(if healthy { 1.0 } else { 0.0 });
+        let before = self.healthy.swap(i8::from(healthy), Ordering::Relaxed);
+        if healthy && before == 0 {
+            info!(account = %self.account.name, "access token healthy again");
+        } else if !healthy && before != 0 {
+            warn!(account = %self.account.name, %why, "access token unhealthy: sends of this account wait");
+        }
+    }
 }
 
 fn same(a: Option<&Token>, b: Option<&Token>) -> bool {
@@ -353,7 +538,7 @@ fn same(a: Option<&Token>, b: Option<&Token>) -> bool {
 }
 
 fn usable(t: &StoredToken, stale: Option<&Token>) -> bool {
-    t.remaining > MIN_USABLE && stale.is_none_or(|s| s.expose_secret() != t.value.expose_secret())
+    t.remaining > MIN_USABLE.min(t.lifetime / 10) && stale.is_none_or(|s| s.expose_secret() != t.value.expose_secret())
 }
 
 /// `base` plus up to 100 % random extra, so a pool's processes do not move in lockstep.

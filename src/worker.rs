@@ -124,6 +124,16 @@ pub async fn run(config: Config, shutdown: CancellationToken, health: Arc<Health
                 next = session.consumer.next() => match next {
                     Some(Ok(delivery)) => {
                         health.progress();
+                        if let Some(oversized) = pipeline.oversized(&delivery) {
+                            // Dropped here, before any task holds it: a flood of huge bodies then
+                            // costs one body at a time, not one per concurrency slot.
+                            let tag = delivery.delivery_tag;
+                            drop(delivery);
+                            let (pipeline, publisher, acks) = (Arc::clone(&pipeline), session.publisher.clone(), session.acks.handle());
+                            acks.delivered(tag);
+                            tracker.spawn(async move { acks.finished(tag, pipeline.refuse_oversized(oversized, &publisher).await) });
+                            continue;
+                        }
                         let pipeline = Arc::clone(&pipeline);
                         let publisher = session.publisher.clone();
                         let hard_stop = hard_stop.clone();

@@ -108,9 +108,15 @@ async fn sigterm_finishes_in_flight_jobs_and_leaves_the_rest_queued() {
     results.extend(env.results(total, Duration::from_secs(2)).await);
     let left = env.queue_len(&env.config.jobs_queue).await as usize;
     let stats = sandbox.stats();
-    assert!(stats.send_requests > sends_before, "jobs in flight at SIGTERM were finished");
     assert!(results.iter().all(|r| r.routing_key == "send.succeeded"));
     let done: HashSet<_> = results.iter().map(|r| r.body["job_id"].as_str().unwrap().to_owned()).collect();
+    // Every send that had reached WeChat when SIGTERM came (in flight or finished) has its
+    // result: counted from what the sandbox had received, whatever the timing.
+    assert!(
+        done.len() as u64 >= sends_before,
+        "{} results, but {sends_before} sends had started before SIGTERM",
+        done.len()
+    );
     assert_eq!(done.len() as u64, stats.sends_accepted, "every sent job has its result");
     assert_eq!(done.len() + left, total, "nothing lost: {} done + {left} queued", done.len());
     assert!(left > 0, "the jobs not yet started stayed in the queue");

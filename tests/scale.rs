@@ -84,7 +84,11 @@ async fn the_queues_are_quorum_queues_by_default_with_a_delivery_limit() {
     env.declare_topology().await;
     let topology = Topology::from_config(&env.config);
     let queues = topology.queues();
-    assert_eq!(queues.len(), 2 + env.config.retry.delay_tiers_secs.len(), "jobs, dead-letter and delay queues");
+    assert_eq!(
+        queues.len(),
+        3 + env.config.retry.delay_tiers_secs.len(),
+        "jobs, dead-letter, delay and unrouted queues"
+    );
     for (queue, args) in queues {
         // The broker compares a declare with what the queue is: the same arguments pass...
         declare(&env, &queue, args.clone()).await.unwrap_or_else(|e| panic!("{queue} again as declared: {e}"));

@@ -47,6 +47,13 @@ pub enum AmqpError {
     )]
     QueueMismatch { queue: String, wanted: QueueType, detail: String },
     #[error(
+        "exchange {exchange:?} already exists without the alternate exchange {unrouted:?} that keeps unrouted \
+         results ({detail}). RabbitMQ cannot change an exchange's arguments: delete it once (`rabbitmqctl \
+         delete_exchange {exchange}`; consumers' bindings to it go with it, so let them re-bind) and wxpush declares it \
+         anew, or use another results_exchange"
+    )]
+    ExchangeMismatch { exchange: String, unrouted: String, detail: String },
+    #[error(
         "cannot declare {what}: {source} (if it exists with other arguments, delete it or change its name in the configuration)"
     )]
     Declare { what: String, source: lapin::Error },
@@ -84,6 +91,19 @@ pub fn header_str(value: &str) -> AMQPValue {
     AMQPValue::LongString(LongString::from(value))
 }
 
+/// The alternate exchange of `results_exchange`, and the queue of the same name bound to it:
+/// where results go that no consumer's binding takes.
+pub fn unrouted_name(results_exchange: &str) -> String {
+    format!("{results_exchange}.unrouted")
+}
+
+/// Bounds of the unrouted-results queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UnroutedBounds {
+    pub max_length: u64,
+    pub message_ttl: std::time::Duration,
+}
+
 /// The queues and exchanges the worker owns.
 #[derive(Debug, Clone)]
 pub struct Topology {
@@ -94,6 +114,7 @@ pub struct Topology {
     pub queue_type: QueueType,
     /// Quorum only: deliveries of a job before the broker dead-letters it.
     pub delivery_limit: u32,
+    pub unrouted: UnroutedBounds,
 }
 
 impl Topology {
@@ -105,7 +126,17 @@ impl Topology {
             delay_tiers_secs: config.retry.delay_tiers_secs.clone(),
             queue_type: config.queue_type,
             delivery_limit: config.delivery_limit,
+            unrouted: UnroutedBounds {
+                max_length: config.unrouted_max_length,
+                message_ttl: std::time::Duration::from_secs(config.unrouted_ttl_secs),
+            },
         }
+    }
+
+    /// The queue keeping results no binding took, bounded: the oldest go first when it is full,
+    /// and each leaves after its TTL.
+    pub fn unrouted_queue_args(&self) -> FieldTable {
+        unrouted_queue_args(self.queue_type, self.unrouted)
     }
 
     /// The jobs queue's arguments. A quorum jobs queue counts deliveries and, past the limit,
@@ -143,6 +174,7 @@ impl Topology {
         for &secs in &self.delay_tiers_secs {
             queues.push((self.delay_queue(secs), self.delay_queue_args(secs)));
         }
+        queues.push((unrouted_name(&self.results_exchange), self.unrouted_queue_args()));
         queues
     }
 
@@ -169,12 +201,45 @@ impl Topology {
         // The dead-letter queue first: the jobs queue names it as its dead-letter target.
         declare_queue(channel, &self.dead_letter_queue, self.dead_letter_queue_args()).await?;
         declare_queue(channel, &self.jobs_queue, self.jobs_queue_args()).await?;
-        declare_exchange(channel, &self.results_exchange).await?;
+        declare_results_exchange(channel, &self.results_exchange).await?;
+        declare_unrouted_queue(channel, &self.results_exchange, self.unrouted_queue_args()).await?;
         for &secs in &self.delay_tiers_secs {
             declare_queue(channel, &self.delay_queue(secs), self.delay_queue_args(secs)).await?;
         }
         Ok(())
     }
+}
+
+/// The arguments of the unrouted-results queue.
+pub fn unrouted_queue_args(queue_type: QueueType, bounds: UnroutedBounds) -> FieldTable {
+    let mut args = queue_type_args(queue_type);
+    args.insert(
+        ShortString::from("x-max-length"),
+        AMQPValue::LongLongInt(bounds.max_length.min(i64::MAX as u64) as i64),
+    );
+    let ttl_ms = bounds.message_ttl.as_millis().min(i64::MAX as u128) as i64;
+    args.insert(ShortString::from("x-message-ttl"), AMQPValue::LongLongInt(ttl_ms));
+    args
+}
+
+/// Declares the unrouted-results queue and binds it to the alternate exchange.
+pub async fn declare_unrouted_queue(
+    channel: &Channel,
+    results_exchange: &str,
+    args: FieldTable,
+) -> Result<(), AmqpError> {
+    let unrouted = unrouted_name(results_exchange);
+    declare_queue(channel, &unrouted, args).await?;
+    channel
+        .queue_bind(
+            ShortString::from(unrouted.as_str()),
+            ShortString::from(unrouted.as_str()),
+            ShortString::from(""),
+            lapin::options::QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|source| AmqpError::Declare { what: format!("binding of queue {unrouted:?}"), source })
 }
 
 /// The arguments of a dead-letter queue of `queue_type`.
@@ -224,13 +289,24 @@ fn precondition_failed(e: &lapin::Error) -> Option<String> {
     }
 }
 
-/// Declares a durable topic exchange.
-pub async fn declare_exchange(channel: &Channel, name: &str) -> Result<(), AmqpError> {
+/// Declares the results exchange: a durable topic exchange whose alternate exchange (a fanout,
+/// [`unrouted_name`]) takes every result no binding matches, so none is dropped silently.
+/// Every program that declares the results exchange goes through here, so the arguments agree.
+pub async fn declare_results_exchange(channel: &Channel, name: &str) -> Result<(), AmqpError> {
+    let unrouted = unrouted_name(name);
     let options = ExchangeDeclareOptions { durable: true, ..ExchangeDeclareOptions::default() };
     channel
-        .exchange_declare(ShortString::from(name), ExchangeKind::Topic, options, FieldTable::default())
+        .exchange_declare(ShortString::from(unrouted.as_str()), ExchangeKind::Fanout, options, FieldTable::default())
         .await
-        .map_err(|source| AmqpError::Declare { what: format!("topic exchange {name:?}"), source })
+        .map_err(|source| AmqpError::Declare { what: format!("fanout exchange {unrouted:?}"), source })?;
+    let mut args = FieldTable::default();
+    args.insert(ShortString::from("alternate-exchange"), header_str(&unrouted));
+    channel.exchange_declare(ShortString::from(name), ExchangeKind::Topic, options, args).await.map_err(|source| {
+        match precondition_failed(&source) {
+            Some(detail) => AmqpError::ExchangeMismatch { exchange: name.to_owned(), unrouted, detail },
+            None => AmqpError::Declare { what: format!("topic exchange {name:?}"), source },
+        }
+    })
 }
 
 /// A confirm-mode channel. Many tasks may publish through it at once; each waits for its own
@@ -348,8 +424,9 @@ impl Broker {
         result
     }
 
+    /// Declares the results exchange with its alternate exchange ([`declare_results_exchange`]).
     pub async fn declare_results_exchange(&self, name: &str) -> Result<(), AmqpError> {
-        declare_exchange(&self.channel().await?, name).await
+        declare_results_exchange(&self.channel().await?, name).await
     }
 
     /// Declares a durable queue with `args`. A failed declare closes the channel; the next
@@ -390,7 +467,10 @@ mod tests {
         assert_eq!(text(&delay, "x-queue-type").as_deref(), Some("quorum"));
         assert_eq!(text(&t.dead_letter_queue_args(), "x-queue-type").as_deref(), Some("quorum"));
         let names: Vec<String> = t.queues().into_iter().map(|(n, _)| n).collect();
-        assert_eq!(names, ["j", "d", "j.delay.1s", "j.delay.5s"]);
+        assert_eq!(names, ["j", "d", "j.delay.1s", "j.delay.5s", "wxpush.results.unrouted"]);
+        let unrouted = t.unrouted_queue_args();
+        assert_eq!(text(&unrouted, "x-max-length").as_deref(), Some("100000"));
+        assert_eq!(text(&unrouted, "x-message-ttl").as_deref(), Some("604800000"));
 
         config.queue_type = QueueType::Classic;
         let t = Topology::from_config(&config);
@@ -401,6 +481,42 @@ mod tests {
         let delay = t.delay_queue_args(1);
         assert_eq!(text(&delay, "x-dead-letter-routing-key").as_deref(), Some("j"));
         assert_eq!(text(&delay, "x-dead-letter-strategy"), None, "at-least-once is for quorum queues only");
+    }
+
+    proptest::proptest! {
+        /// Every job the parser accepts can have its result published: the properties of each
+        /// result it can lead to encode as an AMQP frame (lapin's encoder asserts short strings).
+        #[test]
+        fn every_accepted_job_can_have_its_result_published(
+            job_id in "\\PC{1,128}",
+            as_message_id in proptest::bool::ANY,
+        ) {
+            use crate::domain::{job::Job, result::SendResult};
+            let body = if as_message_id {
+                serde_json::json!({"touser": "o1", "template_id": "t", "data": {"k": {"value": "v"}}})
+            } else {
+                serde_json::json!({"job_id": job_id, "touser": "o1", "template_id": "t", "data": {"k": {"value": "v"}}})
+            };
+            let message_id = as_message_id.then_some(job_id.as_str());
+            let Ok(job) = Job::parse(body.to_string().as_bytes(), message_id) else {
+                // Only ids the contract refuses (a message_id over a short string) get here.
+                proptest::prop_assert!(as_message_id);
+                return Ok(());
+            };
+            let results = [
+                SendResult::succeeded(&job, 1, "ok".into(), 1),
+                SendResult::failed(&job, Some(43004), Some("require subscribe".into()), "x".into(), 1),
+                SendResult::deferred(&job, "quota".into(), 0),
+                SendResult::invalid(job.job_id.clone(), None, "invalid job: x".into()),
+            ];
+            for result in results {
+                let props = json_properties(result.job_id.as_deref());
+                let encoded = cookie_factory::r#gen(lapin::protocol::basic::gen_properties(&props), Vec::new());
+                proptest::prop_assert!(encoded.is_ok());
+                proptest::prop_assert!(Short::new("routing key", result.routing_key()).is_ok());
+                proptest::prop_assert!(!result.to_json().is_empty());
+            }
+        }
     }
 
     #[test]
@@ -425,6 +541,7 @@ mod tests {
             delay_tiers_secs: vec![1, 5, 30],
             queue_type: QueueType::Quorum,
             delivery_limit: 10,
+            unrouted: UnroutedBounds { max_length: 10, message_ttl: Duration::from_secs(60) },
         };
         assert_eq!(t.tier_for(Duration::from_millis(300)), 1);
         assert_eq!(t.tier_for(Duration::from_secs(7)), 5);

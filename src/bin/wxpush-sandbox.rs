@@ -56,6 +56,10 @@ struct Cli {
     #[arg(long, env = "WXPUSH_SANDBOX_HTTP_503_RATE", default_value_t = 0.0)]
     http_503_rate: f64,
 
+    /// Fraction of sends answered 40001 whatever the token (WeChat refusing the tokens it hands out).
+    #[arg(long, env = "WXPUSH_SANDBOX_TOKEN_REFUSED_RATE", default_value_t = 0.0)]
+    token_refused_rate: f64,
+
     /// Fraction of accepted sends whose answer comes `--slow-ms` late.
     #[arg(long, env = "WXPUSH_SANDBOX_SLOW_RATE", default_value_t = 0.0)]
     slow_rate: f64,
@@ -161,6 +165,7 @@ async fn main() -> anyhow::Result<()> {
     let faults = Faults {
         system_error_rate: cli.system_error_rate,
         http_503_rate: cli.http_503_rate,
+        token_refused_rate: cli.token_refused_rate,
         latency_ms: cli.latency_ms,
         slow_rate: cli.slow_rate,
         slow_ms: cli.slow_ms,

@@ -155,7 +155,7 @@ pub(crate) async fn ensure_results_exchange(connection: &Connection, config: &Co
         return Ok(());
     }
     let channel = call("open a channel", connection.create_channel()).await?;
-    amqp::declare_exchange(&channel, &config.results_exchange).await?;
+    amqp::declare_results_exchange(&channel, &config.results_exchange).await?;
     let _ = channel.close(200, ShortString::from("done")).await;
     Ok(())
 }

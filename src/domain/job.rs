@@ -89,7 +89,7 @@ impl Job {
     /// Parses and validates a job body. `message_id` is the AMQP property, used as `job_id`
     /// when the body has none.
     pub fn parse(body: &[u8], message_id: Option<&str>) -> Result<Job, InvalidJob> {
-        let fallback_id = message_id.filter(|id| valid_job_id(id));
+        let fallback_id = message_id.filter(|id| is_valid_job_id(id));
         if body.len() > MAX_JOB_BYTES {
             return Err(InvalidJob::new(
                 fallback_id,
@@ -117,7 +117,7 @@ impl Job {
         // The job_id first: every later error can then carry it.
         let job_id = match &raw.job_id {
             None | Some(Value::Null) => match message_id {
-                Some(id) if valid_job_id(id) => id.to_owned(),
+                Some(id) if is_valid_job_id(id) => id.to_owned(),
                 Some(_) => {
                     return Err(InvalidJob::new(
                         None,
@@ -126,7 +126,7 @@ impl Job {
                 }
                 None => return Err(InvalidJob::new(None, "job_id missing (and no message_id property)")),
             },
-            Some(Value::String(id)) if valid_job_id(id) => id.clone(),
+            Some(Value::String(id)) if is_valid_job_id(id) => id.clone(),
             Some(Value::String(_)) => {
                 return Err(InvalidJob::new(
                     fallback_id,
@@ -250,9 +250,9 @@ fn parse_fast(text: &str, message_id: Option<&str>) -> Option<Job> {
 
     let f: Fast = serde_json::from_str(text).ok()?;
     let job_id = match f.job_id {
-        Some(id) if valid_job_id(&id) => id.into_owned(),
+        Some(id) if is_valid_job_id(&id) => id.into_owned(),
         Some(_) => return None,
-        None => message_id.filter(|id| valid_job_id(id))?.to_owned(),
+        None => message_id.filter(|id| is_valid_job_id(id))?.to_owned(),
     };
     let account = match f.account {
         Some(a) if a.is_empty() || !fits(&a) => return None,
@@ -297,7 +297,8 @@ fn parse_fast(text: &str, message_id: Option<&str>) -> Option<Job> {
     })
 }
 
-fn valid_job_id(id: &str) -> bool {
+/// Whether `id` is a job_id the contract allows: 1 to 128 characters, no control characters.
+pub fn is_valid_job_id(id: &str) -> bool {
     let chars = id.chars().count();
     (1..=MAX_JOB_ID_CHARS).contains(&chars) && !id.chars().any(char::is_control)
 }
@@ -612,7 +613,7 @@ mod tests {
                 }
             }
             let text = Value::Object(obj).to_string();
-            let fallback = message_id.as_deref().filter(|id| valid_job_id(id));
+            let fallback = message_id.as_deref().filter(|id| is_valid_job_id(id));
             let slow = Job::parse_slow(&text, message_id.as_deref(), fallback);
             match parse_fast(&text, message_id.as_deref()) {
                 Some(fast) => proptest::prop_assert_eq!(Ok(fast), slow),

@@ -86,6 +86,9 @@ async fn stable_token(State(s): State<Arc<Shared>>, body: Bytes) -> Response {
         Some(Value::Bool(b)) => *b,
         Some(_) => return wx_error(&WxError::new(47001)),
     };
+    if force_refresh {
+        s.counters.forced_token_requests.fetch_add(1, Ordering::Relaxed);
+    }
     let account = match check_credentials(&s, text("grant_type").as_deref(), text("appid"), text("secret"), 40125) {
         Ok(a) => a,
         Err(e) => return wx_error(&e),

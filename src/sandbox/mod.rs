@@ -133,6 +133,9 @@ pub struct Faults {
     pub system_error_rate: f64,
     /// Fraction of sends answered HTTP 503.
     pub http_503_rate: f64,
+    /// Fraction of sends answered 40001 ("access_token is invalid or not latest") whatever the
+    /// token: WeChat refusing tokens it hands out, as when another system shares the appid.
+    pub token_refused_rate: f64,
     /// Added to every send that passes the token, request and cap checks.
     pub latency_ms: u64,
     /// Fraction of accepted sends whose answer is delayed `slow_ms` after the message is sent.
@@ -150,6 +153,7 @@ impl Faults {
         for (name, rate) in [
             ("system_error_rate", self.system_error_rate),
             ("http_503_rate", self.http_503_rate),
+            ("token_refused_rate", self.token_refused_rate),
             ("slow_rate", self.slow_rate),
         ] {
             if !(0.0..=1.0).contains(&rate) {
@@ -160,7 +164,9 @@ impl Faults {
     }
 
     fn clamped(mut self) -> Self {
-        for rate in [&mut self.system_error_rate, &mut self.http_503_rate, &mut self.slow_rate] {
+        for rate in
+            [&mut self.system_error_rate, &mut self.http_503_rate, &mut self.token_refused_rate, &mut self.slow_rate]
+        {
             *rate = if rate.is_nan() { 0.0 } else { rate.clamp(0.0, 1.0) };
         }
         self
@@ -193,6 +199,8 @@ pub struct Stats {
     pub token_requests: u64,
     /// Token calls that produced a new token.
     pub tokens_issued: u64,
+    /// `stable_token` calls with `force_refresh: true`, whatever their answer.
+    pub forced_token_requests: u64,
     /// Calls to `/cgi-bin/message/template/send`, whatever their answer.
     pub send_requests: u64,
     /// First-time messages.
@@ -380,6 +388,7 @@ struct Record {
 struct Counters {
     token_requests: AtomicU64,
     tokens_issued: AtomicU64,
+    forced_token_requests: AtomicU64,
     send_requests: AtomicU64,
     sends_accepted: AtomicU64,
     duplicates: AtomicU64,
@@ -520,6 +529,7 @@ impl Shared {
         Stats {
             token_requests: get(&c.token_requests),
             tokens_issued: get(&c.tokens_issued),
+            forced_token_requests: get(&c.forced_token_requests),
             send_requests: get(&c.send_requests),
             sends_accepted: get(&c.sends_accepted),
             duplicates: get(&c.duplicates),

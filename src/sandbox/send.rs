@@ -264,6 +264,9 @@ impl SendState {
         if faults.system_error_rate > 0.0 && self.rng.random::<f64>() < faults.system_error_rate {
             return Decision::Error(-1);
         }
+        if faults.token_refused_rate > 0.0 && self.rng.random::<f64>() < faults.token_refused_rate {
+            return Decision::Error(40001);
+        }
         self.expire(now);
         let key = req.client_msg_id.map(|id| self.key(req.touser, id));
         if let Some(key) = key

@@ -54,6 +54,16 @@ static RELEASE: LazyLock<Script> = LazyLock::new(|| {
     )
 });
 
+/// Extends a lease only if it is still ours.
+static RENEW: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+        if redis.call('GET', KEYS[1]) == 'P' .. ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+        return 0
+        ",
+    )
+});
+
 impl Redis {
     /// Asks for the lease on `job_id` for `lease`.
     pub async fn claim_job(&self, job_id: &str, owner: &str, lease: Duration) -> Result<Claim, StoreError> {
@@ -84,6 +94,17 @@ impl Redis {
                 Claim::Busy { retry_after: Duration::from_millis(ttl.clamp(50, 60_000) as u64) }
             }
         })
+    }
+
+    /// Extends our lease on `job_id` to `lease` from now; false when it is no longer ours.
+    pub async fn renew_job(&self, job_id: &str, owner: &str, lease: Duration) -> Result<bool, StoreError> {
+        let renewed: i64 = RENEW
+            .key(self.keys().job(job_id))
+            .arg(owner)
+            .arg(lease.as_millis().max(1) as u64)
+            .invoke_async(&mut self.conn())
+            .await?;
+        Ok(renewed == 1)
     }
 
     /// Records a sent job: its result for `result_ttl`, and msgid → job_id for `msgid_ttl`.

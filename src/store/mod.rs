@@ -84,6 +84,21 @@ impl Keys {
         format!("{}:{{{appid}}}:token:failure", self.prefix)
     }
 
+    /// Set while WeChat refuses a token and no new one can be had: its fingerprint and why.
+    pub fn token_refused(&self, appid: &str) -> String {
+        format!("{}:{{{appid}}}:token:refused", self.prefix)
+    }
+
+    /// Lives one forced-refresh interval after each forced refresh, pool-wide.
+    pub fn token_forced(&self, appid: &str) -> String {
+        format!("{}:{{{appid}}}:token:forced", self.prefix)
+    }
+
+    /// Forced refreshes counted on one Beijing day (`yyyymmdd`).
+    pub fn token_forced_day(&self, appid: &str, day: &str) -> String {
+        format!("{}:{{{appid}}}:token:forced:{day}", self.prefix)
+    }
+
     /// A job's idempotency record: in progress (a lease) or done (its result).
     pub fn job(&self, job_id: &str) -> String {
         format!("{}:job:{job_id}", self.prefix)

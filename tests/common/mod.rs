@@ -14,10 +14,10 @@ use std::{
 
 use futures_util::StreamExt;
 use lapin::{
-    BasicProperties, Channel, Connection, ConnectionProperties, Consumer, ExchangeKind,
+    BasicProperties, Channel, Connection, ConnectionProperties, Consumer,
     options::{
-        BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, ExchangeDeclareOptions, ExchangeDeleteOptions,
-        QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+        BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, ExchangeDeleteOptions, QueueBindOptions,
+        QueueDeclareOptions, QueueDeleteOptions,
     },
     types::{FieldTable, ShortString},
 };
@@ -154,13 +154,7 @@ impl TestEnv {
         assert!(ns.starts_with("wxpush-test-"), "tests must use a unique namespace ({tag})");
         let connection = Connection::connect(AMQP_URL, ConnectionProperties::default()).await.expect("RabbitMQ is up");
         let channel = connection.create_channel().await.expect("channel");
-        channel
-            .exchange_declare(
-                ShortString::from(config.results_exchange.as_str()),
-                ExchangeKind::Topic,
-                ExchangeDeclareOptions { durable: true, ..Default::default() },
-                FieldTable::default(),
-            )
+        wxpush::amqp::declare_results_exchange(&channel, &config.results_exchange)
             .await
             .expect("declare the results exchange");
         let results_queue = format!("{ns}.observed");
@@ -195,7 +189,10 @@ impl TestEnv {
         for t in &config.retry.delay_tiers_secs {
             queues.push(format!("{}.delay.{t}s", config.jobs_queue));
         }
+        let unrouted = wxpush::amqp::unrouted_name(&config.results_exchange);
+        queues.push(unrouted.clone());
         queues.push(format!("exchange:{}", config.results_exchange));
+        queues.push(format!("exchange:{unrouted}"));
         TestEnv {
             ns,
             config,
@@ -376,8 +373,8 @@ impl WorkerProcess {
         let path = std::env::temp_dir().join(format!("{}-{}.toml", cfg.redis_prefix, uuid::Uuid::new_v4().simple()));
         let toml = format!(
             "job_lease_ms = {}\nhttp_timeout_ms = {}\nshutdown_grace_secs = {}\nmetrics_listen = \"127.0.0.1:0\"\n\
-             [token]\nrefresh_ahead_secs = 0.3\n[retry]\nmin_delay_ms = 20\nin_process_max_ms = 300\ndelay_tiers_secs = [1, 2, 5]\n",
-            cfg.job_lease_ms, cfg.http_timeout_ms, cfg.shutdown_grace_secs
+             [token]\nrefresh_ahead_secs = {}\n[retry]\nmin_delay_ms = 20\nin_process_max_ms = 300\ndelay_tiers_secs = [1, 2, 5]\n",
+            cfg.job_lease_ms, cfg.http_timeout_ms, cfg.shutdown_grace_secs, cfg.token.refresh_ahead_secs
         );
         std::fs::write(&path, toml).expect("write the worker's config file");
         let child = Command::new(env!("CARGO_BIN_EXE_wxpush-worker"))
@@ -399,6 +396,10 @@ impl WorkerProcess {
             .spawn()
             .expect("start wxpush-worker");
         WorkerProcess { child, _config_file: TempFile(path) }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     pub fn signal(&self, signal: &str) {
