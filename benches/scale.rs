@@ -154,7 +154,7 @@ async fn measure(o: &Options, workers: usize, jobs: usize, rate: u32) -> Run {
     let topology = Topology::from_config(&config);
     let conn = Connection::connect(AMQP, ConnectionProperties::default()).await.expect("RabbitMQ is up");
     let ch = conn.create_channel().await.expect("channel");
-    topology.declare(&ch).await.expect("declare the topology as the workers do");
+    topology.declare(&conn).await.expect("declare the topology as the workers do");
     let observed = format!("{ns}.observed");
     ch.queue_declare(ShortString::from(observed.as_str()), QueueDeclareOptions::default(), FieldTable::default())
         .await

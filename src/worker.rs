@@ -48,8 +48,8 @@ impl Session {
         let name = format!("wxpush-worker {} pid {}", hostname(), std::process::id());
         // The first node that answers, starting after the one the last connection used.
         let connection = brokers.connect(&name).await?;
+        topology.declare(&connection).await?;
         let channel = connection.create_channel().await.map_err(AmqpError::Channel)?;
-        topology.declare(&channel).await?;
         channel.basic_qos(config.concurrency, BasicQosOptions::default()).await.map_err(AmqpError::Channel)?;
         let consumer = channel
             .basic_consume(

@@ -75,6 +75,28 @@ fn spawn_watched_worker(config: &wxpush::config::Config) -> (WorkerHandle, Arc<H
     (WorkerHandle { cancel, join }, health)
 }
 
+/// The dead-letter queue of an older wxpush (quorum, no delivery limit) holds parked jobs, so
+/// the worker takes it as it is instead of refusing to start until someone deletes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_queue_declared_by_an_older_wxpush_is_taken_as_it_is() {
+    let ns = unique("olddlq");
+    let env = TestEnv::new("olddlq", config(&ns, "http://127.0.0.1:9/")).await;
+    let old = with(FieldTable::default(), "x-queue-type", AMQPValue::LongString("quorum".into()));
+    declare(&env, &env.config.dead_letter_queue, old).await.expect("the dead-letter queue as it used to be declared");
+    let topology = Topology::from_config(&env.config);
+    topology.declare(&env.bus.connection).await.expect("the old dead-letter queue is accepted");
+    // A new one gets the explicit limit: declaring it again with it passes, without it fails.
+    let fresh = format!("{ns}.fresh.dead");
+    env.remove_later(&fresh);
+    wxpush::amqp::declare_dead_letter_queue(&env.bus.connection, &fresh, QueueType::Quorum).await.expect("declare");
+    declare(&env, &fresh, topology.dead_letter_queue_args()).await.expect("same arguments");
+    let limit =
+        declare(&env, &fresh, with(FieldTable::default(), "x-queue-type", AMQPValue::LongString("quorum".into())))
+            .await
+            .expect_err("the new dead-letter queue has an explicit delivery limit");
+    assert!(limit.to_string().contains("x-delivery-limit"), "{limit}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_queues_are_quorum_queues_by_default_with_a_delivery_limit() {
     let ns = unique("quorum");
@@ -172,8 +194,8 @@ async fn a_queue_of_the_other_type_is_a_clear_error_the_worker_waits_out() {
         .await
         .expect("a classic queue, as an older deployment left it");
 
-    let channel = env.bus.connection.create_channel().await.expect("channel");
-    let e = Topology::from_config(&env.config).declare(&channel).await.expect_err("a quorum declare is refused");
+    let e =
+        Topology::from_config(&env.config).declare(&env.bus.connection).await.expect_err("a quorum declare is refused");
     let text = e.to_string();
     assert!(matches!(&e, AmqpError::QueueMismatch { queue, .. } if *queue == jobs), "{e:?}");
     // The broker names the first argument that differs; the advice covers every case.
@@ -187,8 +209,10 @@ async fn a_queue_of_the_other_type_is_a_clear_error_the_worker_waits_out() {
     classic.retry.delay_tiers_secs = vec![7];
     env.remove_later(&classic.dead_letter_queue);
     env.remove_later(&format!("{jobs}.delay.7s"));
-    let channel = env.bus.connection.create_channel().await.expect("channel");
-    Topology::from_config(&classic).declare(&channel).await.expect("queue_type = classic takes the queue as it is");
+    Topology::from_config(&classic)
+        .declare(&env.bus.connection)
+        .await
+        .expect("queue_type = classic takes the queue as it is");
 
     let report = check(&env.config).await;
     let problems: Vec<&str> = report.problems().map(|f| f.text.as_str()).collect();

@@ -197,15 +197,18 @@ impl Topology {
     }
 
     /// Declares everything, idempotently. Safe to call on every (re)connect.
-    pub async fn declare(&self, channel: &Channel) -> Result<(), AmqpError> {
+    /// Declarations run on channels of their own, closed afterwards.
+    pub async fn declare(&self, connection: &Connection) -> Result<(), AmqpError> {
         // The dead-letter queue first: the jobs queue names it as its dead-letter target.
-        declare_queue(channel, &self.dead_letter_queue, self.dead_letter_queue_args()).await?;
+        declare_dead_letter_queue(connection, &self.dead_letter_queue, self.queue_type).await?;
+        let channel = &connection.create_channel().await.map_err(AmqpError::Channel)?;
         declare_queue(channel, &self.jobs_queue, self.jobs_queue_args()).await?;
         declare_results_exchange(channel, &self.results_exchange).await?;
         declare_unrouted_queue(channel, &self.results_exchange, self.unrouted_queue_args()).await?;
         for &secs in &self.delay_tiers_secs {
             declare_queue(channel, &self.delay_queue(secs), self.delay_queue_args(secs)).await?;
         }
+        let _ = channel.close(200, ShortString::from("declared")).await;
         Ok(())
     }
 }
@@ -243,8 +246,53 @@ pub async fn declare_unrouted_queue(
 }
 
 /// The arguments of a dead-letter queue of `queue_type`.
+/// A quorum dead-letter queue gets an explicit delivery limit too high to reach: listing parked
+/// jobs (take, look, return) counts as a delivery, and RabbitMQ 4.x would otherwise drop a
+/// message after 20 of them. (3.x has no default limit and refuses -1, 4.x's "unlimited"; this
+/// value means the same on both.)
+pub const DEAD_LETTER_DELIVERY_LIMIT: i64 = i32::MAX as i64;
+
 pub fn dead_letter_queue_args(queue_type: QueueType) -> FieldTable {
-    queue_type_args(queue_type)
+    let mut args = queue_type_args(queue_type);
+    if queue_type == QueueType::Quorum {
+        args.insert(ShortString::from("x-delivery-limit"), AMQPValue::LongLongInt(DEAD_LETTER_DELIVERY_LIMIT));
+    }
+    args
+}
+
+/// Declares the dead-letter queue. One declared by an older wxpush, without the delivery limit,
+/// is taken as it is, with a warning: it holds parked jobs, so asking to delete it is no answer.
+pub async fn declare_dead_letter_queue(
+    connection: &Connection,
+    name: &str,
+    queue_type: QueueType,
+) -> Result<(), AmqpError> {
+    let channel = connection.create_channel().await.map_err(AmqpError::Channel)?;
+    match declare_queue(&channel, name, dead_letter_queue_args(queue_type)).await {
+        Ok(()) => {
+            let _ = channel.close(200, ShortString::from("declared")).await;
+            Ok(())
+        }
+        Err(AmqpError::QueueMismatch { detail, .. }) if detail.contains("x-delivery-limit") => {
+            // The failed declare closed that channel.
+            let channel = connection.create_channel().await.map_err(AmqpError::Channel)?;
+            let passive = QueueDeclareOptions { passive: true, durable: true, ..QueueDeclareOptions::default() };
+            channel
+                .queue_declare(ShortString::from(name), passive, FieldTable::default())
+                .await
+                .map_err(|source| AmqpError::Declare { what: format!("queue {name:?}"), source })?;
+            let _ = channel.close(200, ShortString::from("declared")).await;
+            tracing::warn!(
+                queue = name,
+                "the dead-letter queue was declared without an explicit delivery limit (by an older wxpush): on \
+                 RabbitMQ 4.x each listing of it counts as a delivery and a message is dropped after 20; give it \
+                 one with a policy: rabbitmqctl set_policy wxpush-dead '^{name}$' '{{\"delivery-limit\":-1}}' \
+                 --apply-to quorum_queues"
+            );
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
 }
 
 fn queue_type_args(queue_type: QueueType) -> FieldTable {
@@ -466,6 +514,8 @@ mod tests {
         assert_eq!(text(&delay, "x-dead-letter-routing-key").as_deref(), Some("j"));
         assert_eq!(text(&delay, "x-queue-type").as_deref(), Some("quorum"));
         assert_eq!(text(&t.dead_letter_queue_args(), "x-queue-type").as_deref(), Some("quorum"));
+        // Listing the dead-letter queue counts deliveries: its limit must never be reached.
+        assert_eq!(text(&t.dead_letter_queue_args(), "x-delivery-limit").as_deref(), Some("2147483647"));
         let names: Vec<String> = t.queues().into_iter().map(|(n, _)| n).collect();
         assert_eq!(names, ["j", "d", "j.delay.1s", "j.delay.5s", "wxpush.results.unrouted"]);
         let unrouted = t.unrouted_queue_args();

@@ -114,9 +114,9 @@ pub(crate) async fn ensure_jobs_queue(connection: &Connection, config: &Config) 
         return Ok(false);
     }
     let topology = amqp::Topology::from_config(config);
-    let channel = call("open a channel", connection.create_channel()).await?;
     // The jobs queue of a quorum topology dead-letters to this one: have it in place.
-    amqp::declare_queue(&channel, &topology.dead_letter_queue, topology.dead_letter_queue_args()).await?;
+    amqp::declare_dead_letter_queue(connection, &topology.dead_letter_queue, topology.queue_type).await?;
+    let channel = call("open a channel", connection.create_channel()).await?;
     amqp::declare_queue(&channel, &config.jobs_queue, topology.jobs_queue_args()).await?;
     let _ = channel.close(200, ShortString::from("done")).await;
     Ok(true)

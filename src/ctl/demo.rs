@@ -13,8 +13,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    CtlError, RPC_TIMEOUT,
-    broker::{self, call},
+    CtlError, RPC_TIMEOUT, broker,
     results::{ReceivedResult, ResultWatcher},
 };
 use crate::{
@@ -237,9 +236,7 @@ async fn reach_services(options: &DemoOptions) -> Result<Connection, CtlError> {
 async fn drive(connection: &Connection, config: &Config, timeout: Duration) -> Result<ReceivedResult, CtlError> {
     // The topology first, as the worker declares it, so the job has a queue before the worker
     // is up, and the watcher sees every result.
-    let channel = call("open a channel", connection.create_channel()).await?;
-    Topology::from_config(config).declare(&channel).await?;
-    let _ = channel.close(200, ShortString::from("done")).await;
+    Topology::from_config(config).declare(connection).await?;
     let mut watcher = ResultWatcher::start(connection, config, "send.*").await?;
 
     let publisher = amqp::Publisher::open(connection).await?;

@@ -209,7 +209,7 @@ impl TestEnv {
     /// Declares the jobs topology the way the worker does, so jobs can be published first.
     pub async fn declare_topology(&self) {
         let topology = wxpush::amqp::Topology::from_config(&self.config);
-        topology.declare(&self.bus.channel).await.expect("declare the topology");
+        topology.declare(&self.bus.connection).await.expect("declare the topology");
     }
 
     pub async fn publish_job(&self, body: &Value) {
