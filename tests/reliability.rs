@@ -167,10 +167,19 @@ async fn bad_input_is_dead_lettered_and_good_jobs_flow_around_it() {
     {
         let headers = m.delivery.properties.headers().clone().unwrap_or_default();
         let text = |k: &str| match headers.inner().get(k) {
-            Some(AMQPValue::LongString(s)) => s.to_string(),
-            other => panic!("header {k} missing or not a string: {other:?}"),
+            Some(AMQPValue::LongString(s)) => Some(s.to_string()),
+            _ => None,
         };
-        parked.push((m.delivery.data.clone(), text("x-wxpush-reason"), text("x-wxpush-source-queue")));
+        // An oversized body is refused unread, and RabbitMQ's own dead-lettering parks it: its
+        // headers are the broker's (x-first-death-*), the body is untouched all the same.
+        let (reason, source) = match text("x-wxpush-reason") {
+            Some(reason) => (reason, text("x-wxpush-source-queue")),
+            None if m.delivery.data.len() > 64 * 1024 => {
+                ("byte limit: rejected".to_owned(), text("x-first-death-queue"))
+            }
+            None => panic!("header x-wxpush-reason missing: {headers:?}"),
+        };
+        parked.push((m.delivery.data.clone(), reason, source.expect("the queue it came from")));
         m.delivery.ack(BasicAckOptions::default()).await.unwrap();
     }
     assert_eq!(parked.len(), bad.len(), "one dead-lettered copy per bad job");

@@ -206,6 +206,11 @@ async fn a_queue_of_the_other_type_is_a_clear_error_the_worker_waits_out() {
     let mut classic = env.config.clone();
     classic.queue_type = QueueType::Classic;
     classic.dead_letter_queue = format!("{ns}.classic.dead");
+    classic.results_exchange = format!("{ns}.classic.results");
+    let classic_unrouted = wxpush::amqp::unrouted_name(&classic.results_exchange);
+    env.remove_later(&classic_unrouted);
+    env.remove_later(&format!("exchange:{}", classic.results_exchange));
+    env.remove_later(&format!("exchange:{classic_unrouted}"));
     classic.retry.delay_tiers_secs = vec![7];
     env.remove_later(&classic.dead_letter_queue);
     env.remove_later(&format!("{jobs}.delay.7s"));
