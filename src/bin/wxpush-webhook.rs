@@ -8,11 +8,10 @@ use anyhow::Context;
 use clap::Parser;
 use tracing::info;
 use wxpush::{
-    amqp::Broker,
     config::Config,
     store::Redis,
     telemetry,
-    webhook::{Listeners, Webhook, WebhookSettings, metrics, serve_with},
+    webhook::{self, Listeners, Webhook, WebhookSettings, metrics, serve_with},
 };
 
 #[derive(Parser)]
@@ -30,9 +29,8 @@ async fn main() -> anyhow::Result<()> {
     let config = Config::load(args.config.as_deref()).context("cannot load the configuration")?;
     let settings = WebhookSettings::from_config(&config)?;
 
-    let broker = Broker::new(&config.amqp_url, "wxpush-webhook");
     let redis = Redis::connect(&config.redis_url, &config.redis_prefix).await?;
-    let mut webhook = Webhook::new(&config, settings, broker, redis)?;
+    let mut webhook = Webhook::new(&config, settings, webhook::broker(&config), redis)?;
     if let Some(prometheus) = metrics::install() {
         webhook = webhook.with_metrics(Arc::new(move || prometheus.render()));
     }
