@@ -100,6 +100,10 @@ pub struct Account {
     /// The key before the last rotation, still tried when the current one fails.
     #[serde(default)]
     pub previous_encoding_aes_key: Option<SecretString>,
+    /// With an AES key, also take plaintext pushes (checked by `signature` alone, which does
+    /// not cover the body): only while switching the console's message mode.
+    #[serde(default)]
+    pub accept_plaintext: bool,
     /// Template sends per second across the pool; `None` takes the global `rate_limit`.
     #[serde(default)]
     pub rate_limit: Option<u32>,
@@ -211,6 +215,8 @@ pub struct Config {
     pub minute_pause_secs: u64,
     pub webhook_listen: SocketAddr,
     pub metrics_listen: SocketAddr,
+    /// The webhook's `/metrics`, `/healthz`, `/readyz`, kept off the port WeChat reaches.
+    pub webhook_admin_listen: SocketAddr,
     /// How long in-flight jobs get to finish after SIGTERM/SIGINT.
     pub shutdown_grace_secs: u64,
     /// Timeout of one HTTP request to WeChat.
@@ -252,6 +258,7 @@ impl Default for Config {
             minute_pause_secs: 0,
             webhook_listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
             metrics_listen: SocketAddr::from(([0, 0, 0, 0], 9100)),
+            webhook_admin_listen: SocketAddr::from(([0, 0, 0, 0], 9101)),
             shutdown_grace_secs: 20,
             http_timeout_ms: 5_000,
             msgid_ttl_secs: 7 * 24 * 3600,
@@ -281,6 +288,7 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("WXPUSH_CONCURRENCY", "concurrency"),
     ("WXPUSH_WEBHOOK_LISTEN", "webhook_listen"),
     ("WXPUSH_METRICS_LISTEN", "metrics_listen"),
+    ("WXPUSH_WEBHOOK_ADMIN_LISTEN", "webhook_admin_listen"),
     ("WXPUSH_SHUTDOWN_GRACE_SECS", "shutdown_grace_secs"),
     ("WXPUSH_HTTP_TIMEOUT_MS", "http_timeout_ms"),
     ("WXPUSH_UNROUTED_MAX_LENGTH", "unrouted_max_length"),
@@ -367,6 +375,9 @@ impl Config {
         if let Some(v) = get("WXPUSH_METRICS_LISTEN") {
             self.metrics_listen = parse("WXPUSH_METRICS_LISTEN", &v)?;
         }
+        if let Some(v) = get("WXPUSH_WEBHOOK_ADMIN_LISTEN") {
+            self.webhook_admin_listen = parse("WXPUSH_WEBHOOK_ADMIN_LISTEN", &v)?;
+        }
         if let Some(v) = get("WXPUSH_SHUTDOWN_GRACE_SECS") {
             self.shutdown_grace_secs = parse("WXPUSH_SHUTDOWN_GRACE_SECS", &v)?;
         }
@@ -405,6 +416,7 @@ impl Config {
                     callback_token: None,
                     encoding_aes_key: None,
                     previous_encoding_aes_key: None,
+                    accept_plaintext: false,
                     rate_limit: None,
                     daily_quota: None,
                 });
@@ -562,6 +574,7 @@ mod tests {
         assert_eq!((c.rate_limit, c.max_attempts, c.concurrency), (0, 5, 64));
         assert_eq!(c.webhook_listen.to_string(), "0.0.0.0:8080");
         assert_eq!(c.metrics_listen.to_string(), "0.0.0.0:9100");
+        assert_eq!(c.webhook_admin_listen.to_string(), "0.0.0.0:9101");
         assert!(c.accounts.is_empty());
         assert_eq!((c.queue_type, c.delivery_limit), (QueueType::Quorum, 10));
     }

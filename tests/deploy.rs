@@ -15,9 +15,9 @@ use serde::Deserialize;
 use serde_json::Value;
 use wxpush::config::{Config, ENV_VARS};
 
-/// The ports the programs listen on or connect to: webhook, worker metrics, sandbox, RabbitMQ
-/// (AMQP and management), Redis.
-const PORTS: &[u16] = &[8080, 9100, 9300, 5672, 15672, 6379];
+/// The ports the programs listen on or connect to: webhook, worker metrics, webhook admin,
+/// sandbox, RabbitMQ (AMQP and management), Redis.
+const PORTS: &[u16] = &[8080, 9100, 9101, 9300, 5672, 15672, 6379];
 
 /// Variables the deploy files may set that are not the programs' own `WXPUSH_*`.
 const OTHER_VARIABLES: &[&str] = &["RUST_LOG"];
@@ -361,6 +361,19 @@ fn compose_runs_the_demo_with_real_programs_variables_and_ports() {
     assert!(webhook_config.webhook_listen.ip().is_unspecified());
     let grace = compose_duration_secs(&str_of(&webhook["stop_grace_period"]));
     assert!(grace > webhook_config.shutdown_grace_secs as f64);
+    // WeChat's port is published; the admin port (metrics, probes) stays inside the network,
+    // and the healthcheck asks it.
+    let admin = webhook_config.webhook_admin_listen;
+    assert!(admin.ip().is_unspecified() && admin.port() != webhook_config.webhook_listen.port());
+    let published: Vec<String> = webhook["ports"].as_array().unwrap().iter().map(str_of).collect();
+    assert_eq!(
+        published,
+        [format!("{0}:{0}", webhook_config.webhook_listen.port())],
+        "only WeChat's port is published"
+    );
+    assert!(webhook["expose"].as_array().unwrap().iter().any(|p| str_of(p) == admin.port().to_string()));
+    let check = words(&webhook["healthcheck"]["test"]).join(" ");
+    assert!(check.contains(&format!("/dev/tcp/127.0.0.1/{} ", admin.port())) && check.contains("/readyz"), "{check}");
     // The sandbox knows the account the workers send for, and signs receipts with the webhook's token.
     for var in ["WXPUSH_APPID", "WXPUSH_APPSECRET"] {
         assert_eq!(sandbox_env.get(var), worker_env.get(var), "{var}: sandbox and workers agree");
@@ -451,6 +464,7 @@ fn kubernetes_manifests_name_real_programs_variables_and_ports() {
         assert_eq!(pod["securityContext"]["runAsNonRoot"], true, "{name} runs as non-root");
         assert!(pod["securityContext"]["runAsUser"].as_u64().is_some_and(|u| u > 0), "{name}: numeric non-root UID");
         let mut container_ports = BTreeMap::new();
+        let mut health_ports = BTreeSet::new();
         for c in &containers {
             let bin = program(c);
             assert!(bins.contains(&bin), "{name} runs {bin}, which is not a bin target ({bins:?})");
@@ -466,15 +480,23 @@ fn kubernetes_manifests_name_real_programs_variables_and_ports() {
             let env = container_env(&docs, c);
             let file = mounted_config_file(&docs, pod, c, &env);
             let config = effective_config(&name, &file, &env);
-            let listen = if bin == "wxpush-webhook" { config.webhook_listen } else { config.metrics_listen };
-            assert!(
-                container_ports.values().any(|p| *p == listen.port()),
-                "{name} listens on {listen}: a container port"
-            );
+            // The webhook answers probes and scrapes on its admin address, never on WeChat's port.
+            let (listen, health) = if bin == "wxpush-webhook" {
+                (config.webhook_listen, config.webhook_admin_listen)
+            } else {
+                (config.metrics_listen, config.metrics_listen)
+            };
+            for addr in [listen, health] {
+                assert!(
+                    container_ports.values().any(|p| *p == addr.port()),
+                    "{name} listens on {addr}: a container port"
+                );
+            }
+            health_ports.insert(health.port());
             for probe in ["livenessProbe", "readinessProbe"] {
                 let port = &c[probe]["httpGet"]["port"];
                 let n = port.as_u64().map(|n| n as u16).or_else(|| container_ports.get(port.as_str()?).copied());
-                assert_eq!(n, Some(listen.port()), "{name}: {probe} asks the program's own port");
+                assert_eq!(n, Some(health.port()), "{name}: {probe} asks the program's own health port");
             }
             assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/healthz", "{name}");
             assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz", "{name}");
@@ -482,7 +504,7 @@ fn kubernetes_manifests_name_real_programs_variables_and_ports() {
         let annotations = &deployment["spec"]["template"]["metadata"]["annotations"];
         assert_eq!(annotations["prometheus.io/scrape"], "true", "{name} is scraped");
         let scraped: u16 = str_of(&annotations["prometheus.io/port"]).parse().unwrap();
-        assert!(container_ports.values().any(|p| *p == scraped), "{name}: Prometheus scrapes a container port");
+        assert!(health_ports.contains(&scraped), "{name}: Prometheus scrapes the port that serves /metrics");
         assert_eq!(annotations["prometheus.io/path"], "/metrics");
     }
     for service in of_kind(&docs, "Service") {
@@ -492,7 +514,11 @@ fn kubernetes_manifests_name_real_programs_variables_and_ports() {
             .filter(|d| labels_match(&service["spec"]["selector"], &d["spec"]["template"]["metadata"]["labels"]))
             .collect();
         assert_eq!(selected.len(), 1, "Service {name} selects one Deployment's pods");
-        let (_, containers) = containers(selected[0]);
+        let (pod, containers) = containers(selected[0]);
+        let webhook_admin = containers.iter().find(|c| program(c) == "wxpush-webhook").map(|c| {
+            let env = container_env(&docs, c);
+            effective_config(&name, &mounted_config_file(&docs, pod, c, &env), &env).webhook_admin_listen.port()
+        });
         for p in service["spec"]["ports"].as_array().unwrap() {
             let port = p["port"].as_u64().unwrap() as u16;
             assert!(PORTS.contains(&port), "Service {name} port {port}");
@@ -502,6 +528,15 @@ fn kubernetes_manifests_name_real_programs_variables_and_ports() {
                 .flat_map(|c| c["ports"].as_array().unwrap())
                 .any(|cp| cp["name"] == *target || cp["containerPort"] == *target);
             assert!(found, "Service {name}: targetPort {target} is a container port");
+            if let Some(admin) = webhook_admin {
+                let admin_port = containers
+                    .iter()
+                    .flat_map(|c| c["ports"].as_array().unwrap())
+                    .find(|cp| cp["containerPort"] == admin)
+                    .expect("the webhook's admin port is a container port");
+                let to_admin = *target == admin_port["name"] || *target == admin_port["containerPort"];
+                assert!(!to_admin, "Service {name} must not expose the webhook's admin port (metrics, probes)");
+            }
         }
     }
     for pdb in of_kind(&docs, "PodDisruptionBudget") {
@@ -754,12 +789,22 @@ fn histograms_the_dashboard_takes_quantiles_of_render_buckets() {
     // Without configured buckets the exporter renders a summary, and histogram_quantile over
     // `_bucket` finds nothing: render them the way the programs do.
     let handle = wxpush::health::install_metrics().expect("the first recorder of this test process");
+    // The webhook is a process of its own, with its own recorder.
+    let webhook = wxpush::webhook::metrics::builder().expect("the webhook's buckets").build_recorder();
+    let webhook_handle = webhook.handle();
     let mut checked = 0;
     for expr in dashboard_queries(&dashboard()).iter().filter(|e| e.contains("histogram_quantile")) {
         for name in metric_names(expr) {
             let base = name.strip_suffix("_bucket").unwrap_or_else(|| panic!("quantile of a non-bucket: {expr}"));
-            metrics::histogram!(base.to_owned(), "account" => "deploy-test").record(0.2);
-            let text = handle.render();
+            let text = if base.starts_with("wxpush_webhook_") {
+                metrics::with_local_recorder(&webhook, || {
+                    metrics::histogram!(base.to_owned(), "outcome" => "deploy-test").record(0.2);
+                });
+                webhook_handle.render()
+            } else {
+                metrics::histogram!(base.to_owned(), "account" => "deploy-test").record(0.2);
+                handle.render()
+            };
             assert!(text.contains(&format!("{base}_bucket{{")), "{base} renders no buckets:\n{text}");
             checked += 1;
         }

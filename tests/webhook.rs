@@ -15,12 +15,9 @@ use std::{
 
 use futures_util::StreamExt;
 use lapin::{
-    Channel, Connection, ConnectionProperties, Consumer, ExchangeKind,
+    Channel, Connection, ConnectionProperties, Consumer,
     message::Delivery,
-    options::{
-        BasicConsumeOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
-        QueueDeleteOptions,
-    },
+    options::{BasicConsumeOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions},
     types::{AMQPValue, FieldTable, ShortString},
 };
 use rand::{Rng, distr::Alphanumeric};
@@ -33,7 +30,7 @@ use wxpush::{
     config::Config,
     domain::crypto::{self, Cipher},
     store::Redis,
-    webhook::{Webhook, WebhookSettings, serve_with},
+    webhook::{Listeners, Webhook, WebhookSettings, dedupe, metrics, serve_with},
 };
 
 const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
@@ -43,6 +40,7 @@ const WAIT: Duration = Duration::from_secs(15);
 const DEFAULT_APPID: &str = "wxdefault0000001";
 const SAFE_APPID: &str = "wxsafe0000000001";
 const ROT_APPID: &str = "wxrotating000001";
+const SWITCHING_APPID: &str = "wxswitching00001";
 
 fn random(n: usize) -> String {
     rand::rng().sample_iter(Alphanumeric).take(n).map(char::from).collect()
@@ -73,6 +71,8 @@ struct Options {
     /// Redis as the webhook sees it (the test itself always uses the real one).
     redis_url: String,
     msgid_wait: Duration,
+    /// Open connections on the public port at most (`None`: the default).
+    max_connections: Option<usize>,
 }
 
 impl Default for Options {
@@ -82,6 +82,7 @@ impl Default for Options {
             amqp_url: AMQP_URL.into(),
             redis_url: REDIS_URL.into(),
             msgid_wait: Duration::from_millis(1500),
+            max_connections: None,
         }
     }
 }
@@ -89,6 +90,8 @@ impl Default for Options {
 /// One test's webhook, its RabbitMQ names, its Redis prefix and a consumer of its results.
 struct Harness {
     base: String,
+    /// The admin address: `/healthz`, `/readyz`, `/metrics`.
+    admin: String,
     http: reqwest::Client,
     exchange: String,
     dlq: String,
@@ -135,6 +138,12 @@ impl Harness {
             encoding_aes_key = "{rot_new_key}"
             previous_encoding_aes_key = "{rot_old_key}"
             [[accounts]]
+            name = "switching"
+            appid = "{SWITCHING_APPID}"
+            callback_token = "switchtoken"
+            encoding_aes_key = "{safe_key}"
+            accept_plaintext = true
+            [[accounts]]
             name = "notoken"
             appid = "wxnotoken0000001"
             "#
@@ -144,15 +153,14 @@ impl Harness {
         settings.timestamp_window = opts.timestamp_window;
         settings.msgid_wait = opts.msgid_wait;
         settings.publish_timeout = Duration::from_secs(5);
+        if let Some(max) = opts.max_connections {
+            settings.max_connections = max;
+        }
 
         let conn =
             Connection::connect(AMQP_URL, ConnectionProperties::default()).await.expect("RabbitMQ at 127.0.0.1:5672");
         let channel = conn.create_channel().await.expect("channel");
-        let durable = ExchangeDeclareOptions { durable: true, ..Default::default() };
-        channel
-            .exchange_declare(ShortString::from(exchange.as_str()), ExchangeKind::Topic, durable, FieldTable::default())
-            .await
-            .expect("declare exchange");
+        wxpush::amqp::declare_results_exchange(&channel, &exchange).await.expect("declare exchange");
         let results_queue = format!("wxpush.test.{id}.observer");
         let exclusive = QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() };
         channel
@@ -192,16 +200,26 @@ impl Harness {
         let redis = Redis::connect(REDIS_URL, &prefix).await.expect("Redis at 127.0.0.1:6379");
         let broker = Broker::new(&opts.amqp_url, "wxpush-webhook-test");
         let webhook_redis = Redis::connect(&opts.redis_url, &prefix).await.expect("webhook's Redis");
-        let webhook = Webhook::new(&config, settings, broker, webhook_redis).expect("webhook");
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let base = format!("http://{}", listener.local_addr().expect("addr"));
+        let mut webhook = Webhook::new(&config, settings, broker, webhook_redis).expect("webhook");
+        // One recorder for the whole test process: series are shared between tests, so tests
+        // compare counts before and after, on labels only they produce.
+        if let Some(prometheus) = metrics::install() {
+            webhook = webhook.with_metrics(Arc::new(move || prometheus.render()));
+        }
+        let listeners = Listeners {
+            public: TcpListener::bind("127.0.0.1:0").await.expect("bind"),
+            admin: TcpListener::bind("127.0.0.1:0").await.expect("bind admin"),
+        };
+        let base = format!("http://{}", listeners.public.local_addr().expect("addr"));
+        let admin = format!("http://{}", listeners.admin.local_addr().expect("admin addr"));
         let stop = CancellationToken::new();
         let stopped = stop.clone();
         let server = tokio::spawn(async move {
-            serve_with(webhook, listener, async move { stopped.cancelled().await }).await.expect("serve");
+            serve_with(webhook, listeners, async move { stopped.cancelled().await }).await.expect("serve");
         });
         Harness {
             base,
+            admin,
             http: reqwest::Client::new(),
             exchange,
             dlq,
@@ -229,10 +247,9 @@ impl Harness {
             .queue_delete(ShortString::from(self.results_queue.as_str()), QueueDeleteOptions::default())
             .await;
         let _ = self.channel.queue_delete(ShortString::from(self.dlq.as_str()), QueueDeleteOptions::default()).await;
-        let _ = self
-            .channel
-            .exchange_delete(ShortString::from(self.exchange.as_str()), ExchangeDeleteOptions::default())
-            .await;
+        for exchange in [self.exchange.clone(), wxpush::amqp::unrouted_name(&self.exchange)] {
+            let _ = self.channel.exchange_delete(ShortString::from(exchange), ExchangeDeleteOptions::default()).await;
+        }
         let mut conn = self.redis.conn();
         let pattern = format!("{}:*", self.redis.keys().prefix());
         let keys: Vec<String> = redis::cmd("KEYS").arg(&pattern).query_async(&mut conn).await.expect("keys");
@@ -243,6 +260,18 @@ impl Harness {
 
     fn url(&self, path: &str, query: &str) -> String {
         format!("{}{path}?{query}", self.base)
+    }
+
+    /// GET on the admin address.
+    async fn admin_get(&self, path: &str) -> (StatusCode, String) {
+        self.send(self.http.get(format!("{}{path}", self.admin))).await
+    }
+
+    /// The value of one series on the admin `/metrics` (0 when it does not exist yet).
+    async fn metric(&self, series: &str) -> f64 {
+        let (status, text) = self.admin_get("/metrics").await;
+        assert_eq!(status, StatusCode::OK);
+        text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok()).unwrap_or(0.0)
     }
 
     /// A plaintext POST, signed with `token`.
@@ -782,13 +811,13 @@ async fn a_broker_outage_answers_503_and_the_re_push_succeeds_once() {
     let seen = h.redis.keys().push_seen(DEFAULT_APPID, "receipt:808:success");
     let mark: Option<String> = redis::cmd("GET").arg(&seen).query_async(&mut h.redis.conn()).await.expect("get");
     assert_eq!(mark, None);
-    let (status, _) = h.send(h.http.get(format!("{}/readyz", h.base))).await;
+    let (status, _) = h.admin_get("/readyz").await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
 
     // The broker is back: WeChat's re-push goes through.
     relay.set_open(true).await;
     assert_eq!(h.post_plain("/wechat", "AAAAA", receipt_xml(808, "success")).await, (StatusCode::OK, "success".into()));
-    let (status, body) = h.send(h.http.get(format!("{}/readyz", h.base))).await;
+    let (status, body) = h.admin_get("/readyz").await;
     assert_eq!(status, StatusCode::OK, "{body}");
 
     // The broker goes away while the webhook holds a connection to it.
@@ -807,12 +836,71 @@ async fn a_broker_outage_answers_503_and_the_re_push_succeeds_once() {
 }
 
 #[tokio::test]
-async fn health_and_readiness() {
+async fn health_readiness_and_metrics_are_on_the_admin_port_only() {
     let h = Harness::start(Options::default()).await;
-    assert_eq!(h.send(h.http.get(format!("{}/healthz", h.base))).await, (StatusCode::OK, "ok".into()));
-    let (status, body) = h.send(h.http.get(format!("{}/readyz", h.base))).await;
+    assert_eq!(h.admin_get("/healthz").await, (StatusCode::OK, "ok".into()));
+    let (status, body) = h.admin_get("/readyz").await;
     assert_eq!(status, StatusCode::OK, "{body}");
-    assert_eq!(h.send(h.http.get(format!("{}/metrics", h.base))).await.0, StatusCode::OK);
+    // WeChat's port serves WeChat's paths and nothing else.
+    for path in ["/healthz", "/readyz", "/metrics", "/"] {
+        let (status, _) = h.send(h.http.get(format!("{}{path}", h.base))).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{path} on the public port");
+    }
+    for path in ["/wechat", "/wechat/default"] {
+        let (status, _) = h.send(h.http.post(format!("{}{path}", h.admin)).body(receipt_xml(1, "success"))).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{path} on the admin port");
+    }
+    h.finish().await;
+}
+
+#[tokio::test]
+async fn metrics_count_outcomes_by_reason_and_time_pushes_and_confirms_with_help_text() {
+    let mut h = Harness::start(Options::default()).await;
+    let published = r#"wxpush_webhook_pushes_total{account="rotating",outcome="published"}"#;
+    let duplicate = r#"wxpush_webhook_pushes_total{account="rotating",outcome="duplicate"}"#;
+    let bad_signature =
+        r#"wxpush_webhook_pushes_total{account="rotating",outcome="refused",reason="bad_msg_signature"}"#;
+    let plaintext = r#"wxpush_webhook_pushes_total{account="rotating",outcome="refused",reason="plaintext_refused"}"#;
+    let dead = r#"wxpush_webhook_pushes_total{account="rotating",outcome="dead_lettered"}"#;
+    let unknown = r#"wxpush_webhook_pushes_total{account="unknown",outcome="refused",reason="unknown_account"}"#;
+    let series = [published, duplicate, bad_signature, plaintext, dead, unknown];
+    let mut before = Vec::new();
+    for s in series {
+        before.push(h.metric(s).await);
+    }
+    let confirms_before = h.metric("wxpush_webhook_publish_confirm_seconds_count").await;
+
+    let key = h.rot_new_key.clone();
+    h.write_msgid_record(ROT_APPID, 5151, "metrics-job").await;
+    let receipt = receipt_xml(5151, "success");
+    for _ in 0..2 {
+        assert_eq!(h.post_aes("/wechat/rotating", "rottoken", &key, ROT_APPID, &receipt).await.0, StatusCode::OK);
+    }
+    assert_eq!(h.post_aes("/wechat/rotating", "wrong", &key, ROT_APPID, &receipt).await.0, StatusCode::UNAUTHORIZED);
+    assert_eq!(h.post_plain("/wechat/rotating", "rottoken", receipt.clone()).await.0, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        h.post_aes("/wechat/rotating", "rottoken", &key, ROT_APPID, "<xml><Marker>1</Marker>").await.0,
+        StatusCode::BAD_REQUEST
+    );
+    assert_eq!(h.post_plain(&format!("/wechat/{}", random(12)), "x", receipt).await.0, StatusCode::NOT_FOUND);
+
+    for (s, was) in series.iter().zip(before) {
+        assert_eq!(h.metric(s).await, was + 1.0, "{s}");
+    }
+    assert!(h.metric("wxpush_webhook_publish_confirm_seconds_count").await >= confirms_before + 2.0);
+    let (_, text) = h.admin_get("/metrics").await;
+    for name in [
+        "wxpush_webhook_pushes_total",
+        "wxpush_webhook_push_seconds",
+        "wxpush_webhook_publish_confirm_seconds",
+        "wxpush_webhook_connections_open",
+    ] {
+        assert!(text.contains(&format!("# HELP {name} ")), "{name} has HELP text:\n{text}");
+    }
+    assert!(text.contains(r#"wxpush_webhook_push_seconds_bucket{outcome="published",le="0.5"}"#), "{text}");
+    assert!(text.contains(r#"wxpush_webhook_connections_open{port="public"}"#), "{text}");
+    assert!(!text.contains(&key) && !text.contains("rottoken"), "no secret in the metrics");
+    assert_eq!(h.next_result().await.routing_key.as_str(), "delivery.success");
     h.finish().await;
 }
 
@@ -825,7 +913,7 @@ async fn without_redis_nothing_is_published_and_the_answer_is_503() {
     assert!(reason.contains("Redis"), "{reason}");
     // Unreadable pushes are not parked either (they could not be de-duplicated): WeChat pushes again.
     assert_eq!(h.post_plain("/wechat", "AAAAA", SEED_MALFORMED).await.0, StatusCode::SERVICE_UNAVAILABLE);
-    let (status, body) = h.send(h.http.get(format!("{}/readyz", h.base))).await;
+    let (status, body) = h.admin_get("/readyz").await;
     assert_eq!((status, body.contains("redis down")), (StatusCode::SERVICE_UNAVAILABLE, true), "{body}");
     // This webhook cannot publish a marker push: the test publishes one itself. Anything the
     // webhook had confirmed would be queued before it.
@@ -844,5 +932,205 @@ async fn shutdown_lets_a_push_in_flight_finish() {
     });
     assert_eq!(answer, (StatusCode::OK, "success".into()));
     assert_eq!(json(&h.next_result().await)["msgid"], 7070);
+    h.finish().await;
+}
+
+#[tokio::test]
+async fn a_plaintext_push_to_a_safe_mode_account_is_refused_and_publishes_nothing() {
+    let mut h = Harness::start(Options::default()).await;
+    // `signature` covers only token, timestamp and nonce: anyone who saw one push URL of the
+    // account could replay it with a body of their own, such as a forged user_block.
+    let forged = receipt_xml(13_131, "failed:user block");
+    let (status, reason) = h.post_plain("/wechat/safe", "safetoken", forged.clone()).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{reason}");
+    assert!(reason.contains("accept_plaintext"), "the answer says how to switch modes: {reason}");
+    // encrypt_type=raw is plaintext too.
+    let (ts, nonce) = (now().to_string(), random(9));
+    let q = format!(
+        "signature={}&timestamp={ts}&nonce={nonce}&encrypt_type=raw",
+        crypto::signature("safetoken", &ts, &nonce)
+    );
+    assert_eq!(h.send(h.http.post(h.url("/wechat/safe", &q)).body(forged.clone())).await.0, StatusCode::UNAUTHORIZED);
+    // The rotating account has two keys: the same rule.
+    assert_eq!(h.post_plain("/wechat/rotating", "rottoken", forged.clone()).await.0, StatusCode::UNAUTHORIZED);
+
+    // An account switching modes in the console takes both while accept_plaintext is set.
+    let key = h.safe_key.clone();
+    assert_eq!(
+        h.post_plain("/wechat/switching", "switchtoken", receipt_xml(13_132, "success")).await,
+        (StatusCode::OK, "success".into())
+    );
+    assert_eq!(
+        h.post_aes("/wechat/switching", "switchtoken", &key, SWITCHING_APPID, &receipt_xml(13_133, "success")).await.0,
+        StatusCode::OK
+    );
+    let got = h.results_until_marker().await;
+    let ids: Vec<Value> = got.iter().map(|d| json(d)["msgid"].clone()).collect();
+    assert_eq!(ids, [Value::from(13_132), Value::from(13_133)], "the refused pushes published nothing");
+    assert!(h.dead_until_marker().await.is_empty(), "and parked nothing");
+    h.finish().await;
+}
+
+#[tokio::test]
+async fn long_job_ids_event_names_and_field_names_are_published_not_refused() {
+    let mut h = Harness::start(Options::default()).await;
+    // A job_id of 86 CJK characters: 258 bytes, more than an AMQP short string holds.
+    let job_id = "订".repeat(86);
+    h.write_msgid_record(DEFAULT_APPID, 86_258, &job_id).await;
+    assert_eq!(
+        h.post_plain("/wechat", "AAAAA", receipt_xml(86_258, "success")).await,
+        (StatusCode::OK, "success".into())
+    );
+    let d = h.next_result().await;
+    assert_eq!(json(&d)["job_id"], job_id.as_str(), "the body keeps the job_id whole");
+    let correlation = correlation_id(&d).expect("a correlation_id");
+    assert!(correlation.starts_with("sha1:") && correlation.len() == 45, "{correlation}");
+
+    // An event name longer than a routing key may be, and a field name longer than a short
+    // string: published whole in the body, under a routing key of the name's first 64 characters.
+    let event = format!("E{}", "x".repeat(400));
+    let field = format!("F{}", "y".repeat(300));
+    let push = format!(
+        "<xml><ToUserName><![CDATA[gh_1]]></ToUserName><FromUserName><![CDATA[o_long]]></FromUserName><CreateTime>1700000100</CreateTime><MsgType><![CDATA[event]]></MsgType><Event><![CDATA[{event}]]></Event><{field}>v</{field}></xml>"
+    );
+    assert_eq!(h.post_plain("/wechat", "AAAAA", push).await, (StatusCode::OK, "success".into()));
+    let d = h.next_result().await;
+    assert_eq!(d.routing_key.as_str(), format!("event.e{}", "x".repeat(63)));
+    assert_eq!((json(&d)["Event"].clone(), json(&d)[&field].clone()), (event.clone().into(), "v".into()));
+    // A user's message with a long MsgType: message.<type>, cut the same way.
+    let msg_type = "t".repeat(300);
+    let message = format!(
+        "<xml><ToUserName>gh_1</ToUserName><FromUserName>o_long</FromUserName><CreateTime>1700000101</CreateTime><MsgType>{msg_type}</MsgType><MsgId>42</MsgId></xml>"
+    );
+    assert_eq!(h.post_plain("/wechat", "AAAAA", message).await.0, StatusCode::OK);
+    let d = h.next_result().await;
+    assert_eq!(d.routing_key.as_str(), format!("message.{}", &msg_type[..64]));
+    // Nothing is left pending: a re-push of each is a duplicate, answered at once.
+    assert_eq!(h.post_plain("/wechat", "AAAAA", receipt_xml(86_258, "success")).await.0, StatusCode::OK);
+    assert!(h.results_until_marker().await.is_empty());
+    assert!(pending_marks(&h).await.is_empty());
+    h.finish().await;
+}
+
+/// The pending marks (`P…` values) under the test's Redis prefix.
+async fn pending_marks(h: &Harness) -> Vec<String> {
+    let mut conn = h.redis.conn();
+    let pattern = format!("{}:*", h.redis.keys().prefix());
+    let keys: Vec<String> = redis::cmd("KEYS").arg(&pattern).query_async(&mut conn).await.expect("keys");
+    let mut pending = Vec::new();
+    for key in keys {
+        let value: Option<String> = redis::cmd("GET").arg(&key).query_async(&mut conn).await.unwrap_or(None);
+        if value.is_some_and(|v| v.starts_with('P')) {
+            pending.push(key);
+        }
+    }
+    pending
+}
+
+#[tokio::test]
+async fn a_push_task_that_panics_or_is_dropped_releases_its_pending_mark() {
+    let h = Harness::start(Options::default()).await;
+    let (ttl, wait) = (Duration::from_secs(30), Duration::from_millis(100));
+    for how in ["panics", "is dropped"] {
+        let key = h.redis.keys().push_seen(DEFAULT_APPID, &format!("receipt:1:{how}"));
+        let owner = match dedupe::claim(&h.redis, &key, None, ttl, wait).await.expect("claim") {
+            dedupe::Claim::Owned { owner, .. } => owner,
+            other => panic!("a fresh event is ours: {other:?}"),
+        };
+        let (redis, k) = (h.redis.clone(), key.clone());
+        let (holding, held) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(async move {
+            let _mark = dedupe::PendingMark::new(redis, k, owner);
+            let _ = holding.send(());
+            if how == "panics" {
+                panic!("the push task fails half-way");
+            }
+            std::future::pending::<()>().await;
+        });
+        let _ = held.await;
+        if how == "is dropped" {
+            task.abort();
+        }
+        assert!(task.await.is_err(), "the task {how}");
+        // The re-push can claim the event again: the mark was released, not left to run out.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            match dedupe::claim(&h.redis, &key, None, ttl, wait).await.expect("claim") {
+                dedupe::Claim::Owned { .. } => break,
+                other => assert!(tokio::time::Instant::now() < deadline, "still {other:?} after the task {how}"),
+            }
+        }
+    }
+    h.finish().await;
+}
+
+/// Opens `n` connections to `addr`, 64 at a time; every other one sends half a request head.
+async fn stalled_connections(addr: &str, n: usize) -> Vec<tokio::net::TcpStream> {
+    use tokio::io::AsyncWriteExt;
+    futures_util::stream::iter(0..n)
+        .map(|i| async move {
+            let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+            if i % 2 == 0 {
+                stream
+                    .write_all(b"POST /wechat?signature=a&timestamp=1&nonce=2 HTTP/1.1\r\nHost: x\r\nContent-")
+                    .await
+                    .ok();
+            }
+            stream
+        })
+        .buffer_unordered(64)
+        .collect()
+        .await
+}
+
+#[tokio::test]
+async fn stalled_connections_neither_block_pushes_nor_stay_open() {
+    // Both ends of every connection live in this process: make room for them.
+    const STALLED: usize = 1_600;
+    let limit = rlimit::increase_nofile_limit(u64::MAX).expect("file-descriptor limit");
+    assert!(
+        limit >= 2 * STALLED as u64 + 512,
+        "`ulimit -n` is {limit}: this test needs {} descriptors",
+        2 * STALLED + 512
+    );
+    let h = Harness::start(Options { max_connections: Some(STALLED + 400), ..Options::default() }).await;
+    let open = r#"wxpush_webhook_connections_open{port="public"}"#;
+    let timeouts = r#"wxpush_webhook_header_timeouts_total{port="public"}"#;
+    let timeouts_before = h.metric(timeouts).await;
+    let addr = h.base.trim_start_matches("http://").to_owned();
+    let opened = tokio::time::Instant::now();
+    let mut stalled = stalled_connections(&addr, STALLED).await;
+    // The webhook has accepted them all (the gauge is shared with other tests: at least).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while h.metric(open).await < STALLED as f64 {
+        assert!(tokio::time::Instant::now() < deadline, "the webhook did not accept {STALLED} connections");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // A real push and the probes still get through, quickly.
+    h.write_msgid_record(DEFAULT_APPID, 1_500_001, "under-siege").await;
+    let started = std::time::Instant::now();
+    assert_eq!(
+        h.post_plain("/wechat", "AAAAA", receipt_xml(1_500_001, "success")).await,
+        (StatusCode::OK, "success".into())
+    );
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(3), "a push took {took:?} with {STALLED} stalled connections open");
+    assert_eq!(h.admin_get("/healthz").await.0, StatusCode::OK);
+
+    // The webhook hangs up on every stalled connection (header timeout, 10 s by default).
+    let closed = futures_util::future::join_all(stalled.iter_mut().map(|s| async move {
+        use tokio::io::AsyncReadExt;
+        let mut buf = [0u8; 512];
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    }));
+    let left = Duration::from_secs(40).saturating_sub(opened.elapsed());
+    assert!(tokio::time::timeout(left, closed).await.is_ok(), "stalled connections still open 40 s after they opened");
+    assert!(h.metric(timeouts).await >= timeouts_before + STALLED as f64, "each was closed by the header timeout");
     h.finish().await;
 }

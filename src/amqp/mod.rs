@@ -477,6 +477,16 @@ impl Broker {
         declare_results_exchange(&self.channel().await?, name).await
     }
 
+    /// Declares the dead-letter queue ([`declare_dead_letter_queue`]) on the broker's connection.
+    pub async fn declare_dead_letter_queue(&self, name: &str, queue_type: QueueType) -> Result<(), AmqpError> {
+        self.publisher().await?;
+        let link = self.link.lock().await;
+        let Some((connection, _)) = link.as_ref() else {
+            return Err(AmqpError::ConnectTimeout { url: "(no connection)".into(), secs: 0 });
+        };
+        declare_dead_letter_queue(connection, name, queue_type).await
+    }
+
     /// Declares a durable queue with `args`. A failed declare closes the channel; the next
     /// call finds it unusable and opens another.
     pub async fn declare_queue(&self, name: &str, args: FieldTable) -> Result<(), AmqpError> {

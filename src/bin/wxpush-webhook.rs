@@ -8,12 +8,10 @@ use anyhow::Context;
 use clap::Parser;
 use tracing::info;
 use wxpush::{
-    amqp::Broker,
     config::Config,
-    health,
     store::Redis,
     telemetry,
-    webhook::{Webhook, WebhookSettings, serve_with},
+    webhook::{self, Listeners, Webhook, WebhookSettings, metrics, serve_with},
 };
 
 #[derive(Parser)]
@@ -31,20 +29,17 @@ async fn main() -> anyhow::Result<()> {
     let config = Config::load(args.config.as_deref()).context("cannot load the configuration")?;
     let settings = WebhookSettings::from_config(&config)?;
 
-    let broker = Broker::new(&config.amqp_url, "wxpush-webhook");
     let redis = Redis::connect(&config.redis_url, &config.redis_prefix).await?;
-    let mut webhook = Webhook::new(&config, settings, broker, redis)?;
-    if let Some(prometheus) = health::install_metrics() {
+    let mut webhook = Webhook::new(&config, settings, webhook::broker(&config), redis)?;
+    if let Some(prometheus) = metrics::install() {
         webhook = webhook.with_metrics(Arc::new(move || prometheus.render()));
     }
 
-    let listener = tokio::net::TcpListener::bind(config.webhook_listen)
-        .await
-        .with_context(|| format!("cannot listen on {} (WXPUSH_WEBHOOK_LISTEN)", config.webhook_listen))?;
+    let listeners = Listeners::bind(&config).await?;
     let shutdown = async {
         telemetry::shutdown_signal().await;
         info!("shutdown requested: finishing pushes in flight");
     };
-    serve_with(webhook, listener, shutdown).await?;
+    serve_with(webhook, listeners, shutdown).await?;
     Ok(())
 }

@@ -73,6 +73,7 @@ impl DemoOptions {
                 callback_token: None,
                 encoding_aes_key: None,
                 previous_encoding_aes_key: None,
+                accept_plaintext: false,
                 rate_limit: None,
                 daily_quota: None,
             }],

@@ -7,7 +7,8 @@
 //! - `D`: the done mark, written only after the broker confirmed the event.
 //!
 //! A failed publish deletes its own pending mark at once (compare-and-delete), so the re-push
-//! does not have to wait for it to expire. Nothing but a confirmed publish ever writes `D`.
+//! does not have to wait for it to expire; so does a push task that panics or is dropped half-way
+//! ([`PendingMark`] releases on drop). Nothing but a confirmed publish ever writes `D`.
 
 use std::{
     sync::LazyLock,
@@ -15,6 +16,7 @@ use std::{
 };
 
 use redis::Script;
+use tracing::warn;
 
 use crate::store::{Redis, StoreError};
 
@@ -127,4 +129,58 @@ pub async fn release(redis: &Redis, key: &str, owner: &str) -> Result<(), StoreE
 /// Reads the msgid record again (used while a receipt waits for the worker's record).
 pub async fn get(redis: &Redis, key: &str) -> Result<Option<String>, StoreError> {
     Ok(redis::cmd("GET").arg(key).query_async(&mut redis.conn()).await?)
+}
+
+/// The pending mark of an event this task owns. It ends in one of three ways: [`done`](Self::done)
+/// after the broker's confirm, [`release`](Self::release) after a failure, or [`keep`](Self::keep)
+/// when the outcome is unknown and the mark should run out by itself. Dropped in any other way
+/// (the task panicked, or was dropped half-way), it releases the mark in the background, so that
+/// WeChat's re-push publishes the event instead of being answered "busy" until the mark expires.
+pub struct PendingMark {
+    redis: Redis,
+    key: String,
+    owner: String,
+    settled: bool,
+}
+
+impl PendingMark {
+    /// The mark `owner` holds on `key` (from [`Claim::Owned`]).
+    pub fn new(redis: Redis, key: String, owner: String) -> PendingMark {
+        PendingMark { redis, key, owner, settled: false }
+    }
+
+    /// The event is confirmed: writes the done mark.
+    pub async fn done(mut self, done_ttl: Duration) -> Result<(), StoreError> {
+        self.settled = true;
+        mark_done(&self.redis, &self.key, done_ttl).await
+    }
+
+    /// The publish failed: gives the event back at once.
+    pub async fn release(mut self) -> Result<(), StoreError> {
+        self.settled = true;
+        release(&self.redis, &self.key, &self.owner).await
+    }
+
+    /// The broker may still confirm: leave the mark to expire rather than let a re-push publish
+    /// a second copy right away.
+    pub fn keep(mut self) {
+        self.settled = true;
+    }
+}
+
+impl Drop for PendingMark {
+    fn drop(&mut self) {
+        if self.settled {
+            return;
+        }
+        // Outside a runtime (or while it shuts down) nothing can be sent: the mark's TTL ends it.
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        let (redis, key, owner) = (self.redis.clone(), std::mem::take(&mut self.key), std::mem::take(&mut self.owner));
+        runtime.spawn(async move {
+            match release(&redis, &key, &owner).await {
+                Ok(()) => warn!(%key, "push task ended without an outcome; its pending mark is released"),
+                Err(e) => warn!(%key, error = %e, "push task ended without an outcome and its pending mark could not be released; it expires by itself"),
+            }
+        });
+    }
 }

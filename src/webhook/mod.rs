@@ -4,7 +4,10 @@
 //! - `POST /wechat[/{account}]`: a push, plaintext or safe mode ([`verify`]), read by
 //!   [`crate::domain::receipt`], published once ([`dedupe`]) with publisher confirms ([`push`]);
 //!   answered `success` only after the broker confirmed;
-//! - `/healthz`, `/readyz` (RabbitMQ and Redis reachable), `/metrics`.
+//!
+//! Nothing else is served on that port. `/healthz`, `/readyz` (RabbitMQ and Redis reachable) and
+//! `/metrics` ([`metrics`]) are on the admin address (`WXPUSH_WEBHOOK_ADMIN_LISTEN`), which is not
+//! exposed to WeChat. Both ports run on [`server`], which bounds what slow clients can hold.
 //!
 //! Routing keys on the results exchange: `delivery.<status>` for TEMPLATESENDJOBFINISH (body:
 //! [`crate::domain::result::DeliveryEvent`]), `event.<event lowercase>` for other events and
@@ -17,17 +20,21 @@
 //! and a consumer ties it through `msgid`, which the job's `send.succeeded` result also carries.
 
 pub mod dedupe;
+pub mod metrics;
 pub mod push;
+pub mod server;
 pub mod verify;
 
 use std::{
     collections::HashMap,
     future::Future,
+    net::SocketAddr,
+    panic::AssertUnwindSafe,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use axum::{
@@ -38,17 +45,20 @@ use axum::{
     routing::get,
 };
 use bytes::Bytes;
+use futures_util::FutureExt;
 use tokio::net::TcpListener;
-use tokio_util::task::TaskTracker;
-use tower_http::{limit::RequestBodyLimitLayer, timeout::RequestBodyTimeoutLayer};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tower_http::{limit::RequestBodyLimitLayer, timeout::RequestBodyDeadlineLayer};
 use tracing::{error, info, warn};
 
 use crate::{
-    amqp::{AmqpError, Broker, dead_letter_queue_args},
+    amqp::{AmqpError, Broker},
     config::{Config, QueueType},
     domain::job::DEFAULT_ACCOUNT,
     store::{Redis, StoreError},
 };
+use metrics::Outcome;
+use server::ConnLimits;
 use verify::{AccountKeys, KeyError, PushQuery};
 
 /// Environment variable: how far (seconds) a push's `timestamp` may be from the server's clock;
@@ -58,6 +68,18 @@ pub const ENV_TIMESTAMP_WINDOW: &str = "WXPUSH_WEBHOOK_TIMESTAMP_WINDOW_SECS";
 pub const ENV_MSGID_WAIT: &str = "WXPUSH_WEBHOOK_MSGID_WAIT_MS";
 /// Environment variable: how long (seconds) a published event is remembered. Default 86400.
 pub const ENV_DEDUPE_TTL: &str = "WXPUSH_WEBHOOK_DEDUPE_TTL_SECS";
+/// Environment variable: open connections on the public port at most. Default 2048.
+pub const ENV_MAX_CONNECTIONS: &str = "WXPUSH_WEBHOOK_MAX_CONNECTIONS";
+/// Environment variable: seconds a connection gets to send a whole request head. Default 10.
+pub const ENV_HEADER_TIMEOUT: &str = "WXPUSH_WEBHOOK_HEADER_TIMEOUT_SECS";
+
+/// Open connections on the admin port at most: probes and a scraper need a handful.
+const ADMIN_MAX_CONNECTIONS: usize = 64;
+
+/// AMQP frame size the webhook asks for. lapin keeps 32 frames of buffer each way per
+/// connection, zero-filled: at RabbitMQ's default of 128 KiB that is 8 MiB of memory for events
+/// of a few hundred bytes. A dead-lettered push (64 KiB at most) just takes a few frames.
+const AMQP_FRAME_MAX: u32 = 16 * 1024;
 
 /// Largest push accepted; WeChat's pushes are a few hundred bytes.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
@@ -75,8 +97,8 @@ pub enum WebhookError {
     Key(#[from] KeyError),
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("HTTP server failed: {0}")]
-    Io(#[from] std::io::Error),
+    #[error("cannot listen on {addr} ({var})")]
+    Bind { addr: SocketAddr, var: &'static str, source: std::io::Error },
 }
 
 /// The webhook's timings and names.
@@ -101,6 +123,11 @@ pub struct WebhookSettings {
     pub publish_timeout: Duration,
     /// Largest body accepted (413 above).
     pub max_body_bytes: usize,
+    /// Open connections on the public port at most; more wait in the listen backlog.
+    pub max_connections: usize,
+    /// A connection that has not sent a whole request head by then is closed (slow clients);
+    /// the body then has as long again to arrive.
+    pub header_timeout: Duration,
     /// After SIGTERM, how long pushes in flight get to finish.
     pub shutdown_grace: Duration,
 }
@@ -133,6 +160,15 @@ impl WebhookSettings {
             });
         }
         let done_ttl = number(ENV_DEDUPE_TTL, 86_400)?.max(60);
+        let max_connections = number(ENV_MAX_CONNECTIONS, 2_048)?.max(1);
+        let header_timeout = number(ENV_HEADER_TIMEOUT, 10)?;
+        if !(1..=60).contains(&header_timeout) {
+            return Err(WebhookError::Env {
+                var: ENV_HEADER_TIMEOUT,
+                value: header_timeout.to_string(),
+                message: "1 to 60 seconds: WeChat sends its request at once and hangs up after 5 s".into(),
+            });
+        }
         Ok(WebhookSettings {
             results_exchange: config.results_exchange.clone(),
             dead_letter_queue: config.dead_letter_queue.clone(),
@@ -144,6 +180,8 @@ impl WebhookSettings {
             pending_wait: Duration::from_secs(2),
             publish_timeout: Duration::from_secs(10),
             max_body_bytes: MAX_BODY_BYTES,
+            max_connections: usize::try_from(max_connections).unwrap_or(usize::MAX),
+            header_timeout: Duration::from_secs(header_timeout),
             shutdown_grace: config.shutdown_grace(),
         })
     }
@@ -239,8 +277,7 @@ impl Inner {
             return Ok(());
         }
         self.broker.declare_results_exchange(&self.settings.results_exchange).await?;
-        let args = dead_letter_queue_args(self.settings.queue_type);
-        self.broker.declare_queue(&self.settings.dead_letter_queue, args).await?;
+        self.broker.declare_dead_letter_queue(&self.settings.dead_letter_queue, self.settings.queue_type).await?;
         self.topology_declared.store(true, Ordering::Release);
         Ok(())
     }
@@ -250,46 +287,118 @@ impl Inner {
     }
 }
 
-/// The webhook's routes, with the body limits in place.
+/// The public routes, the only ones WeChat can reach: `/wechat` and `/wechat/{account}`, with
+/// the body limits in place. Anything else is 404.
 pub fn router(webhook: Webhook) -> Router {
-    let limit = webhook.inner.settings.max_body_bytes;
+    let settings = &webhook.inner.settings;
+    let limit = settings.max_body_bytes;
+    let body_deadline = settings.header_timeout;
     Router::new()
         .route("/wechat", get(verify_default).post(post_default))
         .route("/wechat/{account}", get(verify_named).post(post_named))
-        .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
         // RequestBodyLimitLayer answers 413 from Content-Length before reading; DefaultBodyLimit
         // makes the `Bytes` extractor stop at the same size for chunked bodies.
         .layer(DefaultBodyLimit::max(limit))
         .layer(RequestBodyLimitLayer::new(limit))
-        .layer(RequestBodyTimeoutLayer::new(Duration::from_secs(10)))
+        // The whole body within the deadline: a client trickling bytes cannot hold a connection.
+        .layer(RequestBodyDeadlineLayer::new(body_deadline))
         .with_state(webhook)
 }
 
-/// Runs the webhook on `listener` until `shutdown` resolves, then lets pushes in flight finish.
+/// The admin routes: `/healthz`, `/readyz`, `/metrics`.
+pub fn admin_router(webhook: Webhook) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_text))
+        .with_state(webhook)
+}
+
+/// The webhook's two sockets: the public one WeChat pushes to, and the admin one.
+pub struct Listeners {
+    pub public: TcpListener,
+    pub admin: TcpListener,
+}
+
+impl Listeners {
+    /// Binds `webhook_listen` and `webhook_admin_listen`.
+    pub async fn bind(config: &Config) -> Result<Listeners, WebhookError> {
+        let bind = |addr: SocketAddr, var: &'static str| async move {
+            TcpListener::bind(addr).await.map_err(|source| WebhookError::Bind { addr, var, source })
+        };
+        Ok(Listeners {
+            public: bind(config.webhook_listen, "WXPUSH_WEBHOOK_LISTEN").await?,
+            admin: bind(config.webhook_admin_listen, "WXPUSH_WEBHOOK_ADMIN_LISTEN").await?,
+        })
+    }
+}
+
+/// Runs the webhook on `listeners` until `shutdown` resolves, then lets pushes in flight finish.
 pub async fn serve(
     config: &Config,
-    listener: TcpListener,
+    listeners: Listeners,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), WebhookError> {
     let settings = WebhookSettings::from_config(config)?;
-    let broker = Broker::new(&config.amqp_url, "wxpush-webhook");
     let redis = Redis::connect(&config.redis_url, &config.redis_prefix).await?;
-    serve_with(Webhook::new(config, settings, broker, redis)?, listener, shutdown).await
+    serve_with(Webhook::new(config, settings, broker(config), redis)?, listeners, shutdown).await
+}
+
+/// The webhook's RabbitMQ publisher, asking for small frames ([`AMQP_FRAME_MAX`]) unless
+/// `WXPUSH_AMQP_URL` sets `frame_max` itself.
+pub fn broker(config: &Config) -> Arc<Broker> {
+    Broker::new(&with_frame_max(&config.amqp_url, AMQP_FRAME_MAX), "wxpush-webhook")
+}
+
+/// Each URL of a comma-separated list with `frame_max=<n>` added to its query, unless it has one.
+fn with_frame_max(urls: &str, frame_max: u32) -> String {
+    urls.split(',')
+        .map(|url| {
+            let url = url.trim();
+            if url.is_empty() || url.contains("frame_max=") {
+                url.to_owned()
+            } else {
+                let sep = if url.contains('?') { '&' } else { '?' };
+                format!("{url}{sep}frame_max={frame_max}")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// As [`serve`], with a webhook built by the caller.
 pub async fn serve_with(
     webhook: Webhook,
-    listener: TcpListener,
+    listeners: Listeners,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), WebhookError> {
     if let Err(e) = webhook.declare_topology().await {
         warn!(error = %e, "cannot declare the results exchange and dead-letter queue yet; will retry on the first push");
     }
-    info!(addr = ?listener.local_addr().ok(), accounts = ?webhook.account_names(), "wxpush-webhook listening");
-    axum::serve(listener, router(webhook.clone())).with_graceful_shutdown(shutdown).await?;
+    info!(
+        addr = ?listeners.public.local_addr().ok(),
+        admin = ?listeners.admin.local_addr().ok(),
+        accounts = ?webhook.account_names(),
+        "wxpush-webhook listening"
+    );
+    let settings = &webhook.inner.settings;
+    let public = ConnLimits {
+        port: "public",
+        max_connections: settings.max_connections,
+        header_timeout: settings.header_timeout,
+        grace: settings.shutdown_grace,
+    };
+    let admin = ConnLimits { port: "admin", max_connections: ADMIN_MAX_CONNECTIONS, ..public.clone() };
+    let stop = CancellationToken::new();
+    let stopping = stop.clone();
+    tokio::join!(
+        server::serve(listeners.public, router(webhook.clone()), public, stop.clone()),
+        server::serve(listeners.admin, admin_router(webhook.clone()), admin, stop.clone()),
+        async move {
+            shutdown.await;
+            stopping.cancel();
+        },
+    );
     if !webhook.drain().await {
         warn!("shutdown grace period over with pushes still in flight; WeChat will push them again");
     }
@@ -358,12 +467,36 @@ async fn post_named(state: State<Webhook>, Path(account): Path<String>, query: R
 }
 
 /// Hands the push to its own task and waits for it. If WeChat hangs up, axum drops this future
-/// but not the task: the publish runs to its confirm (or its release) regardless.
+/// but not the task: the publish runs to its confirm (or its release) regardless, and the push
+/// is counted when it is done.
 async fn post(State(webhook): State<Webhook>, account: String, RawQuery(query): RawQuery, body: Bytes) -> Reply {
-    let Some(keys) = webhook.inner.accounts.get(&account).cloned() else { return unknown_account(&account) };
+    let started = Instant::now();
+    let Some(keys) = webhook.inner.accounts.get(&account).cloned() else {
+        // The label takes configured names only: a URL cannot make new series.
+        metrics::push_answered("unknown", Outcome::Refused("unknown_account"), started.elapsed());
+        return unknown_account(&account);
+    };
     let query = PushQuery::parse(query.as_deref());
     let inner = webhook.inner.clone();
-    let task = webhook.inner.tracker.spawn(async move { inner.process_post(keys, query, body).await });
+    let task = webhook.inner.tracker.spawn(async move {
+        let name = keys.name.clone();
+        // A panic must not go unanswered or uncounted; the pending mark the push held is
+        // released by its guard as the panic unwinds (dedupe::PendingMark).
+        let (reply, outcome) = match AssertUnwindSafe(inner.process_post(keys, query, body)).catch_unwind().await {
+            Ok(answer) => answer,
+            Err(panic) => {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_owned())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                error!(account = %name, panic = %what, "push task panicked; answering 500 so that WeChat pushes again");
+                (Reply::Refused(StatusCode::INTERNAL_SERVER_ERROR, "internal error".into()), Outcome::Failed)
+            }
+        };
+        metrics::push_answered(&name, outcome, started.elapsed());
+        reply
+    });
     match task.await {
         Ok(reply) => reply,
         Err(e) => {
@@ -387,7 +520,7 @@ async fn readyz(State(webhook): State<Webhook>) -> (StatusCode, String) {
     if redis_ok && amqp_ok { (StatusCode::OK, text) } else { (StatusCode::SERVICE_UNAVAILABLE, text) }
 }
 
-async fn metrics(State(webhook): State<Webhook>) -> impl IntoResponse {
+async fn metrics_text(State(webhook): State<Webhook>) -> impl IntoResponse {
     let body = webhook.inner.metrics.as_ref().map(|render| render()).unwrap_or_default();
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body)
 }
@@ -410,10 +543,24 @@ mod tests {
         assert_eq!(s.done_ttl, Duration::from_secs(86_400));
         assert_eq!((s.results_exchange.as_str(), s.dead_letter_queue.as_str()), ("wxpush.results", "wxpush.jobs.dead"));
         assert_eq!(s.max_body_bytes, 64 * 1024);
+        assert_eq!((s.max_connections, s.header_timeout), (2_048, Duration::from_secs(10)));
         let s = settings(&[(ENV_TIMESTAMP_WINDOW, "0"), (ENV_MSGID_WAIT, "0"), (ENV_DEDUPE_TTL, "3600")]).unwrap();
         assert_eq!((s.timestamp_window, s.msgid_wait, s.done_ttl), (None, Duration::ZERO, Duration::from_secs(3600)));
         assert!(settings(&[(ENV_TIMESTAMP_WINDOW, "5m")]).unwrap_err().to_string().contains(ENV_TIMESTAMP_WINDOW));
         assert!(settings(&[(ENV_MSGID_WAIT, "10000")]).unwrap_err().to_string().contains("5 s"));
+        let s = settings(&[(ENV_MAX_CONNECTIONS, "100"), (ENV_HEADER_TIMEOUT, "3")]).unwrap();
+        assert_eq!((s.max_connections, s.header_timeout), (100, Duration::from_secs(3)));
+        assert!(settings(&[(ENV_HEADER_TIMEOUT, "0")]).unwrap_err().to_string().contains(ENV_HEADER_TIMEOUT));
+    }
+
+    #[test]
+    fn the_broker_is_asked_for_small_frames_unless_the_url_says_otherwise() {
+        assert_eq!(with_frame_max("amqp://u:p@h:5672/%2f", 16384), "amqp://u:p@h:5672/%2f?frame_max=16384");
+        assert_eq!(
+            with_frame_max("amqps://h/%2f?heartbeat=30, amqp://h2", 8192),
+            "amqps://h/%2f?heartbeat=30&frame_max=8192,amqp://h2?frame_max=8192"
+        );
+        assert_eq!(with_frame_max("amqp://h?frame_max=131072", 16384), "amqp://h?frame_max=131072");
     }
 
     #[test]

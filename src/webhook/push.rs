@@ -5,7 +5,11 @@
 //! 5 s, axum then drops the handler, and a publish cut off half-way would leave the event
 //! neither confirmed nor released.
 
-use std::{borrow::Cow, sync::Arc, time::Duration};
+use std::{
+    borrow::Cow,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use axum::http::StatusCode;
 use bytes::Bytes;
@@ -20,11 +24,12 @@ use tracing::{debug, error, warn};
 
 use super::{
     Inner, Reply,
-    dedupe::{self, Claim},
-    verify::{AccountKeys, Mode, PushQuery},
+    dedupe::{self, Claim, PendingMark},
+    metrics::{self, Outcome},
+    verify::{AccountKeys, Mode, PushQuery, VerifyError},
 };
 use crate::{
-    amqp::{PublishError, header_str, json_properties},
+    amqp::{PublishError, Short, header_str, json_properties},
     domain::{
         receipt::{self, Push, TemplateReceipt},
         result::DeliveryEvent,
@@ -47,6 +52,19 @@ pub enum DeliverError {
     Encode(serde_json::Error),
 }
 
+impl DeliverError {
+    /// The `reason` label of a 503 in the webhook's metrics.
+    fn reason(&self) -> &'static str {
+        match self {
+            DeliverError::Redis(_) => "redis",
+            DeliverError::Busy => "busy",
+            DeliverError::Publish(_) => "broker",
+            DeliverError::Unconfirmed(_) => "unconfirmed",
+            DeliverError::Encode(_) => "encode",
+        }
+    }
+}
+
 /// What happened to an event that is now safe.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Delivered {
@@ -57,20 +75,26 @@ enum Delivered {
 }
 
 impl Inner {
-    /// Verifies, decrypts, reads and publishes one POSTed push; the answer for WeChat.
-    pub(crate) async fn process_post(&self, account: Arc<AccountKeys>, query: PushQuery, body: Bytes) -> Reply {
+    /// Verifies, decrypts, reads and publishes one POSTed push: the answer for WeChat, and how
+    /// the push went (for the metrics).
+    pub(crate) async fn process_post(
+        &self,
+        account: Arc<AccountKeys>,
+        query: PushQuery,
+        body: Bytes,
+    ) -> (Reply, Outcome) {
         let received_at = Utc::now();
         let now = received_at.timestamp();
         let window = self.settings.timestamp_window;
         let mode = match query.mode() {
             Ok(m) => m,
-            Err(e) => return self.refuse(&account, e.status(), e.to_string()),
+            Err(e) => return self.refuse(&account, e),
         };
 
         let plaintext: Cow<'_, [u8]> = match mode {
             Mode::Plain => {
-                if let Err(e) = account.verify_signature(&query, now, window) {
-                    return self.refuse(&account, e.status(), e.to_string());
+                if let Err(e) = account.verify_plain(&query, now, window) {
+                    return self.refuse(&account, e);
                 }
                 Cow::Borrowed(&body)
             }
@@ -79,14 +103,13 @@ impl Inner {
                 // signature holds, nothing about the body is trusted or kept.
                 let encrypt = match receipt::parse_fields(&body).and_then(|f| receipt::encrypt_field(&f)) {
                     Ok(Some(e)) => e,
-                    Ok(None) => return self.refuse(&account, StatusCode::BAD_REQUEST, "Encrypt is missing".into()),
+                    Ok(None) => return self.refuse_envelope(&account, "Encrypt is missing".into()),
                     Err(e) => {
-                        let reason = format!("cannot read the encrypted envelope: {e}");
-                        return self.refuse(&account, StatusCode::BAD_REQUEST, reason);
+                        return self.refuse_envelope(&account, format!("cannot read the encrypted envelope: {e}"));
                     }
                 };
                 if let Err(e) = account.verify_msg_signature(&query, &encrypt, now, window) {
-                    return self.refuse(&account, e.status(), e.to_string());
+                    return self.refuse(&account, e);
                 }
                 match account.decrypt(&encrypt) {
                     Ok(msg) => Cow::Owned(msg),
@@ -106,11 +129,9 @@ impl Inner {
         };
         match result {
             Ok(delivered) => {
-                let outcome = if delivered == Delivered::Published { "published" } else { "duplicate" };
-                metrics::counter!("wxpush_webhook_pushes_total", "account" => account.name.clone(), "outcome" => outcome)
-                    .increment(1);
-                debug!(account = %account.name, routing_key = %push.routing_key(), event = %push.dedupe_key(), outcome, "push carried through");
-                Reply::Success
+                let outcome = if delivered == Delivered::Published { Outcome::Published } else { Outcome::Duplicate };
+                debug!(account = %account.name, event = %push.dedupe_key(), outcome = outcome.label(), "push carried through");
+                (Reply::Success, outcome)
             }
             Err(e) => self.unavailable(&account, &push.dedupe_key(), e),
         }
@@ -166,17 +187,31 @@ impl Inner {
         body.insert("account".into(), Value::from(account.name.clone()));
         body.insert("received_at".into(), Value::from(received_at.to_rfc3339_opts(SecondsFormat::Millis, true)));
         let body = serde_json::to_vec(&body).map_err(DeliverError::Encode)?;
-        let routing_key = push.routing_key();
+        // `event.<Event>` / `message.<MsgType>` come from the push: a name too long for a routing
+        // key is cut (the body keeps it whole) rather than refused, or WeChat would push forever.
+        let routing_key = Short::truncated(&push.routing_key());
         self.publish_once(&seen, None, |_| async {
-            self.publish_confirmed(&self.settings.results_exchange, &routing_key, &body, json_properties(None), false)
-                .await
+            self.publish_confirmed(
+                &self.settings.results_exchange,
+                routing_key.as_str(),
+                &body,
+                json_properties(None),
+                false,
+            )
+            .await
         })
         .await
     }
 
     /// A push whose signature held but whose content cannot be read is parked, untouched, in
     /// the dead-letter queue (once per distinct body) and answered 400.
-    async fn dead_letter(&self, account: &AccountKeys, query: &PushQuery, body: &Bytes, reason: String) -> Reply {
+    async fn dead_letter(
+        &self,
+        account: &AccountKeys,
+        query: &PushQuery,
+        body: &Bytes,
+        reason: String,
+    ) -> (Reply, Outcome) {
         warn!(account = %account.name, %reason, bytes = body.len(), "push cannot be read; parking it in the dead-letter queue");
         let digest = hex::encode(Sha1::digest(body));
         let seen = self.redis.keys().push_seen(&account.appid, &format!("dead:{digest}"));
@@ -211,10 +246,7 @@ impl Inner {
             .publish_once(&seen, None, |_| async { self.publish_confirmed("", dlq, body, props, true).await })
             .await;
         match result {
-            Ok(_) => {
-                metrics::counter!("wxpush_webhook_pushes_total", "account" => account.name.clone(), "outcome" => "dead_lettered").increment(1);
-                Reply::Refused(StatusCode::BAD_REQUEST, reason)
-            }
+            Ok(_) => (Reply::Refused(StatusCode::BAD_REQUEST, reason), Outcome::DeadLettered),
             Err(e) => self.unavailable(account, &format!("dead:{digest}"), e),
         }
     }
@@ -233,14 +265,15 @@ impl Inner {
     {
         let s = &self.settings;
         let claim = dedupe::claim(&self.redis, seen, lookup, s.pending_ttl, s.pending_wait).await?;
-        let (owner, found) = match claim {
+        let (mark, found) = match claim {
             Claim::Done => return Ok(Delivered::AlreadyDone),
             Claim::Pending => return Err(DeliverError::Busy),
-            Claim::Owned { owner, lookup } => (owner, lookup),
+            // From here on the mark is released whatever happens, a panic included.
+            Claim::Owned { owner, lookup } => (PendingMark::new(self.redis.clone(), seen.to_owned(), owner), lookup),
         };
         match publish(found).await {
             Ok(()) => {
-                if let Err(e) = dedupe::mark_done(&self.redis, seen, s.done_ttl).await {
+                if let Err(e) = mark.done(s.done_ttl).await {
                     // Published, but a re-push of this event would now publish it again.
                     error!(key = %seen, error = %e, "event published but its done mark could not be written");
                 }
@@ -248,9 +281,12 @@ impl Inner {
             }
             // The broker may still confirm it: keep the pending mark until it runs out rather
             // than let a re-push publish a second copy right away.
-            Err(e @ DeliverError::Unconfirmed(_)) => Err(e),
+            Err(e @ DeliverError::Unconfirmed(_)) => {
+                mark.keep();
+                Err(e)
+            }
             Err(e) => {
-                if let Err(release) = dedupe::release(&self.redis, seen, &owner).await {
+                if let Err(release) = mark.release().await {
                     warn!(key = %seen, error = %release, "could not release the pending mark; it expires by itself");
                 }
                 Err(e)
@@ -271,7 +307,11 @@ impl Inner {
         let limit = self.settings.publish_timeout;
         let publish = async {
             self.ensure_topology().await?;
+            let started = Instant::now();
             let result = self.broker.publish(exchange, routing_key, body, props, mandatory).await;
+            if result.is_ok() {
+                metrics::publish_confirmed(started.elapsed());
+            }
             if let Err(PublishError::Returned { .. }) = &result {
                 // Someone deleted the queue: declare it again before the next try.
                 self.forget_topology();
@@ -307,22 +347,20 @@ impl Inner {
         }
     }
 
-    fn refuse(&self, account: &AccountKeys, status: StatusCode, reason: String) -> Reply {
-        warn!(account = %account.name, status = status.as_u16(), %reason, "push refused");
-        let outcome = match status {
-            StatusCode::UNAUTHORIZED => "bad_signature",
-            StatusCode::FORBIDDEN => "stale",
-            _ => "bad_request",
-        };
-        metrics::counter!("wxpush_webhook_pushes_total", "account" => account.name.clone(), "outcome" => outcome)
-            .increment(1);
-        Reply::Refused(status, reason)
+    fn refuse(&self, account: &AccountKeys, e: VerifyError) -> (Reply, Outcome) {
+        warn!(account = %account.name, status = e.status().as_u16(), reason = %e, "push refused");
+        (Reply::Refused(e.status(), e.to_string()), Outcome::Refused(e.reason()))
     }
 
-    fn unavailable(&self, account: &AccountKeys, event: &str, e: DeliverError) -> Reply {
+    /// A safe-mode push whose envelope cannot be read: refused, since without `Encrypt` its
+    /// signature cannot be checked (nothing unauthenticated is parked).
+    fn refuse_envelope(&self, account: &AccountKeys, reason: String) -> (Reply, Outcome) {
+        warn!(account = %account.name, status = 400, %reason, "push refused");
+        (Reply::Refused(StatusCode::BAD_REQUEST, reason), Outcome::Refused("bad_envelope"))
+    }
+
+    fn unavailable(&self, account: &AccountKeys, event: &str, e: DeliverError) -> (Reply, Outcome) {
         error!(account = %account.name, %event, error = %e, "push not carried through; answering 503 so WeChat pushes again");
-        metrics::counter!("wxpush_webhook_pushes_total", "account" => account.name.clone(), "outcome" => "unavailable")
-            .increment(1);
-        Reply::Refused(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+        (Reply::Refused(StatusCode::SERVICE_UNAVAILABLE, e.to_string()), Outcome::Unavailable(e.reason()))
     }
 }

@@ -26,6 +26,11 @@ pub enum VerifyError {
     BadMsgSignature,
     #[error("timestamp is {skew_secs} s away from this server's clock, more than the {window_secs} s allowed")]
     Stale { skew_secs: i64, window_secs: u64 },
+    #[error(
+        "this account has an EncodingAESKey, so it takes only encrypted pushes (encrypt_type=aes with msg_signature); \
+         a plaintext push is not authenticated. While switching the console's mode, set accept_plaintext = true for the account"
+    )]
+    PlaintextRefused,
 }
 
 impl VerifyError {
@@ -34,8 +39,20 @@ impl VerifyError {
         use axum::http::StatusCode;
         match self {
             Self::Missing(_) | Self::BadTimestamp(_) | Self::BadEncryptType(_) => StatusCode::BAD_REQUEST,
-            Self::BadSignature | Self::BadMsgSignature => StatusCode::UNAUTHORIZED,
+            Self::BadSignature | Self::BadMsgSignature | Self::PlaintextRefused => StatusCode::UNAUTHORIZED,
             Self::Stale { .. } => StatusCode::FORBIDDEN,
+        }
+    }
+
+    /// The `reason` label of the refusal in the webhook's metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Missing(_) => "missing_parameter",
+            Self::BadTimestamp(_) | Self::BadEncryptType(_) => "bad_request",
+            Self::BadSignature => "bad_signature",
+            Self::BadMsgSignature => "bad_msg_signature",
+            Self::Stale { .. } => "stale",
+            Self::PlaintextRefused => "plaintext_refused",
         }
     }
 }
@@ -103,6 +120,8 @@ pub struct AccountKeys {
     token: SecretString,
     /// The current key first, then the previous one (kept during a rotation).
     ciphers: Vec<Cipher>,
+    /// Plaintext pushes are taken even though the account has an AES key.
+    accept_plaintext: bool,
 }
 
 impl std::fmt::Debug for AccountKeys {
@@ -111,6 +130,7 @@ impl std::fmt::Debug for AccountKeys {
             .field("name", &self.name)
             .field("appid", &self.appid)
             .field("keys", &self.ciphers.len())
+            .field("accept_plaintext", &self.accept_plaintext)
             .finish_non_exhaustive()
     }
 }
@@ -144,7 +164,13 @@ impl AccountKeys {
                 ciphers.push(cipher);
             }
         }
-        Ok(Some(AccountKeys { name: account.name.clone(), appid: account.appid.clone(), token, ciphers }))
+        Ok(Some(AccountKeys {
+            name: account.name.clone(),
+            appid: account.appid.clone(),
+            token,
+            ciphers,
+            accept_plaintext: account.accept_plaintext,
+        }))
     }
 
     /// Whether safe-mode pushes can be decrypted.
@@ -159,7 +185,18 @@ impl AccountKeys {
         Ok(echostr)
     }
 
-    /// A plaintext POST: `signature` over (token, timestamp, nonce).
+    /// A plaintext POST. `signature` covers only (token, timestamp, nonce), not the body: anyone
+    /// who saw one push URL could post any body with it for the timestamp window. So an account
+    /// with an AES key refuses plaintext pushes outright (WeChat's compatible and safe modes both
+    /// send encrypted ones), unless it is switching modes (`accept_plaintext`).
+    pub fn verify_plain(&self, q: &PushQuery, now: i64, window: Option<Duration>) -> Result<(), VerifyError> {
+        if self.has_aes_key() && !self.accept_plaintext {
+            return Err(VerifyError::PlaintextRefused);
+        }
+        self.verify_signature(q, now, window)
+    }
+
+    /// `signature` over (token, timestamp, nonce): the server-verification GET, and plaintext POSTs.
     pub fn verify_signature(&self, q: &PushQuery, now: i64, window: Option<Duration>) -> Result<(), VerifyError> {
         let signature = q.get(&q.signature, "signature")?;
         let timestamp = q.get(&q.timestamp, "timestamp")?;
@@ -236,6 +273,33 @@ fn check_window(ts: i64, now: i64, window: Option<Duration>) -> Result<(), Verif
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_account_with_an_aes_key_refuses_plaintext_pushes_unless_switching_modes() {
+        let key = "abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG";
+        let (ts, nonce) = ("1714037059", "486452656");
+        let q = PushQuery::parse(Some(&format!(
+            "signature={}&timestamp={ts}&nonce={nonce}",
+            crypto::signature("t", ts, nonce)
+        )));
+        assert_eq!(q.mode(), Ok(Mode::Plain));
+        let safe = AccountKeys::from_account(&account("t", Some(key), None, "wx1")).unwrap().unwrap();
+        let err = safe.verify_plain(&q, 0, None).unwrap_err();
+        assert_eq!(err, VerifyError::PlaintextRefused);
+        assert_eq!(err.status(), axum::http::StatusCode::UNAUTHORIZED);
+        assert!(err.to_string().contains("accept_plaintext = true"), "{err}");
+        // Refused before the signature is even looked at: a forged one gets the same answer.
+        let unsigned = PushQuery::parse(Some("timestamp=1&nonce=2"));
+        assert_eq!(safe.verify_plain(&unsigned, 0, None), Err(VerifyError::PlaintextRefused));
+
+        let mut switching = account("t", Some(key), None, "wx1");
+        switching.accept_plaintext = true;
+        let switching = AccountKeys::from_account(&switching).unwrap().unwrap();
+        assert_eq!(switching.verify_plain(&q, 0, None), Ok(()));
+        assert_eq!(switching.verify_plain(&unsigned, 0, None), Err(VerifyError::Missing("signature")));
+        // Without an AES key there is nothing better: plaintext is the mode.
+        assert_eq!(keys("t").verify_plain(&q, 0, None), Ok(()));
+    }
 
     fn account(token: &str, key: Option<&str>, previous: Option<&str>, appid: &str) -> Account {
         let text = format!(

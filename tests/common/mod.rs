@@ -64,6 +64,7 @@ pub fn account(name: &str, appid: &str, secret: &str) -> Account {
         callback_token: None,
         encoding_aes_key: None,
         previous_encoding_aes_key: None,
+        accept_plaintext: false,
         rate_limit: None,
         daily_quota: None,
     }
