@@ -17,6 +17,10 @@ use std::{
 
 use wxpush::store::{Redis, limits::Budget};
 
+#[path = "../tests/common/services.rs"]
+mod services;
+use services::redis_url;
+
 fn arg(name: &str) -> Option<String> {
     let args: Vec<String> = std::env::args().collect();
     args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned()
@@ -51,16 +55,19 @@ fn main() {
             .map(|c| String::from_utf8(c.wait_with_output().unwrap().stdout).unwrap().trim().parse::<u64>().unwrap())
             .sum();
         println!("| {p} | {:.0} |", total as f64 / seconds);
-        let _ = Command::new("redis-cli").args(["--scan", "--pattern", &format!("{prefix}:*")]).output().map(|o| {
-            for key in String::from_utf8_lossy(&o.stdout).lines() {
-                let _ = Command::new("redis-cli").args(["DEL", key]).output();
-            }
-        });
+        let _ = Command::new("redis-cli")
+            .args(["-u", redis_url(), "--scan", "--pattern", &format!("{prefix}:*")])
+            .output()
+            .map(|o| {
+                for key in String::from_utf8_lossy(&o.stdout).lines() {
+                    let _ = Command::new("redis-cli").args(["-u", redis_url(), "DEL", key]).output();
+                }
+            });
     }
 }
 
 async fn decide(prefix: &str, seconds: f64, tasks: usize) -> u64 {
-    let redis = Redis::connect("redis://127.0.0.1:6379/", prefix).await.unwrap();
+    let redis = Redis::connect(redis_url(), prefix).await.unwrap();
     // A budget that always admits: 1,000,000/s and a quota of 10^12.
     let budget = Budget::new(1_000_000, 0.05, 1_000_000_000_000);
     let count = Arc::new(AtomicU64::new(0));

@@ -31,7 +31,10 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use wxpush::sandbox::{Faults, Sandbox, SandboxAccount, SandboxConfig};
 
-const AMQP: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+#[path = "../tests/common/services.rs"]
+mod services;
+use services::{amqp_url, redis_url};
+
 const APPID: &str = "wxbench000000001";
 const SECRET: &str = "bench-secret";
 
@@ -151,7 +154,7 @@ async fn measure(mode: &str, latency_ms: u64, workers: usize, o: &Options) -> Ru
     )
     .await
     .unwrap();
-    let conn = Connection::connect(AMQP, ConnectionProperties::default()).await.expect("RabbitMQ is up");
+    let conn = Connection::connect(amqp_url(), ConnectionProperties::default()).await.expect("RabbitMQ is up");
     let ch = conn.create_channel().await.unwrap();
     let jobs_queue = format!("{ns}.jobs");
     let exchange = format!("{ns}.results");
@@ -235,7 +238,8 @@ async fn measure(mode: &str, latency_ms: u64, workers: usize, o: &Options) -> Ru
                 .spawn()
                 .unwrap(),
             _ => Command::new(env!("CARGO_BIN_EXE_wxpush-worker"))
-                .env("WXPUSH_AMQP_URL", AMQP)
+                .env("WXPUSH_AMQP_URL", amqp_url())
+                .env("WXPUSH_REDIS_URL", redis_url())
                 .env("WXPUSH_REDIS_PREFIX", &ns)
                 .env("WXPUSH_WECHAT_API_BASE", sandbox.base_url())
                 .env("WXPUSH_JOBS_QUEUE", &jobs_queue)
@@ -380,7 +384,7 @@ async fn bare_worker(queue: String, exchange: String, api: String, concurrency: 
         "{api}/cgi-bin/message/template/send?access_token={}",
         token["access_token"].as_str().unwrap()
     ));
-    let conn = Connection::connect(AMQP, ConnectionProperties::default()).await.unwrap();
+    let conn = Connection::connect(amqp_url(), ConnectionProperties::default()).await.unwrap();
     let consume = conn.create_channel().await.unwrap();
     consume.basic_qos(concurrency, BasicQosOptions::default()).await.unwrap();
     let publish = conn.create_channel().await.unwrap();
@@ -466,7 +470,7 @@ fn num_cpus() -> usize {
 }
 
 async fn delete_prefix(prefix: &str) {
-    let client = redis::Client::open("redis://127.0.0.1:6379/").unwrap();
+    let client = redis::Client::open(redis_url()).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
     let keys: Vec<String> =
         redis::cmd("KEYS").arg(format!("{prefix}:*")).query_async(&mut conn).await.unwrap_or_default();

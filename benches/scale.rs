@@ -38,7 +38,10 @@ use wxpush::{
     sandbox::{Faults, Sandbox, SandboxAccount, SandboxConfig},
 };
 
-const AMQP: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+#[path = "../tests/common/services.rs"]
+mod services;
+use services::{amqp_url, redis_url};
+
 const APPID: &str = "wxbench000000001";
 const SECRET: &str = "bench-secret";
 
@@ -62,7 +65,7 @@ fn options() -> Options {
         rate: 150,
         rate_jobs: 1500,
         queue_type: QueueType::default(),
-        redis_url: "redis://127.0.0.1:6379/".into(),
+        redis_url: redis_url().into(),
     };
     let args: Vec<String> = std::env::args().collect();
     let mut i = 1;
@@ -152,7 +155,7 @@ async fn measure(o: &Options, workers: usize, jobs: usize, rate: u32) -> Run {
         ..Config::default()
     };
     let topology = Topology::from_config(&config);
-    let conn = Connection::connect(AMQP, ConnectionProperties::default()).await.expect("RabbitMQ is up");
+    let conn = Connection::connect(amqp_url(), ConnectionProperties::default()).await.expect("RabbitMQ is up");
     let ch = conn.create_channel().await.expect("channel");
     topology.declare(&conn).await.expect("declare the topology as the workers do");
     let observed = format!("{ns}.observed");
@@ -216,7 +219,7 @@ async fn measure(o: &Options, workers: usize, jobs: usize, rate: u32) -> Run {
     let mut children: Vec<Child> = (0..workers)
         .map(|_| {
             Command::new(env!("CARGO_BIN_EXE_wxpush-worker"))
-                .env("WXPUSH_AMQP_URL", AMQP)
+                .env("WXPUSH_AMQP_URL", amqp_url())
                 .env("WXPUSH_REDIS_URL", &o.redis_url)
                 .env("WXPUSH_REDIS_PREFIX", &ns)
                 .env("WXPUSH_WECHAT_API_BASE", sandbox.base_url())

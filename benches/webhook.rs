@@ -71,9 +71,9 @@ struct Args {
     /// measure the webhook's memory under a slow-client flood and after it; 0 = none.
     #[arg(long, default_value_t = 2_000)]
     stalled: usize,
-    #[arg(long, env = "WXPUSH_AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+    #[arg(long, env = "WXPUSH_TEST_AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
     amqp_url: String,
-    #[arg(long, env = "WXPUSH_REDIS_URL", default_value = "redis://127.0.0.1:6379/")]
+    #[arg(long, env = "WXPUSH_TEST_REDIS_URL", default_value = "redis://127.0.0.1:6379/")]
     redis_url: String,
     /// Leave out the msgid records, so every receipt waits for one and goes out with job_id null
     /// (measures the worst case; use a small --n).

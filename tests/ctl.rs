@@ -108,7 +108,7 @@ async fn publish_skips_lines_that_are_not_objects_and_confirms_the_rest() {
 
 /// Plays the worker: answers each job on the results exchange as `answer` says (None: never).
 async fn fake_worker(config: Config, answer: fn(&str) -> Option<(&'static str, Value)>) {
-    let conn = Connection::connect(AMQP_URL, ConnectionProperties::default()).await.unwrap();
+    let conn = Connection::connect(amqp_url(), ConnectionProperties::default()).await.unwrap();
     let ch = conn.create_channel().await.unwrap();
     let mut consumer = ch
         .basic_consume(
@@ -354,7 +354,7 @@ async fn status_shows_the_token_age_and_never_a_secret() {
     env.declare_topology().await;
     env.publish_job(&job("s-1", "u")).await;
 
-    let redis = Redis::connect(REDIS_URL, &ns).await.unwrap();
+    let redis = Redis::connect(redis_url(), &ns).await.unwrap();
     let mut conn = redis_conn().await;
     let fetched_at = chrono::Utc::now().timestamp_millis() - 65_000;
     let _: () = redis::cmd("SET")
@@ -429,7 +429,7 @@ async fn check_says_which_credentials_are_set_without_showing_them() {
 }
 
 async fn queue_exists(queue: &str) -> bool {
-    let conn = Connection::connect(AMQP_URL, ConnectionProperties::default()).await.unwrap();
+    let conn = Connection::connect(amqp_url(), ConnectionProperties::default()).await.unwrap();
     let ch = conn.create_channel().await.unwrap();
     let passive = QueueDeclareOptions { passive: true, ..QueueDeclareOptions::default() };
     let exists = ch.queue_declare(ShortString::from(queue), passive, FieldTable::default()).await.is_ok();
@@ -447,8 +447,8 @@ async fn the_demo_sends_the_seed_job_through_a_worker_and_cleans_up() {
     let ns = unique("ctl-demo");
     let options = DemoOptions {
         namespace: ns.clone(),
-        amqp_url: AMQP_URL.into(),
-        redis_url: REDIS_URL.into(),
+        amqp_url: amqp_url().into(),
+        redis_url: redis_url().into(),
         timeout: Duration::from_secs(30),
     };
     // The env watches the demo's exchange independently and cleans up should the demo fail.
@@ -483,8 +483,8 @@ async fn the_demo_sends_the_seed_job_through_a_worker_and_cleans_up() {
 async fn the_demo_says_how_to_start_what_is_not_running() {
     let base = DemoOptions {
         namespace: unique("ctl-demo-down"),
-        amqp_url: AMQP_URL.into(),
-        redis_url: REDIS_URL.into(),
+        amqp_url: amqp_url().into(),
+        redis_url: redis_url().into(),
         timeout: Duration::from_secs(5),
     };
     let no_rabbit = DemoOptions { amqp_url: "amqp://guest:guest@127.0.0.1:1/%2f".into(), ..base.clone() };

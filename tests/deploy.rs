@@ -291,10 +291,10 @@ fn compose_runs_the_demo_with_real_programs_variables_and_ports() {
     let service = |name: &str| services.get(name).unwrap_or_else(|| panic!("compose has no service {name}"));
 
     let rabbitmq = service("rabbitmq");
-    assert!(str_of(&rabbitmq["image"]).starts_with("rabbitmq:3-management"));
+    assert!(str_of(&rabbitmq["image"]).starts_with("rabbitmq:") && str_of(&rabbitmq["image"]).contains("-management"));
     assert!(rabbitmq["healthcheck"]["test"].is_array(), "RabbitMQ has a healthcheck");
     let redis = service("redis");
-    assert!(str_of(&redis["image"]).starts_with("redis:7"));
+    assert!(str_of(&redis["image"]).starts_with("redis:7."));
     assert!(redis["healthcheck"]["test"].is_array(), "Redis has a healthcheck");
 
     let mut programs = BTreeMap::new();
@@ -304,7 +304,11 @@ fn compose_runs_the_demo_with_real_programs_variables_and_ports() {
         assert_url_ports(&format!("compose service {name}"), env.values().cloned());
         for port in svc["ports"].as_array().into_iter().flatten().chain(svc["expose"].as_array().into_iter().flatten())
         {
-            for part in str_of(port).split(':') {
+            let spec = str_of(port);
+            let parts: Vec<&str> = spec.split(':').collect();
+            // "HOST_IP:HOST_PORT:CONTAINER_PORT" publishes on one address only.
+            let ports = if parts.len() == 3 { &parts[1..] } else { &parts[..] };
+            for part in ports {
                 let n: u16 = part.split('/').next().unwrap().parse().expect("a port number");
                 assert!(PORTS.contains(&n), "compose service {name} publishes port {n}, which no program has");
             }
@@ -617,6 +621,212 @@ fn keda_scales_the_workers_on_the_jobs_queue() {
     }
 }
 
+/// An image reference with an exact version: a tag that starts with at least two numeric
+/// components (`1.95.0-bookworm`, `12.15-slim`, `4.1.8-management`), never `latest`, `1` or `7`.
+fn pinned(image: &str) -> bool {
+    let Some((_, tag)) = image.split(" AS ").next().unwrap_or(image).rsplit_once(':') else { return false };
+    let version = tag.split('-').next().unwrap_or_default();
+    let parts: Vec<&str> = version.split('.').collect();
+    parts.len() >= 2 && parts.iter().all(|p| !p.is_empty() && p.chars().all(|c| c.is_ascii_digit()))
+}
+
+/// A `FROM` argument with the Dockerfile's `ARG` defaults filled in and the default registry
+/// prefix (`docker.io/library/`) removed, as Docker would pull it without build arguments.
+fn dockerfile_image(instructions: &[(String, String)], from: &str) -> String {
+    let mut text = from.to_owned();
+    for (_, arg) in instructions.iter().filter(|(k, _)| k == "ARG") {
+        let (name, default) = arg.split_once('=').unwrap_or((arg, ""));
+        text = text.replace(&format!("${{{name}}}"), default).replace(&format!("${name}"), default);
+    }
+    text.strip_prefix("docker.io/library/").map(str::to_owned).unwrap_or(text)
+}
+
+#[test]
+fn every_base_image_is_pinned_and_every_download_can_use_a_mirror() {
+    let instructions = dockerfile();
+    for from in instructions.iter().filter(|(k, _)| k == "FROM") {
+        let image = dockerfile_image(&instructions, &from.1);
+        assert!(pinned(&image), "the Dockerfile's FROM {image} is not an exact version");
+        assert!(from.1.starts_with("${REGISTRY}/"), "FROM {} comes through the REGISTRY build argument", from.1);
+    }
+    let compose = &yaml_documents(&root().join("deploy/docker-compose.yml"))[0];
+    for (name, svc) in compose["services"].as_object().unwrap() {
+        if svc.get("build").is_none() {
+            let image = str_of(&svc["image"]);
+            assert!(pinned(&image), "compose service {name} runs {image}, not an exact version");
+        }
+    }
+    assert!(
+        !pinned("rust:1-bookworm") && !pinned("redis:7") && !pinned("rabbitmq:3-management") && !pinned("x:latest")
+    );
+
+    // Each mirror is a build argument that is empty by default (the upstream) and used before
+    // the download it is for; compose passes the same names through from the environment.
+    let args: BTreeMap<&str, &str> =
+        instructions.iter().filter(|(k, _)| k == "ARG").map(|(_, a)| a.split_once('=').unwrap_or((a, ""))).collect();
+    assert_eq!(args.get("REGISTRY"), Some(&"docker.io"));
+    let run_using = |arg: &str| {
+        instructions
+            .iter()
+            .position(|(k, a)| k == "RUN" && a.contains(&format!("${arg}")))
+            .unwrap_or_else(|| panic!("no RUN uses the build argument {arg}"))
+    };
+    let first_run = |needle: &str| {
+        instructions.iter().position(|(k, a)| k == "RUN" && a.contains(needle)).unwrap_or_else(|| panic!("no {needle}"))
+    };
+    for (arg, before) in [("CRATES_MIRROR", "cargo build"), ("DEBIAN_MIRROR", "apt-get update")] {
+        assert_eq!(args.get(arg), Some(&""), "{arg} defaults to no mirror");
+        assert!(run_using(arg) <= first_run(before), "{arg} is set up before `{before}`");
+    }
+    assert!(instructions[run_using("CRATES_MIRROR")].1.contains("replace-with"), "cargo's source replacement");
+    for (name, svc) in compose["services"].as_object().unwrap() {
+        for arg in svc["build"]["args"].as_array().into_iter().flatten().map(str_of) {
+            let arg = arg.split('=').next().unwrap().to_owned();
+            assert!(args.contains_key(arg.as_str()), "compose service {name} passes {arg}, not a Dockerfile ARG");
+        }
+    }
+}
+
+#[test]
+fn the_compose_services_are_the_ones_the_tests_expect() {
+    // tests/common/services.rs: the suite's defaults, which scripts/services up starts compose for.
+    #[path = "common/services.rs"]
+    mod services;
+    let compose = &yaml_documents(&root().join("deploy/docker-compose.yml"))[0];
+    let services = compose["services"].as_object().unwrap();
+    let tests_amqp = url::Url::parse(services::DEFAULT_AMQP_URL).unwrap();
+    let tests_redis = url::Url::parse(services::DEFAULT_REDIS_URL).unwrap();
+
+    let rabbitmq_env = string_map(&services["rabbitmq"]["environment"]);
+    let user = rabbitmq_env.get("RABBITMQ_DEFAULT_USER").map_or("guest", String::as_str);
+    let password = rabbitmq_env.get("RABBITMQ_DEFAULT_PASS").map_or("guest", String::as_str);
+    assert_eq!((user, password), (tests_amqp.username(), tests_amqp.password().unwrap()), "the tests' credentials");
+    let worker_amqp = url::Url::parse(&string_map(&services["worker"]["environment"])["WXPUSH_AMQP_URL"]).unwrap();
+    assert_eq!((worker_amqp.username(), worker_amqp.password()), (user, Some(password)), "the programs' credentials");
+
+    for (service, url) in [("rabbitmq", &tests_amqp), ("redis", &tests_redis)] {
+        let published: Vec<String> = services[service]["ports"].as_array().unwrap().iter().map(str_of).collect();
+        let wanted = format!("{}:{}:", url.host_str().unwrap(), url.port().unwrap());
+        assert!(
+            published.iter().any(|p| p.starts_with(&wanted)),
+            "{service} is published where the tests look ({wanted}…), and on loopback only: {published:?}"
+        );
+        assert!(published.iter().all(|p| p.starts_with("127.0.0.1:")), "{service}: loopback only: {published:?}");
+    }
+}
+
+#[test]
+fn workers_spread_over_zones_and_nodes() {
+    let docs = k8s_documents();
+    let worker = deployment_running(&docs, "wxpush-worker");
+    let (pod, _) = containers(worker);
+    let labels = &worker["spec"]["template"]["metadata"]["labels"];
+    let constraints = pod["topologySpreadConstraints"].as_array().expect("topologySpreadConstraints");
+    let mut keys = BTreeSet::new();
+    for c in constraints {
+        assert!(labels_match(&c["labelSelector"]["matchLabels"], labels), "a constraint counts the workers: {c}");
+        assert!(c["maxSkew"].as_u64().is_some_and(|n| n >= 1));
+        let when = str_of(&c["whenUnsatisfiable"]);
+        assert!(["ScheduleAnyway", "DoNotSchedule"].contains(&when.as_str()), "{when}");
+        keys.insert(str_of(&c["topologyKey"]));
+    }
+    for key in ["topology.kubernetes.io/zone", "kubernetes.io/hostname"] {
+        assert!(keys.contains(key), "workers spread over {key}: {keys:?}");
+    }
+}
+
+#[test]
+fn prometheus_operator_scrapes_the_worker_and_webhook_metrics_ports() {
+    let docs = k8s_documents();
+    let monitors = of_kind(&docs, "PodMonitor");
+    let read = variables_read();
+    let mut monitored = BTreeSet::new();
+    for monitor in &monitors {
+        let name = str_of(&monitor["metadata"]["name"]);
+        let selected: Vec<_> = of_kind(&docs, "Deployment")
+            .into_iter()
+            .filter(|d| {
+                labels_match(&monitor["spec"]["selector"]["matchLabels"], &d["spec"]["template"]["metadata"]["labels"])
+            })
+            .collect();
+        assert_eq!(selected.len(), 1, "PodMonitor {name} selects one Deployment's pods");
+        let (pod, containers) = containers(selected[0]);
+        let c = containers[0];
+        let program = program(c);
+        let env = container_env(&docs, c);
+        let config = effective_config(&name, &mounted_config_file(&docs, pod, c, &env), &env);
+        // Where the program serves /metrics: the worker on WXPUSH_METRICS_LISTEN, the webhook on
+        // its admin port (WXPUSH_WEBHOOK_ADMIN_LISTEN, 9101), once the code has that port.
+        let metrics_port = match program.as_str() {
+            "wxpush-worker" => Some(config.metrics_listen.port()),
+            "wxpush-webhook" if read.contains("WXPUSH_WEBHOOK_ADMIN_LISTEN") => Some(
+                env.get("WXPUSH_WEBHOOK_ADMIN_LISTEN")
+                    .map_or(9101, |a| a.parse::<std::net::SocketAddr>().expect("an address").port()),
+            ),
+            "wxpush-webhook" => None,
+            other => panic!("PodMonitor {name} scrapes {other}, which serves no metrics"),
+        };
+        let endpoints = monitor["spec"]["podMetricsEndpoints"].as_array().expect("podMetricsEndpoints");
+        assert!(!endpoints.is_empty());
+        for e in endpoints {
+            assert_eq!(e["path"], "/metrics", "{name}");
+            let port_name = e["port"].as_str().expect("a named port");
+            let port = c["ports"].as_array().into_iter().flatten().find(|p| p["name"] == port_name);
+            if let Some(wanted) = metrics_port {
+                let port = port.unwrap_or_else(|| panic!("PodMonitor {name}: {program} has no port named {port_name}"));
+                assert_eq!(port["containerPort"].as_u64(), Some(u64::from(wanted)), "{name}: the metrics port");
+            }
+        }
+        monitored.insert(program);
+    }
+    assert_eq!(monitored, BTreeSet::from(["wxpush-webhook".to_owned(), "wxpush-worker".to_owned()]));
+}
+
+#[test]
+fn the_ingress_serves_only_the_push_urls_over_tls() {
+    let docs = k8s_documents();
+    let ingress = named(&docs, "Ingress", "wxpush-webhook");
+    let tls_hosts: BTreeSet<String> = ingress["spec"]["tls"]
+        .as_array()
+        .expect("tls")
+        .iter()
+        .flat_map(|t| t["hosts"].as_array().unwrap())
+        .map(str_of)
+        .collect();
+    assert!(ingress["spec"]["tls"].as_array().unwrap().iter().all(|t| t["secretName"].is_string()), "a certificate");
+    let webhook = deployment_running(&docs, "wxpush-webhook");
+    let (pod, containers) = containers(webhook);
+    let env = container_env(&docs, containers[0]);
+    let config = effective_config("webhook", &mounted_config_file(&docs, pod, containers[0], &env), &env);
+    for rule in ingress["spec"]["rules"].as_array().expect("rules") {
+        let host = str_of(&rule["host"]);
+        assert!(tls_hosts.contains(&host), "{host} is served over TLS");
+        for path in rule["http"]["paths"].as_array().unwrap() {
+            assert!(str_of(&path["path"]).starts_with("/wechat"), "only the push URLs are exposed: {path}");
+            let backend = &path["backend"]["service"];
+            let service = named(&docs, "Service", backend["name"].as_str().unwrap());
+            assert!(
+                labels_match(&service["spec"]["selector"], &webhook["spec"]["template"]["metadata"]["labels"]),
+                "the Ingress reaches the webhook's pods"
+            );
+            let port = service["spec"]["ports"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|p| p["name"] == backend["port"]["name"] || p["port"] == backend["port"]["number"])
+                .expect("the backend port is a port of the Service");
+            let target = &port["targetPort"];
+            let container_port = containers[0]["ports"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|p| p["name"] == *target || p["containerPort"] == *target)
+                .expect("the Service's target is a container port");
+            assert_eq!(container_port["containerPort"].as_u64(), Some(u64::from(config.webhook_listen.port())));
+        }
+    }
+}
+
 /// Dockerfile instructions as (KEYWORD, arguments), continuation lines joined, comments dropped.
 fn dockerfile() -> Vec<(String, String)> {
     let mut out: Vec<(String, String)> = Vec::new();
@@ -643,13 +853,16 @@ fn dockerfile() -> Vec<(String, String)> {
 fn the_dockerfile_builds_and_ships_every_program() {
     let instructions = dockerfile();
     let all = |kw: &'static str| instructions.iter().filter(move |(k, _)| k == kw).map(|(_, a)| a.as_str());
-    let froms: Vec<&str> = all("FROM").collect();
+    let froms: Vec<String> = all("FROM").map(|f| dockerfile_image(&instructions, f)).collect();
     assert_eq!(froms.len(), 2, "a build stage and a runtime stage");
-    assert!(froms[0].starts_with("rust:1-") && froms[0].contains("bookworm") && froms[0].ends_with(" AS builder"));
+    let (builder, runtime) = (&froms[0], &froms[1]);
     assert!(
-        froms[1].starts_with("debian:bookworm-slim") || froms[1].starts_with("gcr.io/distroless/cc"),
-        "a runtime with the same glibc as the builder: {}",
-        froms[1]
+        builder.starts_with("rust:") && builder.contains("bookworm") && builder.ends_with(" AS builder"),
+        "{builder}"
+    );
+    assert!(
+        runtime.starts_with("debian:12.") || runtime.starts_with("debian:bookworm-"),
+        "a runtime with the same glibc (Debian 12, bookworm) as the builder: {runtime}"
     );
     let runs: Vec<&str> = all("RUN").collect();
     assert!(runs.iter().any(|r| r.contains("cargo build --release --locked")), "a locked release build");
@@ -667,7 +880,7 @@ fn the_dockerfile_builds_and_ships_every_program() {
             stand_ins.push(path.unwrap_or_else(|| format!("{dir}/{}.rs", target["name"].as_str().unwrap())));
         }
     }
-    let dependency_layer = runs.first().expect("a RUN");
+    let dependency_layer = runs.iter().find(|r| r.contains("cargo build")).expect("a RUN that builds");
     for path in &stand_ins {
         assert!(dependency_layer.contains(&format!("> {path}")), "the dependency layer needs a stand-in {path}");
     }

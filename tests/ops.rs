@@ -213,7 +213,7 @@ impl Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let proxy = Proxy {
             addr: listener.local_addr().unwrap(),
-            upstream: upstream.parse().unwrap(),
+            upstream: std::net::ToSocketAddrs::to_socket_addrs(upstream).unwrap().next().unwrap(),
             running: Mutex::new(None),
         };
         proxy.serve(listener);
@@ -277,11 +277,11 @@ impl Drop for Proxy {
 async fn readiness_follows_redis_and_rabbitmq_and_liveness_does_not() {
     let sandbox = start_sandbox(SandboxConfig::default()).await;
     let ns = unique("ready");
-    let redis = Proxy::start("127.0.0.1:6379").await;
-    let amqp = Proxy::start("127.0.0.1:5672").await;
+    let redis = Proxy::start(&redis_addr()).await;
+    let amqp = Proxy::start(&amqp_addr()).await;
     let mut cfg = config(&ns, &sandbox.base_url());
-    cfg.redis_url = format!("redis://{}/", redis.addr);
-    cfg.amqp_url = format!("amqp://guest:guest@{}/%2f", amqp.addr);
+    cfg.redis_url = redis_url_at(&redis.addr.to_string());
+    cfg.amqp_url = amqp_url_at(&amqp.addr.to_string());
     let mut env = TestEnv::new("ready", cfg).await;
     let worker = AdminWorker::start(&env.config).await;
     let wait = Duration::from_secs(30);
@@ -393,7 +393,7 @@ impl Drop for CapturedWorker {
 
 /// The token the pool holds for APPID, as the workers stored it.
 async fn stored_token(ns: &str) -> String {
-    let redis = Redis::connect(REDIS_URL, ns).await.unwrap();
+    let redis = Redis::connect(redis_url(), ns).await.unwrap();
     let snapshot = redis.read_token(APPID).await.unwrap();
     snapshot.token.expect("a stored token").value.expose_secret().to_owned()
 }

@@ -7,7 +7,6 @@ mod common;
 
 use std::{
     collections::{HashMap, HashSet},
-    process::Command,
     time::{Duration, Instant},
 };
 
@@ -130,7 +129,7 @@ struct Users {
 impl Users {
     async fn create(name: &str) -> Users {
         let ok = |args: &[&str]| {
-            let out = Command::new("rabbitmqctl").args(args).output().expect("rabbitmqctl runs");
+            let out = rabbitmqctl().args(args).output().expect("rabbitmqctl runs");
             assert!(out.status.success(), "rabbitmqctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
         };
         ok(&["add_user", name, "pw"]);
@@ -151,15 +150,15 @@ impl Users {
     }
 
     fn amqp_url(&self) -> String {
-        format!("amqp://{}:pw@127.0.0.1:5672/%2f", self.name)
+        amqp_url_as(&self.name, "pw")
     }
 
     fn redis_url(&self) -> String {
-        format!("redis://{}:pw@127.0.0.1:6379/", self.name)
+        redis_url_as(&self.name, "pw")
     }
 
     fn close_amqp_connections(&self) {
-        let out = Command::new("rabbitmqctl")
+        let out = rabbitmqctl()
             .args(["close_all_user_connections", &self.name, "outage test"])
             .output()
             .expect("rabbitmqctl runs");
@@ -174,8 +173,10 @@ impl Users {
 
 impl Drop for Users {
     fn drop(&mut self) {
-        let _ = Command::new("rabbitmqctl").args(["delete_user", &self.name]).output();
-        let _ = Command::new("redis-cli").args(["ACL", "DELUSER", &self.name]).output();
+        let _ = rabbitmqctl().args(["delete_user", &self.name]).output();
+        if let Ok(mut redis) = redis::Client::open(redis_url()).and_then(|c| c.get_connection()) {
+            let _: redis::RedisResult<i64> = redis::cmd("ACL").arg("DELUSER").arg(&self.name).query(&mut redis);
+        }
     }
 }
 

@@ -284,7 +284,7 @@ impl Node {
                 open.fetch_add(1, Ordering::SeqCst);
                 let (stop, open) = (stop.clone(), Arc::clone(&open));
                 tokio::spawn(async move {
-                    if let Ok(mut server) = TcpStream::connect("127.0.0.1:5672").await {
+                    if let Ok(mut server) = TcpStream::connect(amqp_addr()).await {
                         tokio::select! {
                             _ = stop.cancelled() => {}
                             _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
@@ -298,7 +298,7 @@ impl Node {
     }
 
     fn url(&self) -> String {
-        format!("amqp://guest:guest@{}/%2f", self.addr)
+        amqp_url_at(&self.addr.to_string())
     }
 
     /// Connections made so far.
@@ -330,7 +330,7 @@ async fn a_list_of_brokers_is_tried_in_turn_and_a_lost_node_is_replaced() {
     let (a, b) = (Node::start().await, Node::start().await);
     let ns = unique("nodes");
     let mut cfg = config(&ns, &sandbox.base_url());
-    cfg.amqp_url = format!("amqp://guest:guest@{dead}/%2f, {}, {}", a.url(), b.url());
+    cfg.amqp_url = format!("{}, {}, {}", amqp_url_at(&dead.to_string()), a.url(), b.url());
     let mut env = TestEnv::new("nodes", cfg).await;
     env.declare_topology().await;
 

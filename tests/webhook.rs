@@ -1,4 +1,4 @@
-//! wxpush-webhook against the real local RabbitMQ (127.0.0.1:5672) and Redis (127.0.0.1:6379).
+//! wxpush-webhook against the real RabbitMQ and Redis (local by default; tests/common/services.rs).
 //!
 //! Every test runs its own webhook on a free port, with its own exchange, queues and Redis
 //! prefix (a random suffix), and removes them at the end. Waits are bounded; "nothing more
@@ -33,8 +33,9 @@ use wxpush::{
     webhook::{Listeners, Webhook, WebhookSettings, dedupe, metrics, serve_with},
 };
 
-const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
-const REDIS_URL: &str = "redis://127.0.0.1:6379/";
+#[path = "common/services.rs"]
+mod services;
+use services::{amqp_addr, amqp_url, amqp_url_at, redis_url};
 const WAIT: Duration = Duration::from_secs(15);
 
 const DEFAULT_APPID: &str = "wxdefault0000001";
@@ -79,8 +80,8 @@ impl Default for Options {
     fn default() -> Self {
         Options {
             timestamp_window: Some(Duration::from_secs(300)),
-            amqp_url: AMQP_URL.into(),
-            redis_url: REDIS_URL.into(),
+            amqp_url: amqp_url().into(),
+            redis_url: redis_url().into(),
             msgid_wait: Duration::from_millis(1500),
             max_connections: None,
         }
@@ -157,8 +158,7 @@ impl Harness {
             settings.max_connections = max;
         }
 
-        let conn =
-            Connection::connect(AMQP_URL, ConnectionProperties::default()).await.expect("RabbitMQ at 127.0.0.1:5672");
+        let conn = Connection::connect(amqp_url(), ConnectionProperties::default()).await.expect("RabbitMQ is up");
         let channel = conn.create_channel().await.expect("channel");
         wxpush::amqp::declare_results_exchange(&channel, &exchange).await.expect("declare exchange");
         let results_queue = format!("wxpush.test.{id}.observer");
@@ -197,7 +197,7 @@ impl Harness {
         let results = consume(results_queue.clone()).await;
         let dead = consume(dlq.clone()).await;
 
-        let redis = Redis::connect(REDIS_URL, &prefix).await.expect("Redis at 127.0.0.1:6379");
+        let redis = Redis::connect(redis_url(), &prefix).await.expect("Redis is up");
         let broker = Broker::new(&opts.amqp_url, "wxpush-webhook-test");
         let webhook_redis = Redis::connect(&opts.redis_url, &prefix).await.expect("webhook's Redis");
         let mut webhook = Webhook::new(&config, settings, broker, webhook_redis).expect("webhook");
@@ -772,7 +772,7 @@ impl Relay {
                 }
                 let token = cut2.lock().await.clone();
                 tokio::spawn(async move {
-                    let Ok(mut upstream) = tokio::net::TcpStream::connect("127.0.0.1:5672").await else { return };
+                    let Ok(mut upstream) = tokio::net::TcpStream::connect(amqp_addr()).await else { return };
                     tokio::select! {
                         _ = tokio::io::copy_bidirectional(&mut inbound, &mut upstream) => {},
                         () = token.cancelled() => {},
@@ -784,7 +784,7 @@ impl Relay {
     }
 
     fn url(&self) -> String {
-        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+        amqp_url_at(&format!("127.0.0.1:{}", self.port))
     }
 
     async fn set_open(&self, open: bool) {

@@ -1,4 +1,4 @@
-//! WeChat push signatures and safe-mode (AES) encryption (reference/wechat-api.md §4–5).
+//! WeChat push signatures and safe-mode (AES) encryption (docs/wechat-api.md §4–5).
 //!
 //! - `signature` = sha1 of the sorted (token, timestamp, nonce), lowercase hex;
 //! - `msg_signature` = the same over (token, timestamp, nonce, Encrypt);

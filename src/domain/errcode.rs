@@ -1,6 +1,6 @@
 //! The errcode table: what the worker does about each answer WeChat can give.
 //!
-//! One place maps every errcode (from reference/wechat-api.md) to an [`Action`]; the pipeline
+//! One place maps every errcode (docs/wechat-api.md, "Send errcodes") to an [`Action`]; the pipeline
 //! never tests errcodes itself. An errcode the table does not know fails the job visibly,
 //! naming the code, rather than being retried blindly or treated as success.
 

@@ -1,4 +1,4 @@
-//! A notification job, as business systems publish it (see CONTRACT.md, "Jobs").
+//! A notification job, as business systems publish it (docs/contract.md, "Jobs").
 //!
 //! [`Job::parse`] is the only way to get a [`Job`]: once you hold one, it is valid. Anything
 //! wrong with the input becomes an [`InvalidJob`] that keeps whatever `job_id` could be read, so
@@ -14,7 +14,7 @@ use sha1::{Digest, Sha1};
 /// Largest job body the worker accepts. WeChat itself caps template content far below this;
 /// a larger body is a bug or an attack, and goes to the dead-letter queue untouched.
 pub const MAX_JOB_BYTES: usize = 64 * 1024;
-/// `job_id` length bounds, in characters (CONTRACT.md).
+/// `job_id` length bounds, in characters (docs/contract.md).
 pub const MAX_JOB_ID_CHARS: usize = 128;
 /// Longest `client_msg_id` sent as is; a longer one (or a derived one) is hashed down.
 /// WeChat documents no limit for template sends; mass send caps its `clientmsgid` at 64 bytes.

@@ -1,4 +1,4 @@
-//! What downstream systems receive on the results exchange (CONTRACT.md, "Results").
+//! What downstream systems receive on the results exchange (docs/contract.md, "Results").
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Deserialize, Serialize};

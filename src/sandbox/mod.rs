@@ -2,7 +2,7 @@
 //!
 //! It serves the three endpoints the worker uses (`/cgi-bin/token`, `/cgi-bin/stable_token`,
 //! `/cgi-bin/message/template/send`) with the behaviour WeChat documents
-//! (`reference/wechat-api.md`), pushes `TEMPLATESENDJOBFINISH` receipts to a webhook (plaintext or
+//! (`docs/wechat-api.md`), pushes `TEMPLATESENDJOBFINISH` receipts to a webhook (plaintext or
 //! safe mode), and injects faults on demand, so the product can be demonstrated, tested and
 //! benchmarked on one machine. Tests drive it in-process through [`Sandbox`], other processes
 //! through the admin API under `/_sandbox/`.

@@ -1,10 +1,11 @@
 //! Shared helpers of the integration tests: a fresh namespace per test (queues, exchange, Redis
 //! prefix), the sandbox standing in for WeChat, and in-process workers, all against the real
-//! local RabbitMQ and Redis. Everything a test created is removed when its `TestEnv` drops,
+//! RabbitMQ and Redis that `services` names (local by default). Everything a test created is removed when its `TestEnv` drops,
 //! even when the test fails.
 #![allow(dead_code)]
 
 pub mod cluster;
+pub mod services;
 
 use std::{
     process::{Child, Command, Stdio},
@@ -31,8 +32,11 @@ use wxpush::{
     sandbox::{Sandbox, SandboxAccount, SandboxConfig},
 };
 
-pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
-pub const REDIS_URL: &str = "redis://127.0.0.1:6379/";
+// Not every test binary uses every one.
+#[allow(unused_imports)]
+pub use services::{
+    amqp_addr, amqp_url, amqp_url_as, amqp_url_at, rabbitmqctl, redis_addr, redis_url, redis_url_as, redis_url_at,
+};
 pub const APPID: &str = "wxtest0000000001";
 pub const SECRET: &str = "test-secret-0001";
 
@@ -73,8 +77,8 @@ pub fn account(name: &str, appid: &str, secret: &str) -> Account {
 /// A configuration in this test's namespace, pointing at `api_base`.
 pub fn config(ns: &str, api_base: &str) -> Config {
     let mut c = Config {
-        amqp_url: AMQP_URL.into(),
-        redis_url: REDIS_URL.into(),
+        amqp_url: amqp_url().into(),
+        redis_url: redis_url().into(),
         redis_prefix: ns.into(),
         wechat_api_base: api_base.into(),
         jobs_queue: format!("{ns}.jobs"),
@@ -153,7 +157,8 @@ impl TestEnv {
     pub async fn new(tag: &str, config: Config) -> TestEnv {
         let ns = config.redis_prefix.clone();
         assert!(ns.starts_with("wxpush-test-"), "tests must use a unique namespace ({tag})");
-        let connection = Connection::connect(AMQP_URL, ConnectionProperties::default()).await.expect("RabbitMQ is up");
+        let connection =
+            Connection::connect(amqp_url(), ConnectionProperties::default()).await.expect("RabbitMQ is up");
         let channel = connection.create_channel().await.expect("channel");
         wxpush::amqp::declare_results_exchange(&channel, &config.results_exchange)
             .await
@@ -308,7 +313,7 @@ impl Drop for TestEnv {
 }
 
 async fn cleanup(names: Vec<String>, prefix: String) {
-    if let Ok(conn) = Connection::connect(AMQP_URL, ConnectionProperties::default()).await {
+    if let Ok(conn) = Connection::connect(amqp_url(), ConnectionProperties::default()).await {
         for name in names {
             // A failed delete closes the channel, so each gets its own.
             let Ok(ch) = conn.create_channel().await else { continue };
@@ -325,7 +330,7 @@ async fn cleanup(names: Vec<String>, prefix: String) {
 
 /// Removes every Redis key under `prefix:`.
 pub async fn delete_redis_prefix(prefix: &str) {
-    let Ok(client) = redis::Client::open(REDIS_URL) else { return };
+    let Ok(client) = redis::Client::open(redis_url()) else { return };
     let Ok(mut conn) = client.get_multiplexed_async_connection().await else { return };
     let mut cursor: u64 = 0;
     loop {
@@ -352,7 +357,7 @@ pub async fn delete_redis_prefix(prefix: &str) {
 
 /// A plain Redis connection for assertions.
 pub async fn redis_conn() -> redis::aio::MultiplexedConnection {
-    redis::Client::open(REDIS_URL).unwrap().get_multiplexed_async_connection().await.expect("Redis is up")
+    redis::Client::open(redis_url()).unwrap().get_multiplexed_async_connection().await.expect("Redis is up")
 }
 
 /// A worker process started from the real binary, configured like `cfg`.
@@ -371,6 +376,11 @@ impl Drop for TempFile {
 
 impl WorkerProcess {
     pub fn start(cfg: &Config) -> WorkerProcess {
+        Self::start_with_env(cfg, &[])
+    }
+
+    /// Like [`WorkerProcess::start`], with more environment variables (`HTTPS_PROXY`, …).
+    pub fn start_with_env(cfg: &Config, extra: &[(&str, &str)]) -> WorkerProcess {
         let path = std::env::temp_dir().join(format!("{}-{}.toml", cfg.redis_prefix, uuid::Uuid::new_v4().simple()));
         let toml = format!(
             "job_lease_ms = {}\nhttp_timeout_ms = {}\nshutdown_grace_secs = {}\nmetrics_listen = \"127.0.0.1:0\"\n\
@@ -392,6 +402,7 @@ impl WorkerProcess {
             .env("WXPUSH_APPID", APPID)
             .env("WXPUSH_APPSECRET", SECRET)
             .env("RUST_LOG", "warn")
+            .envs(extra.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
