@@ -946,10 +946,15 @@ async fn results_reads_the_unrouted_queue_without_taking_unless_asked() {
     assert_eq!((summary.shown, summary.taken, summary.kept_at_start), (3, 0, 3));
     assert_eq!(settled_len(&env, &unrouted, 3).await, 3, "showing takes nothing");
 
+    // (What a read hands back is ready again a moment later, on a quorum queue.)
     let sends = ShowOptions { pattern: "send.*".into(), ..ShowOptions::default() };
     assert_eq!(keys(&show_all(&cfg, &sends).await.0), vec!["u-1", "u-2"]);
+    assert_eq!(settled_len(&env, &unrouted, 3).await, 3);
     let one = ShowOptions { limit: Some(1), ..ShowOptions::default() };
     assert_eq!(keys(&show_all(&cfg, &one).await.0), vec!["u-1"]);
+    assert_eq!(settled_len(&env, &unrouted, 3).await, 3);
+    assert_eq!(keys(&show_all(&cfg, &ShowOptions::default()).await.0), vec!["u-1", "u-2", "u-3"], "still in order");
+    assert_eq!(settled_len(&env, &unrouted, 3).await, 3);
 
     let take_failed = ShowOptions {
         source: Source::Unrouted { take: true },
@@ -960,6 +965,7 @@ async fn results_reads_the_unrouted_queue_without_taking_unless_asked() {
     assert_eq!((keys(&seen), summary.taken), (vec!["u-2"], 1));
     assert_eq!(settled_len(&env, &unrouted, 2).await, 2, "only the result taken is gone");
     assert_eq!(keys(&show_all(&cfg, &ShowOptions::default()).await.0), vec!["u-1", "u-3"], "the rest in order");
+    assert_eq!(settled_len(&env, &unrouted, 2).await, 2);
 
     // Following: the kept ones, then a new one as it comes.
     let seen_count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -996,6 +1002,7 @@ async fn results_reads_the_unrouted_queue_without_taking_unless_asked() {
     assert_eq!(lines.len(), 3, "{}", stdout(&out));
     assert_eq!((&lines[2]["routing_key"], &lines[2]["body"]["job_id"]), (&json!("send.succeeded"), &json!("u-4")));
     assert!(stderr(&out).contains("3 results shown"), "{}", stderr(&out));
+    assert_eq!(settled_len(&env, &unrouted, 3).await, 3);
     let out = run_ctl(&env.config, &["results", "--results-exchange", &exchange, "--take"], None).await;
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert_eq!(stdout(&out).lines().count(), 3, "{}", stdout(&out));
@@ -1103,4 +1110,166 @@ async fn dead_purge_asks_first_and_yes_skips_the_question() {
     assert!(stdout(&out).contains("purged 1 parked jobs"), "{}", stdout(&out));
     let report = dead::purge(&env.config).await.unwrap();
     assert_eq!((report.exists, report.purged), (true, 0));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Unacknowledged counts, from a RabbitMQ node of this test's own with the management plugin
+// (the shared broker has none, and must not be reconfigured).
+
+/// A RabbitMQ node on free loopback ports, with the management API, in a directory of its own.
+/// Dropping it stops the node and removes the directory.
+struct ManagedRabbit {
+    node: String,
+    dir: std::path::PathBuf,
+    amqp_port: u16,
+    management_port: u16,
+    child: Option<std::process::Child>,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+impl ManagedRabbit {
+    async fn start() -> ManagedRabbit {
+        let name = unique("mgmt");
+        let dir = std::env::temp_dir().join(&name);
+        let (amqp_port, management_port, dist_port) = (free_port(), free_port(), free_port());
+        let mut node = ManagedRabbit {
+            node: format!("{}@localhost", &name[name.len() - 10..]),
+            dir: dir.clone(),
+            amqp_port,
+            management_port,
+            child: None,
+        };
+        std::fs::create_dir_all(dir.join("mnesia")).unwrap();
+        std::fs::create_dir_all(dir.join("log")).unwrap();
+        std::fs::write(dir.join("enabled_plugins"), "[rabbitmq_management].\n").unwrap();
+        std::fs::write(
+            dir.join("rabbitmq.conf"),
+            format!(
+                "listeners.tcp.1 = 127.0.0.1:{amqp_port}\nmanagement.tcp.port = {management_port}\n\
+                 management.tcp.ip = 127.0.0.1\ncollect_statistics_interval = 500\n"
+            ),
+        )
+        .unwrap();
+        // The server drops to the rabbitmq user when started as root.
+        let _ = std::process::Command::new("chown").args(["-R", "rabbitmq:rabbitmq"]).arg(&dir).status();
+        let log = std::fs::File::create(dir.join("server.out")).unwrap();
+        let child = std::process::Command::new("rabbitmq-server")
+            .env("RABBITMQ_NODENAME", &node.node)
+            .env("RABBITMQ_DIST_PORT", dist_port.to_string())
+            .env("RABBITMQ_MNESIA_BASE", dir.join("mnesia"))
+            .env("RABBITMQ_LOG_BASE", dir.join("log"))
+            .env("RABBITMQ_ENABLED_PLUGINS_FILE", dir.join("enabled_plugins"))
+            .env("RABBITMQ_CONFIG_FILE", dir.join("rabbitmq"))
+            .env("RABBITMQ_PID_FILE", dir.join("pid"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("rabbitmq-server is installed");
+        node.child = Some(child);
+        let overview = format!("http://127.0.0.1:{management_port}/api/overview");
+        let http = reqwest::Client::new();
+        let up = TestEnv::eventually(Duration::from_secs(120), || async {
+            let answer = http.get(&overview).basic_auth("guest", Some("guest")).send().await;
+            answer.is_ok_and(|r| r.status().is_success())
+        })
+        .await;
+        let out = std::fs::read_to_string(dir.join("server.out")).unwrap_or_default();
+        assert!(up, "the private RabbitMQ node did not start within 120 s:\n{out}");
+        node
+    }
+
+    fn amqp_url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.amqp_port)
+    }
+
+    fn management_url(&self) -> String {
+        format!("http://127.0.0.1:{}/", self.management_port)
+    }
+}
+
+impl Drop for ManagedRabbit {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("rabbitmqctl")
+            .args(["-n", &self.node, "stop"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_counts_ready_and_unacknowledged_jobs_through_the_management_api() {
+    let rabbit = ManagedRabbit::start().await;
+    let ns = unique("ctl-unacked");
+    let mut cfg = offline_config(&ns);
+    cfg.amqp_url = rabbit.amqp_url();
+    let conn = Connection::connect(&cfg.amqp_url, ConnectionProperties::default()).await.expect("the private node");
+    let ch = conn.create_channel().await.unwrap();
+    wxpush::amqp::Topology::from_config(&cfg).declare(&ch).await.expect("declare the topology");
+    for i in 0..5 {
+        ch.basic_publish(
+            ShortString::from(""),
+            ShortString::from(cfg.jobs_queue.as_str()),
+            BasicPublishOptions::default(),
+            job(&format!("q-{i}"), "u").to_string().as_bytes(),
+            BasicProperties::default(),
+        )
+        .await
+        .unwrap();
+    }
+    // A "worker" holding two jobs in flight.
+    let holder = conn.create_channel().await.unwrap();
+    holder.basic_qos(2, lapin::options::BasicQosOptions::default()).await.unwrap();
+    let mut held = holder
+        .basic_consume(
+            ShortString::from(cfg.jobs_queue.as_str()),
+            ShortString::from("holder"),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    for _ in 0..2 {
+        tokio::time::timeout(Duration::from_secs(10), held.next()).await.expect("a delivery").unwrap().unwrap();
+    }
+
+    let options = status::StatusOptions { management_url: Some(rabbit.management_url()) };
+    let counted = TestEnv::eventually(Duration::from_secs(20), || {
+        let (cfg, options) = (cfg.clone(), options.clone());
+        async move {
+            let r = status::status_with(&cfg, &options).await;
+            r.queue(QueueRole::Jobs).is_some_and(|q| q.unacknowledged == Some(2))
+        }
+    })
+    .await;
+    assert!(counted, "the management API counted 2 unacknowledged");
+    let report = status::status_with(&cfg, &options).await;
+    let jobs = report.queue(QueueRole::Jobs).unwrap();
+    assert_eq!((jobs.ready, jobs.unacknowledged, jobs.consumers), (3, Some(2), 1), "{report}");
+    assert_eq!(report.management_error, None);
+    let dlq = report.queue(QueueRole::DeadLetter).unwrap();
+    assert_eq!((dlq.exists, dlq.ready, dlq.unacknowledged), (true, 0, Some(0)));
+    assert!(report.queues.iter().any(|q| q.role == QueueRole::Delay && q.exists), "{report}");
+    let text = report.to_string();
+    assert!(text.contains(&format!("{}: 3 ready, 2 unacknowledged, 1 consumers", cfg.jobs_queue)), "{text}");
+
+    // The binary; wrong management credentials are named as such.
+    let out = run_ctl(&cfg, &["status", "--management-url", &rabbit.management_url(), "-o", "json"], None).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let status: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["queues"][0]["unacknowledged"], 2, "{status}");
+    let wrong = format!("http://nobody:wrong@127.0.0.1:{}/", rabbit.management_port);
+    let out = run_ctl(&cfg, &["status", "--management-url", &wrong], None).await;
+    assert!(stdout(&out).contains("refused the credentials"), "{}", stdout(&out));
+    let _ = conn.close(200, ShortString::from("done")).await;
+    delete_redis_prefix(&ns).await;
 }

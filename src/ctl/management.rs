@@ -11,8 +11,6 @@ use std::time::Duration;
 use serde::Deserialize;
 use url::Url;
 
-use crate::amqp::redact_url;
-
 /// How long one request to the management API may take.
 const TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -39,8 +37,8 @@ pub enum ManagementError {
          `monitoring` tag, or give another with --management-url http://user:password@host:15672"
     )]
     Refused { url: String, status: u16 },
-    #[error("the RabbitMQ management API at {url} answered HTTP {status}")]
-    Status { url: String, status: u16 },
+    #[error("the RabbitMQ management API answered HTTP {status} to GET {path}: {body}")]
+    Status { path: String, status: u16, body: String },
 }
 
 #[derive(Deserialize)]
@@ -76,11 +74,14 @@ impl Management {
         };
         let base = match explicit {
             Some(given) => {
-                let url = Url::parse(given).map_err(|e| ManagementError::Address(format!("{given:?}: {e}")))?;
+                let mut url = Url::parse(given).map_err(|e| ManagementError::Address(format!("{given:?}: {e}")))?;
                 if !url.username().is_empty() {
                     user = decode(url.username());
                     password = url.password().map(decode).unwrap_or_default();
                 }
+                // Sent as a header below; credentials left in the URL would make a second one.
+                let _ = url.set_username("");
+                let _ = url.set_password(None);
                 url
             }
             None => {
@@ -98,12 +99,9 @@ impl Management {
         Ok(Management { http, base, vhost, user, password })
     }
 
-    /// The API's address, without credentials.
+    /// The API's address (it holds no credentials).
     pub fn url(&self) -> String {
-        let mut shown = self.base.clone();
-        let _ = shown.set_username("");
-        let _ = shown.set_password(None);
-        redact_url(shown.as_str())
+        self.base.to_string()
     }
 
     /// The counts of `queue`, `None` when it does not exist. Counts the broker has not collected
@@ -114,6 +112,7 @@ impl Management {
             .map_err(|()| ManagementError::Address("the management URL cannot have a path".into()))?
             .pop_if_empty()
             .extend(["api", "queues", self.vhost.as_str(), queue]);
+        let path = url.path().to_owned();
         let response = self
             .http
             .get(url)
@@ -126,7 +125,11 @@ impl Management {
             200 => {}
             404 => return Ok(None),
             401 | 403 => return Err(ManagementError::Refused { url: self.url(), status }),
-            _ => return Err(ManagementError::Status { url: self.url(), status }),
+            _ => {
+                let body = response.text().await.unwrap_or_default();
+                let body: String = body.chars().take(200).collect();
+                return Err(ManagementError::Status { path, status, body });
+            }
         }
         let answer: QueueAnswer = response
             .json()
@@ -164,7 +167,7 @@ mod tests {
 
         let m = Management::new("amqp://a:b@h/%2f", Some("http://mon:secret@h:8080/rabbit/")).unwrap();
         assert_eq!((m.user.as_str(), m.password.as_str()), ("mon", "secret"));
-        assert!(!m.url().contains("secret"), "{}", m.url());
+        assert_eq!(m.url(), "http://h:8080/rabbit/", "credentials go in a header, not the URL");
         assert!(Management::new("not a url", None).is_err());
     }
 }

@@ -18,7 +18,7 @@ use lapin::{
         BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, QueueBindOptions,
         QueueDeclareOptions,
     },
-    types::{DeliveryTag, FieldTable, ShortString},
+    types::{FieldTable, ShortString},
 };
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
@@ -340,7 +340,6 @@ async fn show_unrouted(
     .await?;
     let end = deadline(options);
     let mut received = 0u64;
-    let mut kept: Option<DeliveryTag> = None;
     let outcome: Result<(), CtlError> = async {
         loop {
             if options.limit.is_some_and(|l| summary.shown >= l)
@@ -364,7 +363,6 @@ async fn show_unrouted(
             let tag = delivery.delivery_tag;
             let result = ReceivedResult::from_delivery(delivery);
             if !topic_matches(&options.pattern, &result.routing_key) {
-                kept = Some(kept.map_or(tag, |k| k.max(tag)));
                 continue;
             }
             summary.shown += 1;
@@ -372,8 +370,6 @@ async fn show_unrouted(
             if take {
                 call("remove a shown result", channel.basic_ack(tag, BasicAckOptions::default())).await?;
                 summary.taken += 1;
-            } else {
-                kept = Some(kept.map_or(tag, |k| k.max(tag)));
             }
             if !more {
                 return Ok(());
@@ -382,14 +378,14 @@ async fn show_unrouted(
     }
     .await;
     let _ = channel.basic_cancel(consumer.tag(), BasicCancelOptions::default()).await;
-    // What was read and not taken goes back in its order, in one nack.
-    if let Some(tag) = kept {
-        let _ = call(
-            "return the results to their queue",
-            channel.basic_nack(tag, BasicNackOptions { multiple: true, requeue: true }),
-        )
-        .await;
-    }
+    // Everything delivered and not taken (read, skipped by the pattern, or still in flight to
+    // us) goes back in its order: one nack of tag 0 with `multiple` covers every outstanding
+    // delivery of the channel.
+    let _ = call(
+        "return the results to their queue",
+        channel.basic_nack(0, BasicNackOptions { multiple: true, requeue: true }),
+    )
+    .await;
     let _ = channel.close(200, ShortString::from("done")).await;
     outcome.map(|()| summary)
 }
