@@ -512,25 +512,13 @@ async fn the_demo_says_how_to_start_what_is_not_running() {
 /// Runs the real `wxpush-ctl` with `cfg` given through the WXPUSH_* variables (and nothing from
 /// this process's own environment), feeding `stdin` when given.
 async fn run_ctl(cfg: &Config, args: &[&str], stdin: Option<&str>) -> std::process::Output {
-    use secrecy::ExposeSecret;
     use tokio::io::AsyncWriteExt;
     let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_wxpush-ctl"));
     for (var, _) in wxpush::config::ENV_VARS {
         cmd.env_remove(var);
     }
     cmd.env_remove("WXPUSH_CONFIG").env_remove("WXPUSH_MANAGEMENT_URL");
-    cmd.env("WXPUSH_AMQP_URL", &cfg.amqp_url)
-        .env("WXPUSH_REDIS_URL", &cfg.redis_url)
-        .env("WXPUSH_REDIS_PREFIX", &cfg.redis_prefix)
-        .env("WXPUSH_WECHAT_API_BASE", &cfg.wechat_api_base)
-        .env("WXPUSH_JOBS_QUEUE", &cfg.jobs_queue)
-        .env("WXPUSH_RESULTS_EXCHANGE", &cfg.results_exchange)
-        .env("WXPUSH_DEAD_LETTER_QUEUE", &cfg.dead_letter_queue)
-        .env("WXPUSH_HTTP_TIMEOUT_MS", cfg.http_timeout_ms.to_string())
-        .env("RUST_LOG", "warn");
-    if let Some(a) = cfg.account("default") {
-        cmd.env("WXPUSH_APPID", &a.appid).env("WXPUSH_APPSECRET", a.secret.expose_secret());
-    }
+    cmd.envs(config_env(cfg)).env("RUST_LOG", "warn");
     cmd.args(args)
         .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
         .stdout(Stdio::piped())

@@ -284,26 +284,23 @@ async fn clean_up(connection: &Connection, config: &Config) -> Vec<String> {
     let unrouted = super::results::unrouted_queue(config);
     let mut queues = vec![config.jobs_queue.clone(), config.dead_letter_queue.clone(), unrouted.clone()];
     queues.extend(topology.delay_tiers_secs.iter().map(|&s| topology.delay_queue(s)));
-    for queue in queues {
+    // The results exchange and its alternate exchange (named as the unrouted queue).
+    let exchanges = [config.results_exchange.clone(), unrouted];
+    let names = queues.iter().map(|q| (true, q)).chain(exchanges.iter().map(|e| (false, e)));
+    for (is_queue, name) in names {
         // A failed delete closes its channel, so each gets its own.
         let deleted = async {
             let ch = connection.create_channel().await?;
-            ch.queue_delete(ShortString::from(queue.as_str()), Default::default()).await?;
+            let short = ShortString::from(name.as_str());
+            if is_queue {
+                ch.queue_delete(short, Default::default()).await?;
+            } else {
+                ch.exchange_delete(short, Default::default()).await?;
+            }
             ch.close(200, ShortString::from("done")).await
         };
         if !matches!(tokio::time::timeout(RPC_TIMEOUT, deleted).await, Ok(Ok(()))) {
-            leftovers.push(format!("queue {queue}"));
-        }
-    }
-    // The results exchange and its alternate exchange (named as the unrouted queue).
-    for exchange in [config.results_exchange.clone(), unrouted] {
-        let deleted = async {
-            let ch = connection.create_channel().await?;
-            ch.exchange_delete(ShortString::from(exchange.as_str()), Default::default()).await?;
-            ch.close(200, ShortString::from("done")).await
-        };
-        if !matches!(tokio::time::timeout(RPC_TIMEOUT, deleted).await, Ok(Ok(()))) {
-            leftovers.push(format!("exchange {exchange}"));
+            leftovers.push(format!("{} {name}", if is_queue { "queue" } else { "exchange" }));
         }
     }
     if let Err(e) = delete_redis_keys(&config.redis_url, &config.redis_prefix).await {

@@ -34,7 +34,7 @@ pub enum ManagementError {
     Unreachable { url: String, detail: String },
     #[error(
         "the RabbitMQ management API at {url} refused the credentials (HTTP {status}); the user needs the \
-         `monitoring` tag, or give another with --management-url http://user:password@host:15672"
+         `management` or `monitoring` tag, or give another with --management-url http://user:password@host:15672"
     )]
     Refused { url: String, status: u16 },
     #[error("the RabbitMQ management API answered HTTP {status} to GET {path}: {body}")]

@@ -143,7 +143,7 @@ pub async fn publish<R: AsyncBufRead + Unpin>(
 async fn publish_on<R: AsyncBufRead + Unpin>(
     connection: &lapin::Connection,
     config: &Config,
-    mut input: R,
+    input: R,
     input_name: &str,
     options: &PublishOptions,
     progress: &dyn Progress,
@@ -163,24 +163,9 @@ async fn publish_on<R: AsyncBufRead + Unpin>(
 
     let mut report = PublishReport { jobs_queue: config.jobs_queue.clone(), created_queue, ..PublishReport::default() };
     let mut in_flight = FuturesUnordered::new();
-    let mut buf = Vec::new();
-    let (mut line_no, mut bytes) = (0u64, 0u64);
+    let mut lines = Lines::new(input, input_name);
     let in_flight_max = options.in_flight.max(1);
-    loop {
-        buf.clear();
-        let n = input
-            .read_until(b'\n', &mut buf)
-            .await
-            .map_err(|source| CtlError::Input { name: input_name.to_owned(), source })?;
-        if n == 0 {
-            break;
-        }
-        line_no += 1;
-        bytes += n as u64;
-        let line = buf.trim_ascii();
-        if line.is_empty() {
-            continue;
-        }
+    while let Some((line_no, line)) = lines.next().await? {
         report.lines += 1;
         let job_id = match read_line(line) {
             Ok(id) => id,
@@ -234,13 +219,13 @@ async fn publish_on<R: AsyncBufRead + Unpin>(
             }
         }
         if report.lines.is_multiple_of(64) {
-            progress.publishing(bytes, report.lines, report.published);
+            progress.publishing(lines.bytes, report.lines, report.published);
         }
     }
     while let Some(done) = in_flight.next().await {
         settle(done, &mut report, &tracker);
     }
-    progress.publishing(bytes, report.lines, report.published);
+    progress.publishing(lines.bytes, report.lines, report.published);
     let _ = channel.close(200, ShortString::from("done")).await;
 
     if let (Some(timeout), Some(collector)) = (options.wait, collector) {
@@ -309,6 +294,42 @@ fn settle((line, job_id, confirmation): Settled, report: &mut PublishReport, tra
     report.unconfirmed_count += 1;
     if report.unconfirmed.len() < KEPT {
         report.unconfirmed.push(LineProblem { line, job_id, reason: problem });
+    }
+}
+
+/// The non-blank lines of a JSONL input, trimmed, with their 1-based numbers.
+struct Lines<'a, R> {
+    input: R,
+    name: &'a str,
+    buf: Vec<u8>,
+    line_no: u64,
+    /// Bytes read so far (for the progress bar).
+    bytes: u64,
+}
+
+impl<'a, R: AsyncBufRead + Unpin> Lines<'a, R> {
+    fn new(input: R, name: &'a str) -> Self {
+        Self { input, name, buf: Vec::new(), line_no: 0, bytes: 0 }
+    }
+
+    /// The next non-blank line and its number; `None` at the end of the input.
+    async fn next(&mut self) -> Result<Option<(u64, &[u8])>, CtlError> {
+        loop {
+            self.buf.clear();
+            let n = self
+                .input
+                .read_until(b'\n', &mut self.buf)
+                .await
+                .map_err(|source| CtlError::Input { name: self.name.to_owned(), source })?;
+            if n == 0 {
+                return Ok(None);
+            }
+            self.line_no += 1;
+            self.bytes += n as u64;
+            if !self.buf.trim_ascii().is_empty() {
+                return Ok(Some((self.line_no, self.buf.trim_ascii())));
+            }
+        }
     }
 }
 
@@ -475,26 +496,12 @@ impl ValidationReport {
 /// and says what is wrong with each job it would refuse. Publishes nothing; needs no broker.
 pub async fn validate<R: AsyncBufRead + Unpin>(
     config: &Config,
-    mut input: R,
+    input: R,
     input_name: &str,
 ) -> Result<ValidationReport, CtlError> {
     let mut report = ValidationReport { input: input_name.to_owned(), ..ValidationReport::default() };
-    let mut buf = Vec::new();
-    let mut line_no = 0u64;
-    loop {
-        buf.clear();
-        let n = input
-            .read_until(b'\n', &mut buf)
-            .await
-            .map_err(|source| CtlError::Input { name: input_name.to_owned(), source })?;
-        if n == 0 {
-            break;
-        }
-        line_no += 1;
-        let line = buf.trim_ascii();
-        if line.is_empty() {
-            continue;
-        }
+    let mut lines = Lines::new(input, input_name);
+    while let Some((line_no, line)) = lines.next().await? {
         report.lines += 1;
         match validate_line(config, line) {
             Ok(()) => report.valid += 1,
