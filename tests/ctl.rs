@@ -928,6 +928,10 @@ async fn results_reads_the_unrouted_queue_without_taking_unless_asked() {
     }
     assert_eq!(settled_len(&env, &unrouted, 3).await, 3, "nothing bound: the alternate exchange kept them");
 
+    let checked = check::check_with(&cfg, check::CheckOptions { offline: true }).await;
+    assert!(checked.to_string().contains(&format!("3 results no binding took are kept in {unrouted}")), "{checked}");
+    assert_eq!(settled_len(&env, &unrouted, 3).await, 3);
+
     let (seen, summary) = show_all(&cfg, &ShowOptions::default()).await;
     assert_eq!(keys(&seen), vec!["u-1", "u-2", "u-3"], "in order");
     assert_eq!(seen[0].0, "send.succeeded", "the routing key it was published with");

@@ -331,6 +331,19 @@ async fn rabbitmq(config: &Config, report: &mut CheckReport) {
         ),
         Err(e) => report.push(Level::Problem, format!("results exchange {}: {e}", config.results_exchange)),
     }
+    let unrouted = super::results::unrouted_queue(config);
+    match broker::queue_info(&connection, &unrouted).await {
+        Ok(Some(q)) if q.messages > 0 => report.push(
+            Level::Note,
+            format!(
+                "{} results no binding took are kept in {unrouted}: bind your consumers' queues to {} \
+                 (`wxpush-ctl results` shows them)",
+                q.messages, config.results_exchange
+            ),
+        ),
+        Ok(_) => {}
+        Err(e) => report.push(Level::Problem, format!("queue {unrouted}: {e}")),
+    }
     // A queue declared before with other arguments (another queue type) stops the workers.
     for (name, args) in topology.queues() {
         match broker::queue_matches(&connection, &name, args).await {
