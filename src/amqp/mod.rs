@@ -222,6 +222,10 @@ pub fn unrouted_queue_args(queue_type: QueueType, bounds: UnroutedBounds) -> Fie
     );
     let ttl_ms = bounds.message_ttl.as_millis().min(i64::MAX as u128) as i64;
     args.insert(ShortString::from("x-message-ttl"), AMQPValue::LongLongInt(ttl_ms));
+    if queue_type == QueueType::Quorum {
+        // `wxpush-ctl results` reads it by taking and returning, which counts as a delivery.
+        args.insert(ShortString::from("x-delivery-limit"), AMQPValue::LongLongInt(DEAD_LETTER_DELIVERY_LIMIT));
+    }
     args
 }
 

@@ -5,9 +5,10 @@
 use std::{future::Future, time::Duration};
 
 use lapin::{
-    BasicProperties, Connection, ErrorKind, ExchangeKind,
-    options::{ExchangeDeclareOptions, QueueDeclareOptions},
-    types::{AMQPValue, FieldTable, ShortString},
+    BasicProperties, Channel, Connection, ErrorKind, ExchangeKind,
+    message::Delivery,
+    options::{BasicGetOptions, BasicNackOptions, ExchangeDeclareOptions, QueueDeclareOptions},
+    types::{AMQPValue, DeliveryTag, FieldTable, ShortString},
 };
 
 use super::{CtlError, RPC_TIMEOUT};
@@ -157,6 +158,29 @@ pub(crate) async fn ensure_results_exchange(connection: &Connection, config: &Co
     let channel = call("open a channel", connection.create_channel()).await?;
     amqp::declare_results_exchange(&channel, &config.results_exchange).await?;
     let _ = channel.close(200, ShortString::from("done")).await;
+    Ok(())
+}
+
+/// Takes the message at the head of `queue` (unacknowledged), `None` when the queue is empty.
+pub(crate) async fn get(channel: &Channel, queue: &str) -> Result<Option<Delivery>, CtlError> {
+    let got = call(
+        &format!("read from {queue:?}"),
+        channel.basic_get(ShortString::from(queue), BasicGetOptions { no_ack: false }),
+    )
+    .await?;
+    Ok(got.map(|m| m.delivery))
+}
+
+/// Returns every message still unacknowledged on `channel` (up to `last`) to its queue, in one
+/// nack so they go back in their order.
+pub(crate) async fn requeue_all(channel: &Channel, last: Option<DeliveryTag>) -> Result<(), CtlError> {
+    if let Some(tag) = last {
+        call(
+            "return the messages to their queue",
+            channel.basic_nack(tag, BasicNackOptions { multiple: true, requeue: true }),
+        )
+        .await?;
+    }
     Ok(())
 }
 

@@ -1,12 +1,17 @@
-//! `wxpush-ctl dead`: the dead-letter queue, looked at and replayed without losing anything.
+//! `wxpush-ctl dead`: the dead-letter queue, looked at, replayed, pruned and purged without
+//! losing anything that was not asked for.
 //!
-//! Both commands take messages with `basic.get` and manual acknowledgement. Listing never
-//! acknowledges: at the end every message taken is rejected with requeue, so it returns to its
-//! place in the queue unchanged (only its `redelivered` flag is set). Replaying acknowledges a
-//! message only after its copy in the jobs queue is confirmed by the broker; whatever is not
-//! chosen, or could not be moved, is requeued the same way. A crash in between leaves the
-//! message in the dead-letter queue (unacknowledged messages return when the connection
-//! closes), at worst also in the jobs queue, where its job_id keeps it from being sent twice.
+//! Listing, replaying and deleting take messages with `basic.get` and manual acknowledgement.
+//! Listing never acknowledges: at the end every message taken is rejected with requeue, in one
+//! `basic.nack` covering all of them, so they return in their order ahead of anything parked
+//! meanwhile (only their `redelivered` flag is set, and on a quorum queue their
+//! `x-delivery-count` rises: the dead-letter queue must have no delivery limit for listing to be
+//! harmless, which is how wxpush declares it). Replaying acknowledges a message only after its
+//! copy in the jobs queue is confirmed by the broker; deleting acknowledges exactly the chosen
+//! messages; whatever is not chosen, or could not be moved, is requeued the same way. A crash in
+//! between leaves the message in the dead-letter queue (unacknowledged messages return when the
+//! connection closes), at worst also in the jobs queue, where its job_id keeps it from being sent
+//! twice.
 
 use std::collections::BTreeSet;
 
@@ -14,13 +19,15 @@ use futures_util::{StreamExt, stream::FuturesUnordered};
 use lapin::{
     Channel, Confirmation, Connection,
     message::Delivery,
-    options::{BasicAckOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions, ConfirmSelectOptions},
+    options::{BasicAckOptions, BasicPublishOptions, ConfirmSelectOptions, QueuePurgeOptions},
     types::{DeliveryTag, ShortString},
 };
 
+use serde::Serialize;
+
 use super::{
     CtlError, DEAD_LETTERED_AT_HEADER,
-    broker::{self, call, fresh_properties, header_text, job_id_of, preview},
+    broker::{self, call, fresh_properties, get, header_text, job_id_of, preview, requeue_all},
 };
 use crate::{
     config::Config,
@@ -33,7 +40,7 @@ const PREVIEW_CHARS: usize = 60;
 const IN_FLIGHT: usize = 256;
 
 /// One parked job, as listed.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ParkedJob {
     /// 1-based position from the head of the queue.
     pub position: u64,
@@ -66,7 +73,7 @@ impl ParkedJob {
 }
 
 /// What `dead list` saw.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize)]
 pub struct DeadList {
     pub queue: String,
     /// Whether the queue exists at all (a worker declares it when it starts).
@@ -102,27 +109,6 @@ async fn list_on(connection: &Connection, config: &Config, limit: usize) -> Resu
     requeue_all(&channel, last_tag).await?;
     let _ = channel.close(200, ShortString::from("done")).await;
     Ok(DeadList { queue, exists: true, total: info.messages, jobs })
-}
-
-async fn get(channel: &Channel, queue: &str) -> Result<Option<Delivery>, CtlError> {
-    let got = call(
-        &format!("read from {queue:?}"),
-        channel.basic_get(ShortString::from(queue), BasicGetOptions { no_ack: false }),
-    )
-    .await?;
-    Ok(got.map(|m| m.delivery))
-}
-
-/// Returns every message still unacknowledged on `channel` (up to `last`) to the queue.
-async fn requeue_all(channel: &Channel, last: Option<DeliveryTag>) -> Result<(), CtlError> {
-    if let Some(tag) = last {
-        call(
-            "return the messages to the dead-letter queue",
-            channel.basic_nack(tag, BasicNackOptions { multiple: true, requeue: true }),
-        )
-        .await?;
-    }
-    Ok(())
 }
 
 /// Which parked jobs to replay.
@@ -210,15 +196,17 @@ async fn replay_on(
     let publisher = call("open a channel", connection.create_channel()).await?;
     call("enable publisher confirms", publisher.confirm_select(ConfirmSelectOptions::default())).await?;
 
-    let mut last_tag = None;
+    // The latest delivery that stays parked: the closing nack covers it and all before it. (A
+    // nack naming an acknowledged tag would be refused as unknown.)
+    let mut kept = None;
     let outcome: Result<(), CtlError> = async {
         let mut in_flight = FuturesUnordered::new();
         for _ in 0..info.messages {
             let Some(message) = get(&getter, dlq).await? else { break };
             report.examined += 1;
-            last_tag = Some(message.delivery_tag);
             let job_id = job_id_of(&message.properties, &message.data);
             if !options.selection.matches(job_id.as_deref()) {
+                keep(&mut kept, message.delivery_tag);
                 continue;
             }
             if let Some(id) = &job_id {
@@ -226,6 +214,7 @@ async fn replay_on(
             }
             let label = job_id.unwrap_or_else(|| "(no job_id)".into());
             if options.dry_run {
+                keep(&mut kept, message.delivery_tag);
                 report.moved.push(label);
                 continue;
             }
@@ -245,17 +234,17 @@ async fn replay_on(
             if in_flight.len() >= IN_FLIGHT
                 && let Some(done) = in_flight.next().await
             {
-                settle(&getter, done, &mut report).await?;
+                settle(&getter, done, &mut report, &mut kept).await?;
             }
         }
         while let Some(done) = in_flight.next().await {
-            settle(&getter, done, &mut report).await?;
+            settle(&getter, done, &mut report, &mut kept).await?;
         }
         Ok(())
     }
     .await;
     // Whatever happened, the rest goes back to where it was: nothing unconfirmed is acked.
-    let requeued = requeue_all(&getter, last_tag).await;
+    let requeued = requeue_all(&getter, kept).await;
     let _ = getter.close(200, ShortString::from("done")).await;
     let _ = publisher.close(200, ShortString::from("done")).await;
     outcome?;
@@ -274,6 +263,7 @@ async fn settle(
     getter: &Channel,
     (tag, label, confirmation): (DeliveryTag, String, Result<Confirmation, lapin::Error>),
     report: &mut ReplayReport,
+    kept: &mut Option<DeliveryTag>,
 ) -> Result<(), CtlError> {
     let why = match confirmation {
         Ok(Confirmation::Ack(None)) => {
@@ -287,8 +277,150 @@ async fn settle(
         Ok(Confirmation::NotRequested) => "the copy was not confirmed".to_owned(),
         Err(e) => format!("no confirm for the copy: {e}"),
     };
+    keep(kept, tag);
     report.failed.push((label, why));
     Ok(())
+}
+
+/// Notes that the delivery `tag` stays in the queue.
+fn keep(kept: &mut Option<DeliveryTag>, tag: DeliveryTag) {
+    *kept = Some(kept.map_or(tag, |k| k.max(tag)));
+}
+
+/// What `dead delete` did.
+#[derive(Debug, Clone, Default)]
+pub struct DeleteReport {
+    pub queue: String,
+    /// Messages looked at.
+    pub examined: u64,
+    /// Job ids removed (a job_id parked twice appears twice).
+    pub deleted: Vec<String>,
+    /// Asked-for job ids that are not in the dead-letter queue.
+    pub not_found: Vec<String>,
+    /// Messages left in the dead-letter queue.
+    pub left: u64,
+}
+
+impl DeleteReport {
+    pub fn all_good(&self) -> bool {
+        self.not_found.is_empty()
+    }
+}
+
+/// Removes the parked jobs whose job_id is in `job_ids` (every copy), and nothing else: every
+/// other message is returned to the queue in its order. Looks at most at the messages the queue
+/// holds when it starts.
+pub async fn delete(config: &Config, job_ids: &BTreeSet<String>) -> Result<DeleteReport, CtlError> {
+    let connection = broker::connect(config, "dead delete").await?;
+    let result = delete_on(&connection, config, job_ids).await;
+    broker::close(&connection).await;
+    result
+}
+
+async fn delete_on(
+    connection: &Connection,
+    config: &Config,
+    job_ids: &BTreeSet<String>,
+) -> Result<DeleteReport, CtlError> {
+    let queue = config.dead_letter_queue.as_str();
+    let mut report = DeleteReport { queue: queue.to_owned(), ..DeleteReport::default() };
+    let mut wanted = job_ids.clone();
+    let Some(info) = broker::queue_info(connection, queue).await? else {
+        report.not_found = wanted.into_iter().collect();
+        return Ok(report);
+    };
+    let channel = call("open a channel", connection.create_channel()).await?;
+    let mut kept = None;
+    let outcome: Result<(), CtlError> = async {
+        for _ in 0..info.messages {
+            let Some(message) = get(&channel, queue).await? else { break };
+            report.examined += 1;
+            let Some(id) = job_id_of(&message.properties, &message.data).filter(|id| job_ids.contains(id)) else {
+                keep(&mut kept, message.delivery_tag);
+                continue;
+            };
+            call(
+                "remove a job from the dead-letter queue",
+                channel.basic_ack(message.delivery_tag, BasicAckOptions::default()),
+            )
+            .await?;
+            wanted.remove(&id);
+            report.deleted.push(id);
+        }
+        Ok(())
+    }
+    .await;
+    // Everything not removed goes back, in its order, in one nack.
+    let requeued = requeue_all(&channel, kept).await;
+    let _ = channel.close(200, ShortString::from("done")).await;
+    outcome?;
+    requeued?;
+    report.not_found = wanted.into_iter().collect();
+    report.left = (info.messages as u64).saturating_sub(report.deleted.len() as u64);
+    Ok(report)
+}
+
+/// The dead-letter queue's ready count, `None` when it does not exist (to ask before a purge).
+pub async fn count(config: &Config) -> Result<Option<u32>, CtlError> {
+    let connection = broker::connect(config, "dead count").await?;
+    let info = broker::queue_info(&connection, &config.dead_letter_queue).await;
+    broker::close(&connection).await;
+    Ok(info?.map(|i| i.messages))
+}
+
+/// What `dead purge` did.
+#[derive(Debug, Clone)]
+pub struct PurgeReport {
+    pub queue: String,
+    pub exists: bool,
+    /// Messages the broker removed.
+    pub purged: u32,
+}
+
+/// Removes every ready message from the dead-letter queue (messages another command holds at
+/// that moment, unacknowledged, stay).
+pub async fn purge(config: &Config) -> Result<PurgeReport, CtlError> {
+    let connection = broker::connect(config, "dead purge").await?;
+    let result = async {
+        let queue = config.dead_letter_queue.clone();
+        if broker::queue_info(&connection, &queue).await?.is_none() {
+            return Ok(PurgeReport { queue, exists: false, purged: 0 });
+        }
+        let channel = call("open a channel", connection.create_channel()).await?;
+        let purged = call(
+            &format!("purge {queue:?}"),
+            channel.queue_purge(ShortString::from(queue.as_str()), QueuePurgeOptions::default()),
+        )
+        .await?;
+        let _ = channel.close(200, ShortString::from("done")).await;
+        Ok(PurgeReport { queue, exists: true, purged })
+    }
+    .await;
+    broker::close(&connection).await;
+    result
+}
+
+impl std::fmt::Display for DeleteReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "deleted {} of {} examined jobs from {}", self.deleted.len(), self.examined, self.queue)?;
+        for id in &self.deleted {
+            writeln!(f, "  {id}")?;
+        }
+        if !self.not_found.is_empty() {
+            writeln!(f, "not in the dead-letter queue: {}", self.not_found.join(", "))?;
+        }
+        writeln!(f, "{} jobs left in {}, in their order", self.left, self.queue)
+    }
+}
+
+impl std::fmt::Display for PurgeReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.exists {
+            writeln!(f, "purged {} parked jobs from {}", self.purged, self.queue)
+        } else {
+            writeln!(f, "dead-letter queue {} does not exist yet; nothing to purge", self.queue)
+        }
+    }
 }
 
 impl std::fmt::Display for DeadList {

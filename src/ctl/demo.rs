@@ -24,8 +24,8 @@ use crate::{
     store::Redis,
 };
 
-/// The demo account the sandbox knows (not a real appid).
-pub const DEMO_APPID: &str = "wxd3m0000000000001";
+/// The demo account the sandbox knows (not a real appid, but shaped like one, so `check` passes).
+pub const DEMO_APPID: &str = "wxde3000000000d3e0";
 /// The seed's example job id.
 pub const DEMO_JOB_ID: &str = "order-42-paid";
 
@@ -279,27 +279,27 @@ async fn drive(connection: &Connection, config: &Config, timeout: Duration) -> R
 async fn clean_up(connection: &Connection, config: &Config) -> Vec<String> {
     let mut leftovers = Vec::new();
     let topology = Topology::from_config(config);
-    let mut queues = vec![config.jobs_queue.clone(), config.dead_letter_queue.clone()];
+    let unrouted = super::results::unrouted_queue(config);
+    let mut queues = vec![config.jobs_queue.clone(), config.dead_letter_queue.clone(), unrouted.clone()];
     queues.extend(topology.delay_tiers_secs.iter().map(|&s| topology.delay_queue(s)));
-    for queue in queues {
+    // The results exchange and its alternate exchange (named as the unrouted queue).
+    let exchanges = [config.results_exchange.clone(), unrouted];
+    let names = queues.iter().map(|q| (true, q)).chain(exchanges.iter().map(|e| (false, e)));
+    for (is_queue, name) in names {
         // A failed delete closes its channel, so each gets its own.
         let deleted = async {
             let ch = connection.create_channel().await?;
-            ch.queue_delete(ShortString::from(queue.as_str()), Default::default()).await?;
+            let short = ShortString::from(name.as_str());
+            if is_queue {
+                ch.queue_delete(short, Default::default()).await?;
+            } else {
+                ch.exchange_delete(short, Default::default()).await?;
+            }
             ch.close(200, ShortString::from("done")).await
         };
         if !matches!(tokio::time::timeout(RPC_TIMEOUT, deleted).await, Ok(Ok(()))) {
-            leftovers.push(format!("queue {queue}"));
+            leftovers.push(format!("{} {name}", if is_queue { "queue" } else { "exchange" }));
         }
-    }
-    let exchange = config.results_exchange.clone();
-    let deleted = async {
-        let ch = connection.create_channel().await?;
-        ch.exchange_delete(ShortString::from(exchange.as_str()), Default::default()).await?;
-        ch.close(200, ShortString::from("done")).await
-    };
-    if !matches!(tokio::time::timeout(RPC_TIMEOUT, deleted).await, Ok(Ok(()))) {
-        leftovers.push(format!("exchange {exchange}"));
     }
     if let Err(e) = delete_redis_keys(&config.redis_url, &config.redis_prefix).await {
         leftovers.push(format!("Redis keys {}:* ({e})", config.redis_prefix));

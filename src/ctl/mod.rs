@@ -1,10 +1,12 @@
 //! `wxpush-ctl`, the operators' tool, as library functions: the binary only parses arguments and
 //! prints what these return, so every command can be driven (and tested) in-process.
 //!
-//! - [`check`]: is the configuration valid, are RabbitMQ and Redis reachable;
+//! - [`check`]: is the configuration valid, does WeChat grant each account a token, are RabbitMQ
+//!   and Redis reachable;
 //! - [`publish`]: jobs from a JSONL stream to the jobs queue, optionally waiting for their results;
-//! - [`dead`]: list and replay the dead-letter queue without losing a message;
-//! - [`status`]: tokens, quotas, pauses and queue lengths;
+//! - [`results`]: results as they go out, or those no binding took (the unrouted queue);
+//! - [`dead`]: list, replay, delete and purge the dead-letter queue, losing nothing not asked for;
+//! - [`status`]: tokens, quotas, pauses and queue lengths (ready and unacknowledged);
 //! - [`demo`]: the README quick start in one process, in a namespace of its own.
 //!
 //! Nothing here prints a secret: app secrets, callback tokens, AES keys and access tokens are
@@ -13,6 +15,7 @@
 pub mod check;
 pub mod dead;
 pub mod demo;
+pub mod management;
 pub mod progress;
 pub mod publish;
 pub mod results;
@@ -57,6 +60,15 @@ pub enum CtlError {
     Worker(#[from] WorkerError),
     #[error("stopped receiving results: the channel closed (did RabbitMQ go away?)")]
     ResultsClosed,
+    #[error(
+        "the unrouted results queue {queue} does not exist yet: start a worker once, it declares it (with the \
+         results exchange's alternate exchange of the same name)"
+    )]
+    NoUnroutedQueue { queue: String },
+    #[error("the results exchange {exchange} does not exist yet: start a worker once, it declares it")]
+    NoResultsExchange { exchange: String },
+    #[error("{0}")]
+    Usage(String),
     #[error("{0}")]
     Demo(String),
 }

@@ -1,5 +1,5 @@
-//! How a long command shows that it is moving: a progress bar when stderr is a terminal,
-//! a plain line every few seconds otherwise (logs, CI), nothing in tests.
+//! How a long command shows that it is moving: a progress bar when it runs in a terminal, a
+//! plain line at most every 10 seconds otherwise (logs, CI, output piped on), nothing in tests.
 
 use std::{
     io::IsTerminal,
@@ -38,10 +38,15 @@ impl Progress for Recorder {
     }
 }
 
-/// The right display for stderr: a bar on a terminal, plain lines elsewhere. `total_bytes` is
+/// The right display on stderr: a bar when both stdout and stderr are a terminal, plain lines
+/// otherwise (a redirected stdout means the run is being logged or piped on). `total_bytes` is
 /// the input's size when known (a file), giving the bar an end.
 pub fn for_stderr(total_bytes: Option<u64>) -> Box<dyn Progress> {
-    if std::io::stderr().is_terminal() { Box::new(Bar::new(total_bytes)) } else { Box::new(Plain::new()) }
+    if std::io::stderr().is_terminal() && std::io::stdout().is_terminal() {
+        Box::new(Bar::new(total_bytes))
+    } else {
+        Box::new(Plain::new())
+    }
 }
 
 /// An indicatif bar on stderr.
@@ -95,7 +100,10 @@ impl Progress for Bar {
     }
 }
 
-/// A line on stderr at most every `every` (2 s by default), for logs that are not a terminal.
+/// Plain progress lines come at most this often.
+pub const PLAIN_EVERY: Duration = Duration::from_secs(10);
+
+/// A line on stderr at most every [`PLAIN_EVERY`], for output that is not a terminal.
 pub struct Plain {
     every: Duration,
     last: Mutex<Option<Instant>>,
@@ -103,7 +111,7 @@ pub struct Plain {
 
 impl Plain {
     pub fn new() -> Self {
-        Self { every: Duration::from_secs(2), last: Mutex::new(None) }
+        Self { every: PLAIN_EVERY, last: Mutex::new(None) }
     }
 
     fn due(&self) -> bool {
@@ -140,5 +148,23 @@ impl Progress for Plain {
 
     fn note(&self, message: &str) {
         eprintln!("{message}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_lines_come_at_most_every_10_seconds() {
+        let plain = Plain::new();
+        assert!(plain.due(), "the first update is shown");
+        for _ in 0..1000 {
+            assert!(!plain.due(), "updates within 10 s are not");
+        }
+        *plain.last.lock().unwrap() = Some(Instant::now() - Duration::from_secs(9));
+        assert!(!plain.due());
+        *plain.last.lock().unwrap() = Some(Instant::now() - Duration::from_secs(10));
+        assert!(plain.due(), "10 s later the next one is");
     }
 }

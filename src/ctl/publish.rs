@@ -4,7 +4,11 @@
 //! A line that is not a JSON object is reported with its number and skipped; blank lines are
 //! ignored. The line is published byte for byte (trimmed), `message_id` set to its `job_id`.
 //! With a wait, a private queue bound to the results exchange is declared *before* the first
-//! publish, and results are matched to the published jobs by `correlation_id` (or `job_id`).
+//! publish, and results are matched to the published jobs by their `job_id`. The wait ends early
+//! when no worker consumes the jobs queue.
+//!
+//! [`validate`] (`publish --dry-run`) runs every line through the worker's own parser instead,
+//! publishing nothing.
 
 use std::{
     collections::HashMap,
@@ -29,7 +33,7 @@ use super::{
     progress::Progress,
     results::ResultWatcher,
 };
-use crate::{amqp::json_properties, config::Config};
+use crate::{amqp::json_properties, config::Config, domain::job::Job};
 
 /// Confirms kept in flight while publishing.
 pub const DEFAULT_IN_FLIGHT: usize = 256;
@@ -37,6 +41,11 @@ pub const DEFAULT_IN_FLIGHT: usize = 256;
 const KEPT: usize = 1000;
 /// Longest `message_id` AMQP allows (a short string).
 const MAX_MESSAGE_ID_BYTES: usize = 255;
+/// How long the jobs queue may have no consumer before a wait gives up (a worker that was just
+/// started, or is reconnecting, gets this long to appear).
+const NO_CONSUMER_GRACE: Duration = Duration::from_secs(3);
+/// Failed job ids shown per reason in the summary (all are kept in the report, up to 1000).
+const IDS_PER_REASON: usize = 10;
 
 /// How to publish.
 #[derive(Debug, Clone)]
@@ -82,6 +91,8 @@ pub struct PublishReport {
     pub unconfirmed_count: u64,
     /// Set when publishing stopped early (the connection broke): what happened.
     pub interrupted: Option<String>,
+    /// Set when the wait ended because no worker consumes the jobs queue.
+    pub no_consumer: bool,
     pub wait: Option<WaitSummary>,
 }
 
@@ -89,6 +100,7 @@ impl PublishReport {
     /// Every line published and, when waited for, every job succeeded.
     pub fn all_good(&self) -> bool {
         self.interrupted.is_none()
+            && !self.no_consumer
             && self.skipped_count == 0
             && self.unconfirmed_count == 0
             && self.wait.as_ref().is_none_or(|w| w.failed == 0 && w.missing == 0 && self.without_job_id == 0)
@@ -104,6 +116,8 @@ pub struct WaitSummary {
     pub failed: u64,
     /// Failures by reason, most frequent first.
     pub failed_by_reason: Vec<(String, u64)>,
+    /// The failed jobs (job_id, reason), by job_id; the first 1000.
+    pub failed_jobs: Vec<(String, String)>,
     pub missing: u64,
     /// Some of the missing job_ids (at most 10).
     pub missing_ids: Vec<String>,
@@ -129,7 +143,7 @@ pub async fn publish<R: AsyncBufRead + Unpin>(
 async fn publish_on<R: AsyncBufRead + Unpin>(
     connection: &lapin::Connection,
     config: &Config,
-    mut input: R,
+    input: R,
     input_name: &str,
     options: &PublishOptions,
     progress: &dyn Progress,
@@ -149,24 +163,9 @@ async fn publish_on<R: AsyncBufRead + Unpin>(
 
     let mut report = PublishReport { jobs_queue: config.jobs_queue.clone(), created_queue, ..PublishReport::default() };
     let mut in_flight = FuturesUnordered::new();
-    let mut buf = Vec::new();
-    let (mut line_no, mut bytes) = (0u64, 0u64);
+    let mut lines = Lines::new(input, input_name);
     let in_flight_max = options.in_flight.max(1);
-    loop {
-        buf.clear();
-        let n = input
-            .read_until(b'\n', &mut buf)
-            .await
-            .map_err(|source| CtlError::Input { name: input_name.to_owned(), source })?;
-        if n == 0 {
-            break;
-        }
-        line_no += 1;
-        bytes += n as u64;
-        let line = buf.trim_ascii();
-        if line.is_empty() {
-            continue;
-        }
+    while let Some((line_no, line)) = lines.next().await? {
         report.lines += 1;
         let job_id = match read_line(line) {
             Ok(id) => id,
@@ -220,23 +219,39 @@ async fn publish_on<R: AsyncBufRead + Unpin>(
             }
         }
         if report.lines.is_multiple_of(64) {
-            progress.publishing(bytes, report.lines, report.published);
+            progress.publishing(lines.bytes, report.lines, report.published);
         }
     }
     while let Some(done) = in_flight.next().await {
         settle(done, &mut report, &tracker);
     }
-    progress.publishing(bytes, report.lines, report.published);
+    progress.publishing(lines.bytes, report.lines, report.published);
     let _ = channel.close(200, ShortString::from("done")).await;
 
     if let (Some(timeout), Some(collector)) = (options.wait, collector) {
         let started = Instant::now();
         let deadline = started + timeout;
+        let mut next_look = started;
+        let mut unconsumed_since: Option<Instant> = None;
         loop {
             let (arrived, expected) = lock(&tracker).progress();
             progress.waiting(arrived, expected);
             if arrived >= expected || Instant::now() >= deadline || collector.is_finished() {
                 break;
+            }
+            // Results come only from a worker: without one, waiting out the timeout helps no one.
+            let now = Instant::now();
+            if now >= next_look {
+                next_look = now + Duration::from_secs(1);
+                match broker::queue_info(connection, &config.jobs_queue).await {
+                    Ok(Some(q)) if q.consumers == 0 => {
+                        if now.duration_since(*unconsumed_since.get_or_insert(now)) >= NO_CONSUMER_GRACE {
+                            report.no_consumer = true;
+                            break;
+                        }
+                    }
+                    _ => unconsumed_since = None,
+                }
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -279,6 +294,42 @@ fn settle((line, job_id, confirmation): Settled, report: &mut PublishReport, tra
     report.unconfirmed_count += 1;
     if report.unconfirmed.len() < KEPT {
         report.unconfirmed.push(LineProblem { line, job_id, reason: problem });
+    }
+}
+
+/// The non-blank lines of a JSONL input, trimmed, with their 1-based numbers.
+struct Lines<'a, R> {
+    input: R,
+    name: &'a str,
+    buf: Vec<u8>,
+    line_no: u64,
+    /// Bytes read so far (for the progress bar).
+    bytes: u64,
+}
+
+impl<'a, R: AsyncBufRead + Unpin> Lines<'a, R> {
+    fn new(input: R, name: &'a str) -> Self {
+        Self { input, name, buf: Vec::new(), line_no: 0, bytes: 0 }
+    }
+
+    /// The next non-blank line and its number; `None` at the end of the input.
+    async fn next(&mut self) -> Result<Option<(u64, &[u8])>, CtlError> {
+        loop {
+            self.buf.clear();
+            let n = self
+                .input
+                .read_until(b'\n', &mut self.buf)
+                .await
+                .map_err(|source| CtlError::Input { name: self.name.to_owned(), source })?;
+            if n == 0 {
+                return Ok(None);
+            }
+            self.line_no += 1;
+            self.bytes += n as u64;
+            if !self.buf.trim_ascii().is_empty() {
+                return Ok(Some((self.line_no, self.buf.trim_ascii())));
+            }
+        }
     }
 }
 
@@ -407,9 +458,95 @@ impl Tracker {
         let mut reasons: Vec<(String, u64)> = reasons.into_iter().map(|(r, n)| (r.to_owned(), n)).collect();
         reasons.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
         summary.failed_by_reason = reasons;
+        let mut failed: Vec<(String, String)> = self
+            .jobs
+            .iter()
+            .filter(|(_, t)| !t.succeeded)
+            .filter_map(|(id, t)| Some((id.clone(), t.failure.clone()?)))
+            .collect();
+        failed.sort_unstable();
+        failed.truncate(KEPT);
+        summary.failed_jobs = failed;
         missing.sort_unstable();
         summary.missing_ids = missing.into_iter().take(10).map(str::to_owned).collect();
         summary
+    }
+}
+
+/// What `publish --dry-run` found.
+#[derive(Debug, Clone, Default)]
+pub struct ValidationReport {
+    pub input: String,
+    /// Non-blank lines read.
+    pub lines: u64,
+    /// Jobs the worker would accept and send.
+    pub valid: u64,
+    /// Lines the worker would refuse, and why (the first 1000).
+    pub problems: Vec<LineProblem>,
+    pub problems_count: u64,
+}
+
+impl ValidationReport {
+    pub fn all_good(&self) -> bool {
+        self.problems_count == 0
+    }
+}
+
+/// Runs every line through the worker's own checks (the parser, the account, `expires_at`)
+/// and says what is wrong with each job it would refuse. Publishes nothing; needs no broker.
+pub async fn validate<R: AsyncBufRead + Unpin>(
+    config: &Config,
+    input: R,
+    input_name: &str,
+) -> Result<ValidationReport, CtlError> {
+    let mut report = ValidationReport { input: input_name.to_owned(), ..ValidationReport::default() };
+    let mut lines = Lines::new(input, input_name);
+    while let Some((line_no, line)) = lines.next().await? {
+        report.lines += 1;
+        match validate_line(config, line) {
+            Ok(()) => report.valid += 1,
+            Err((job_id, reason)) => {
+                report.problems_count += 1;
+                if report.problems.len() < KEPT {
+                    report.problems.push(LineProblem { line: line_no, job_id, reason });
+                }
+            }
+        }
+    }
+    Ok(report)
+}
+
+/// What the worker would do with one line, short of sending it: `Err((job_id, why))` when it
+/// would refuse it.
+fn validate_line(config: &Config, line: &[u8]) -> Result<(), (Option<String>, String)> {
+    read_line(line).map_err(|reason| (None, reason))?;
+    // As published: the job_id is in the body, no message_id is set without one.
+    let job = Job::parse(line, None).map_err(|e| (e.job_id.clone(), e.to_string()))?;
+    let id = Some(job.job_id.clone());
+    if config.account(&job.account).is_none() {
+        let known: Vec<&str> = config.accounts.iter().map(|a| a.name.as_str()).collect();
+        return Err((id, format!("invalid job: unknown account {:?} (configured: {})", job.account, known.join(", "))));
+    }
+    if job.is_expired(chrono::Utc::now()) {
+        return Err((id, "expired: its expires_at has passed, the worker would not send it".into()));
+    }
+    Ok(())
+}
+
+impl std::fmt::Display for ValidationReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for p in &self.problems {
+            let id = p.job_id.as_deref().map_or_else(String::new, |id| format!(" (job_id {id})"));
+            writeln!(f, "line {}{id}: {}", p.line, p.reason)?;
+        }
+        if self.problems_count > self.problems.len() as u64 {
+            writeln!(f, "… and {} more", self.problems_count - self.problems.len() as u64)?;
+        }
+        writeln!(
+            f,
+            "dry run of {}: {} jobs, {} valid, {} the worker would refuse; nothing was published",
+            self.input, self.lines, self.valid, self.problems_count
+        )
     }
 }
 
@@ -454,9 +591,16 @@ impl std::fmt::Display for PublishReport {
                 w.missing
             )?;
             if !w.failed_by_reason.is_empty() {
-                writeln!(f, "  failed by reason:")?;
+                writeln!(f, "  failed by reason (job ids):")?;
                 for (reason, n) in w.failed_by_reason.iter().take(TOP_REASONS) {
-                    writeln!(f, "    {n:>7}  {reason}")?;
+                    let ids: Vec<&str> =
+                        w.failed_jobs.iter().filter(|(_, r)| r == reason).map(|(id, _)| id.as_str()).collect();
+                    let more = (*n).saturating_sub(ids.len().min(IDS_PER_REASON) as u64);
+                    let mut shown = ids.iter().take(IDS_PER_REASON).copied().collect::<Vec<_>>().join(", ");
+                    if more > 0 {
+                        shown.push_str(&format!(", … ({more} more)"));
+                    }
+                    writeln!(f, "    {n:>7}  {reason}: {shown}")?;
                 }
                 let rest: u64 = w.failed_by_reason.iter().skip(TOP_REASONS).map(|(_, n)| n).sum();
                 if rest > 0 {
@@ -466,12 +610,23 @@ impl std::fmt::Display for PublishReport {
             if w.missing > 0 {
                 let more = if w.missing > w.missing_ids.len() as u64 { ", …" } else { "" };
                 writeln!(f, "  missing: {}{more}", w.missing_ids.join(", "))?;
-                writeln!(
-                    f,
-                    "  (is a worker running on {}? `wxpush-ctl status` shows the queue and its consumers)",
-                    self.jobs_queue
-                )?;
+                if !self.no_consumer {
+                    writeln!(
+                        f,
+                        "  (is a worker running on {}? `wxpush-ctl status` shows the queue and its consumers)",
+                        self.jobs_queue
+                    )?;
+                }
             }
+        }
+        if self.no_consumer {
+            writeln!(
+                f,
+                "stopped waiting: no worker consumes {} (0 consumers for {} s). The jobs wait there and are sent \
+                 when a worker starts; `wxpush-ctl results --live` shows their results then",
+                self.jobs_queue,
+                NO_CONSUMER_GRACE.as_secs()
+            )?;
         }
         if let Some(why) = &self.interrupted {
             writeln!(f, "stopped early: {why}")?;

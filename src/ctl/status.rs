@@ -8,8 +8,9 @@ use std::time::Duration;
 
 use chrono::Utc;
 use secrecy::ExposeSecret;
+use serde_json::json;
 
-use super::{CtlError, QueueInfo, RPC_TIMEOUT, broker, human_duration, scrub};
+use super::{CtlError, RPC_TIMEOUT, broker, human_duration, management::Management, results::unrouted_queue, scrub};
 use crate::{
     amqp::{Topology, redact_url},
     config::{Account, Config},
@@ -52,11 +53,41 @@ pub struct AccountStatus {
     pub error: Option<String>,
 }
 
-/// A queue and its counts (`None`: it does not exist).
-#[derive(Debug, Clone)]
-pub struct NamedQueue {
+/// What a queue is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueueRole {
+    Jobs,
+    /// One of the delay queues (retries, paused accounts, parked jobs).
+    Delay,
+    DeadLetter,
+    /// Results no binding took (`<results_exchange>.unrouted`).
+    Unrouted,
+}
+
+impl QueueRole {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            QueueRole::Jobs => "jobs",
+            QueueRole::Delay => "delay",
+            QueueRole::DeadLetter => "dead_letter",
+            QueueRole::Unrouted => "unrouted",
+        }
+    }
+}
+
+/// One queue's counts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueStatus {
+    pub role: QueueRole,
     pub name: String,
-    pub info: Option<QueueInfo>,
+    /// `false`: not declared yet (a worker declares it when it starts); the counts are 0.
+    pub exists: bool,
+    /// Messages ready for delivery (from AMQP, live).
+    pub ready: u64,
+    /// Delivered and not yet acknowledged (the management API's last sample); `None` when the
+    /// management API could not say.
+    pub unacknowledged: Option<u64>,
+    pub consumers: u64,
 }
 
 /// Everything `status` shows.
@@ -67,32 +98,51 @@ pub struct StatusReport {
     pub accounts: Vec<AccountStatus>,
     pub redis_error: Option<String>,
     pub amqp_url: String,
-    pub jobs: Option<NamedQueue>,
-    pub dead_letters: Option<NamedQueue>,
-    /// Jobs waiting in the delay queues (retries, paused accounts), all tiers together.
-    pub delayed: u64,
+    /// Jobs, delay tiers (shortest first), dead-letter and unrouted queues, in that order.
+    pub queues: Vec<QueueStatus>,
     pub rabbitmq_error: Option<String>,
+    /// Where the unacknowledged counts come from.
+    pub management_url: Option<String>,
+    /// Why the unacknowledged counts are unknown.
+    pub management_error: Option<String>,
 }
 
 impl StatusReport {
-    /// Both services answered for everything.
+    /// Both services answered for everything (the management API is optional).
     pub fn is_complete(&self) -> bool {
         self.redis_error.is_none() && self.rabbitmq_error.is_none() && self.accounts.iter().all(|a| a.error.is_none())
     }
+
+    /// The first queue with this role.
+    pub fn queue(&self, role: QueueRole) -> Option<&QueueStatus> {
+        self.queues.iter().find(|q| q.role == role)
+    }
+}
+
+/// How `status` reaches the management API.
+#[derive(Debug, Clone, Default)]
+pub struct StatusOptions {
+    /// The management API's URL; `None`: made from the AMQP URL.
+    pub management_url: Option<String>,
 }
 
 /// Gathers the status; a service that does not answer is reported, not returned as an error.
 pub async fn status(config: &Config) -> StatusReport {
+    status_with(config, &StatusOptions::default()).await
+}
+
+/// [`status`], with options.
+pub async fn status_with(config: &Config, options: &StatusOptions) -> StatusReport {
     let mut report = StatusReport {
         redis_url: redact_redis_url(&config.redis_url),
         redis_prefix: config.redis_prefix.clone(),
         accounts: Vec::new(),
         redis_error: None,
         amqp_url: redact_url(&config.amqp_url),
-        jobs: None,
-        dead_letters: None,
-        delayed: 0,
+        queues: Vec::new(),
         rabbitmq_error: None,
+        management_url: None,
+        management_error: None,
     };
     match accounts(config).await {
         Ok(a) => report.accounts = a,
@@ -100,6 +150,9 @@ pub async fn status(config: &Config) -> StatusReport {
     }
     if let Err(e) = queues(config, &mut report).await {
         report.rabbitmq_error = Some(e.to_string());
+    }
+    if report.rabbitmq_error.is_none() {
+        unacknowledged(config, options, &mut report).await;
     }
     report
 }
@@ -163,24 +216,114 @@ async fn account_status(redis: &Redis, account: &Account, quota_day: QuotaDay) -
     status
 }
 
+/// Every queue wxpush declares (and the unrouted results queue), with its role.
+fn queue_names(config: &Config) -> Vec<(QueueRole, String)> {
+    let topology = Topology::from_config(config);
+    let mut names = vec![(QueueRole::Jobs, config.jobs_queue.clone())];
+    names.extend(topology.delay_tiers_secs.iter().map(|&secs| (QueueRole::Delay, topology.delay_queue(secs))));
+    names.push((QueueRole::DeadLetter, config.dead_letter_queue.clone()));
+    names.push((QueueRole::Unrouted, unrouted_queue(config)));
+    names
+}
+
 async fn queues(config: &Config, report: &mut StatusReport) -> Result<(), CtlError> {
     let connection = broker::connect(config, "status").await?;
     let result = async {
-        let info = broker::queue_info(&connection, &config.jobs_queue).await?;
-        report.jobs = Some(NamedQueue { name: config.jobs_queue.clone(), info });
-        let info = broker::queue_info(&connection, &config.dead_letter_queue).await?;
-        report.dead_letters = Some(NamedQueue { name: config.dead_letter_queue.clone(), info });
-        let topology = Topology::from_config(config);
-        for &secs in &topology.delay_tiers_secs {
-            if let Some(q) = broker::queue_info(&connection, &topology.delay_queue(secs)).await? {
-                report.delayed += q.messages as u64;
-            }
+        for (role, name) in queue_names(config) {
+            let info = broker::queue_info(&connection, &name).await?;
+            report.queues.push(QueueStatus {
+                role,
+                name,
+                exists: info.is_some(),
+                ready: info.map_or(0, |i| i.messages.into()),
+                unacknowledged: None,
+                consumers: info.map_or(0, |i| i.consumers.into()),
+            });
         }
         Ok(())
     }
     .await;
     broker::close(&connection).await;
     result
+}
+
+/// Fills in the unacknowledged counts from the management API, or says why it cannot.
+async fn unacknowledged(config: &Config, options: &StatusOptions, report: &mut StatusReport) {
+    let management = match Management::new(&config.amqp_url, options.management_url.as_deref()) {
+        Ok(m) => m,
+        Err(e) => {
+            report.management_error = Some(e.to_string());
+            return;
+        }
+    };
+    report.management_url = Some(management.url());
+    for queue in report.queues.iter_mut().filter(|q| q.exists) {
+        match management.queue(&queue.name).await {
+            Ok(counts) => queue.unacknowledged = Some(counts.map_or(0, |c| c.unacknowledged)),
+            Err(e) => {
+                // One answer is enough to know the API is not there.
+                report.management_error = Some(e.to_string());
+                return;
+            }
+        }
+    }
+}
+
+impl StatusReport {
+    /// The report as one JSON document (durations in seconds, secrets never included).
+    pub fn to_json(&self) -> serde_json::Value {
+        let secs = |d: &Duration| d.as_secs_f64();
+        let accounts: Vec<serde_json::Value> = self
+            .accounts
+            .iter()
+            .map(|a| {
+                json!({
+                    "name": a.name,
+                    "appid": a.appid,
+                    "token": a.token.as_ref().map(|t| json!({
+                        "age_secs": t.age.as_ref().map(secs),
+                        "remaining_secs": secs(&t.remaining),
+                    })),
+                    "token_fetch_failure": a.fetch_failure.as_ref().map(|x| json!({
+                        "message": x.message,
+                        "retry_in_secs": secs(&x.retry_in),
+                        "streak": x.streak,
+                    })),
+                    "quota_day": a.day,
+                    "sent_today": a.sent_today,
+                    "daily_quota": a.daily_quota,
+                    "pause": a.pause.as_ref().map(|(left, why)| json!({"remaining_secs": secs(left), "reason": why})),
+                    "error": a.error,
+                })
+            })
+            .collect();
+        let queues: Vec<serde_json::Value> = self
+            .queues
+            .iter()
+            .map(|q| {
+                json!({
+                    "role": q.role.as_str(),
+                    "name": q.name,
+                    "exists": q.exists,
+                    "ready": q.ready,
+                    "unacknowledged": q.unacknowledged,
+                    "consumers": q.consumers,
+                })
+            })
+            .collect();
+        json!({
+            "complete": self.is_complete(),
+            "redis": {"url": self.redis_url, "prefix": self.redis_prefix, "error": self.redis_error},
+            "accounts": accounts,
+            "rabbitmq": {
+                "url": self.amqp_url,
+                "error": self.rabbitmq_error,
+                "management_url": self.management_url,
+                "management_error": self.management_error,
+            },
+            "queues": queues,
+        })
+    }
 }
 
 /// The Redis URL(s) with any password hidden.
@@ -240,23 +383,43 @@ impl std::fmt::Display for StatusReport {
         if let Some(e) = &self.rabbitmq_error {
             writeln!(f, "  cannot read RabbitMQ: {e}")?;
         }
-        if let Some(q) = &self.jobs {
-            match q.info {
-                Some(i) => writeln!(f, "  jobs          {}: {} ready, {} consumers", q.name, i.messages, i.consumers)?,
-                None => writeln!(f, "  jobs          {}: does not exist yet (a worker declares it)", q.name)?,
+        let unacked = |q: &QueueStatus| match q.unacknowledged {
+            Some(n) => format!("{n} unacknowledged"),
+            None => "unacknowledged unknown".to_owned(),
+        };
+        for q in &self.queues {
+            let label = match q.role {
+                QueueRole::Jobs => "jobs",
+                QueueRole::Delay => "delayed",
+                QueueRole::DeadLetter => "dead letters",
+                QueueRole::Unrouted => "unrouted",
+            };
+            if !q.exists {
+                // Delay queues appear with the first retry; not worth a line each until then.
+                if q.role != QueueRole::Delay {
+                    writeln!(f, "  {label:<13} {}: does not exist yet (a worker declares it when it starts)", q.name)?;
+                }
+                continue;
             }
+            let what = match q.role {
+                QueueRole::Jobs => format!("{} ready, {}, {} consumers", q.ready, unacked(q), q.consumers),
+                QueueRole::Delay => format!("{} waiting", q.ready),
+                QueueRole::DeadLetter if q.ready > 0 => {
+                    format!("{} parked, {} (`wxpush-ctl dead list` shows them)", q.ready, unacked(q))
+                }
+                QueueRole::DeadLetter => format!("empty, {}", unacked(q)),
+                QueueRole::Unrouted => {
+                    format!("{} results no binding took, {} (`wxpush-ctl results` shows them)", q.ready, unacked(q))
+                }
+            };
+            writeln!(f, "  {label:<13} {}: {what}", q.name)?;
         }
-        if let Some(q) = &self.dead_letters {
-            match q.info {
-                Some(i) if i.messages > 0 => writeln!(
-                    f,
-                    "  dead letters  {}: {} parked (`wxpush-ctl dead list` shows them)",
-                    q.name, i.messages
-                )?,
-                Some(_) => writeln!(f, "  dead letters  {}: empty", q.name)?,
-                None => writeln!(f, "  dead letters  {}: does not exist yet", q.name)?,
+        match (&self.management_url, &self.management_error) {
+            (_, Some(e)) => writeln!(f, "  unacknowledged counts unknown: {e}")?,
+            (Some(url), None) => {
+                writeln!(f, "  (unacknowledged counts from the management API at {url}, sampled every few seconds)")?
             }
-            writeln!(f, "  delayed       {} waiting in the delay queues", self.delayed)?;
+            (None, None) => {}
         }
         Ok(())
     }

@@ -439,6 +439,27 @@ impl Drop for WorkerProcess {
     }
 }
 
+/// The WXPUSH_* variables that give a program `cfg`'s services and names (and the account
+/// `default`'s credentials, when it has that account).
+pub fn config_env(cfg: &Config) -> Vec<(&'static str, String)> {
+    use secrecy::ExposeSecret;
+    let mut vars = vec![
+        ("WXPUSH_AMQP_URL", cfg.amqp_url.clone()),
+        ("WXPUSH_REDIS_URL", cfg.redis_url.clone()),
+        ("WXPUSH_REDIS_PREFIX", cfg.redis_prefix.clone()),
+        ("WXPUSH_WECHAT_API_BASE", cfg.wechat_api_base.clone()),
+        ("WXPUSH_JOBS_QUEUE", cfg.jobs_queue.clone()),
+        ("WXPUSH_RESULTS_EXCHANGE", cfg.results_exchange.clone()),
+        ("WXPUSH_DEAD_LETTER_QUEUE", cfg.dead_letter_queue.clone()),
+        ("WXPUSH_HTTP_TIMEOUT_MS", cfg.http_timeout_ms.to_string()),
+    ];
+    if let Some(a) = cfg.account("default") {
+        vars.push(("WXPUSH_APPID", a.appid.clone()));
+        vars.push(("WXPUSH_APPSECRET", a.secret.expose_secret().to_owned()));
+    }
+    vars
+}
+
 /// The most sends any 1-second window saw, and the mean rate from first to last send.
 pub fn window_stats(times: &[chrono::DateTime<chrono::Utc>]) -> (usize, f64) {
     let mut t: Vec<i64> = times.iter().map(|t| t.timestamp_micros()).collect();
