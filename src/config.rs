@@ -209,6 +209,8 @@ pub struct Config {
     pub job_lease_ms: u64,
     pub token: TokenSettings,
     pub retry: RetrySettings,
+    /// TLS to RabbitMQ and Redis: extra CA bundle, client certificate (`[tls]`).
+    pub tls: crate::tls::TlsSettings,
     pub accounts: Vec<Account>,
 }
 
@@ -239,6 +241,7 @@ impl Default for Config {
             job_lease_ms: 60_000,
             token: TokenSettings::default(),
             retry: RetrySettings::default(),
+            tls: crate::tls::TlsSettings::default(),
             accounts: Vec::new(),
         }
     }
@@ -261,6 +264,9 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("WXPUSH_METRICS_LISTEN", "metrics_listen"),
     ("WXPUSH_SHUTDOWN_GRACE_SECS", "shutdown_grace_secs"),
     ("WXPUSH_HTTP_TIMEOUT_MS", "http_timeout_ms"),
+    ("WXPUSH_TLS_CA_FILE", "tls.ca_file"),
+    ("WXPUSH_TLS_CERT_FILE", "tls.cert_file"),
+    ("WXPUSH_TLS_KEY_FILE", "tls.key_file"),
     ("WXPUSH_APPID", "accounts[default].appid"),
     ("WXPUSH_APPSECRET", "accounts[default].secret"),
     ("WXPUSH_CALLBACK_TOKEN", "accounts[default].callback_token"),
@@ -349,6 +355,7 @@ impl Config {
         if let Some(v) = get("WXPUSH_HTTP_TIMEOUT_MS") {
             self.http_timeout_ms = parse("WXPUSH_HTTP_TIMEOUT_MS", &v)?;
         }
+        self.tls.apply_env(&get);
 
         let appid = get("WXPUSH_APPID");
         let secret = get("WXPUSH_APPSECRET");
@@ -427,6 +434,7 @@ impl Config {
         if self.amqp_url.split(',').all(|u| u.trim().is_empty()) {
             return invalid("amqp_url (WXPUSH_AMQP_URL) must name at least one broker".into());
         }
+        self.tls.validate().map_err(|e| ConfigError::Invalid(e.to_string()))?;
         if self.jobs_queue == self.dead_letter_queue {
             return invalid("jobs_queue and dead_letter_queue must differ".into());
         }
