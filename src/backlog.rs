@@ -28,6 +28,10 @@ use crate::{
 /// How often the queues are polled.
 pub const POLL_EVERY: Duration = Duration::from_secs(5);
 
+/// A missing queue is looked up again every this many rounds only: each look-up closes a
+/// channel, which the AMQP client logs as an error.
+const MISSING_EVERY: u64 = 12;
+
 /// How long one passive declare may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -113,8 +117,10 @@ async fn run(brokers: Brokers, queues: Vec<Watched>, cancel: CancellationToken) 
             }
         };
         delays = reconnect.build();
-        let mut ticks = tokio::time::interval(POLL_EVERY);
+        // The first round waits too: by then the worker has declared its queues.
+        let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + POLL_EVERY, POLL_EVERY);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut round: u64 = 0;
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => {
@@ -123,7 +129,9 @@ async fn run(brokers: Brokers, queues: Vec<Watched>, cancel: CancellationToken) 
                 }
                 _ = ticks.tick() => {}
             }
-            if let Err(e) = poll(&connection, &mut gauges).await {
+            let recheck_missing = round.is_multiple_of(MISSING_EVERY);
+            round += 1;
+            if let Err(e) = poll(&connection, &mut gauges, recheck_missing).await {
                 debug!(error = %e, "backlog poll failed; reconnecting");
                 break;
             }
@@ -149,11 +157,12 @@ async fn call<T>(
     tokio::time::timeout(CALL_TIMEOUT, fut).await.map_err(|_| PollError::Timeout { action })
 }
 
-/// One round: a passive declare per queue. A missing queue closes its channel, so the next
-/// queue gets a new one; it reads as empty. Any other failure ends the round.
-async fn poll(connection: &Connection, gauges: &mut [Gauges]) -> Result<(), PollError> {
+/// One round: a passive declare per queue (queues missing last time only when
+/// `recheck_missing`). A missing queue closes its channel, so the next queue gets a new one; it
+/// reads as empty. Any other failure ends the round.
+async fn poll(connection: &Connection, gauges: &mut [Gauges], recheck_missing: bool) -> Result<(), PollError> {
     let mut channel = None;
-    for g in gauges.iter_mut() {
+    for g in gauges.iter_mut().filter(|g| recheck_missing || g.seen != Seen::Missing) {
         let result = poll_one(connection, &mut channel, g).await;
         if result.is_err() {
             g.errors.increment(1);

@@ -16,7 +16,7 @@ use std::{
 use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio_util::sync::CancellationToken;
-use tracing::warn;
+use tracing::{info, warn};
 
 use crate::{store::Redis, telemetry};
 
@@ -88,10 +88,25 @@ impl Health {
     pub fn watch_redis(self: &Arc<Self>, redis: Redis, cancel: CancellationToken) {
         let health = Arc::clone(self);
         tokio::spawn(async move {
+            // Reported once per outage, the first one at start included (a TLS or URL mistake).
+            let mut reported_down = false;
             loop {
-                let up = tokio::time::timeout(Duration::from_secs(2), redis.ping()).await.is_ok_and(|r| r.is_ok());
-                if health.redis.swap(up, Ordering::Relaxed) != up && !up {
-                    warn!("Redis is unreachable; jobs wait until it is back");
+                let failure = match tokio::time::timeout(Duration::from_secs(2), redis.ping()).await {
+                    Ok(Ok(())) => None,
+                    Ok(Err(e)) => Some(e.to_string()),
+                    Err(_) => Some("no answer to PING within 2 s".to_owned()),
+                };
+                health.redis.store(failure.is_none(), Ordering::Relaxed);
+                match failure {
+                    Some(error) if !reported_down => {
+                        warn!(%error, "Redis is unreachable; jobs wait until it is back");
+                        reported_down = true;
+                    }
+                    None if reported_down => {
+                        info!("Redis is reachable again");
+                        reported_down = false;
+                    }
+                    _ => {}
                 }
                 tokio::select! {
                     _ = cancel.cancelled() => return,

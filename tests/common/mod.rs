@@ -4,6 +4,7 @@
 //! even when the test fails.
 #![allow(dead_code)]
 
+pub mod captured;
 pub mod cluster;
 
 use std::{
