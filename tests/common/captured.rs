@@ -50,15 +50,7 @@ impl CapturedWorker {
         std::fs::write(&config_path, toml).expect("write the worker's config file");
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let (stdout, stderr) = (base.with_extension("stdout"), base.with_extension("stderr"));
-        let child = Command::new(env!("CARGO_BIN_EXE_wxpush-worker"))
-            .env("WXPUSH_CONFIG", &config_path)
-            .env("WXPUSH_AMQP_URL", &cfg.amqp_url)
-            .env("WXPUSH_REDIS_URL", &cfg.redis_url)
-            .env("WXPUSH_REDIS_PREFIX", &cfg.redis_prefix)
-            .env("WXPUSH_WECHAT_API_BASE", &cfg.wechat_api_base)
-            .env("WXPUSH_JOBS_QUEUE", &cfg.jobs_queue)
-            .env("WXPUSH_RESULTS_EXCHANGE", &cfg.results_exchange)
-            .env("WXPUSH_DEAD_LETTER_QUEUE", &cfg.dead_letter_queue)
+        let child = worker_command(cfg, &config_path)
             .env("WXPUSH_MAX_ATTEMPTS", cfg.max_attempts.to_string())
             .env("WXPUSH_METRICS_LISTEN", format!("127.0.0.1:{port}"))
             .env("RUST_LOG", "info")
@@ -111,6 +103,22 @@ impl CapturedWorker {
         assert!(exit.success(), "{exit:?}");
         (std::fs::read_to_string(&self.stdout).unwrap(), std::fs::read_to_string(&self.stderr).unwrap())
     }
+}
+
+/// The worker binary with `cfg`'s URLs and names in its environment and `config_file` as its
+/// configuration.
+pub fn worker_command(cfg: &Config, config_file: &std::path::Path) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_wxpush-worker"));
+    command
+        .env("WXPUSH_CONFIG", config_file)
+        .env("WXPUSH_AMQP_URL", &cfg.amqp_url)
+        .env("WXPUSH_REDIS_URL", &cfg.redis_url)
+        .env("WXPUSH_REDIS_PREFIX", &cfg.redis_prefix)
+        .env("WXPUSH_WECHAT_API_BASE", &cfg.wechat_api_base)
+        .env("WXPUSH_JOBS_QUEUE", &cfg.jobs_queue)
+        .env("WXPUSH_RESULTS_EXCHANGE", &cfg.results_exchange)
+        .env("WXPUSH_DEAD_LETTER_QUEUE", &cfg.dead_letter_queue);
+    command
 }
 
 impl Drop for CapturedWorker {
