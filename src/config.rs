@@ -235,6 +235,8 @@ pub struct Config {
     pub unrouted_ttl_secs: u64,
     pub token: TokenSettings,
     pub retry: RetrySettings,
+    /// TLS to RabbitMQ and Redis: extra CA bundle, client certificate (`[tls]`).
+    pub tls: crate::tls::TlsSettings,
     pub accounts: Vec<Account>,
 }
 
@@ -268,6 +270,7 @@ impl Default for Config {
             unrouted_ttl_secs: 7 * 24 * 3600,
             token: TokenSettings::default(),
             retry: RetrySettings::default(),
+            tls: crate::tls::TlsSettings::default(),
             accounts: Vec::new(),
         }
     }
@@ -293,6 +296,9 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("WXPUSH_HTTP_TIMEOUT_MS", "http_timeout_ms"),
     ("WXPUSH_UNROUTED_MAX_LENGTH", "unrouted_max_length"),
     ("WXPUSH_UNROUTED_TTL_SECS", "unrouted_ttl_secs"),
+    ("WXPUSH_TLS_CA_FILE", "tls.ca_file"),
+    ("WXPUSH_TLS_CERT_FILE", "tls.cert_file"),
+    ("WXPUSH_TLS_KEY_FILE", "tls.key_file"),
     ("WXPUSH_APPID", "accounts[default].appid"),
     ("WXPUSH_APPSECRET", "accounts[default].secret"),
     ("WXPUSH_CALLBACK_TOKEN", "accounts[default].callback_token"),
@@ -390,6 +396,7 @@ impl Config {
         if let Some(v) = get("WXPUSH_UNROUTED_TTL_SECS") {
             self.unrouted_ttl_secs = parse("WXPUSH_UNROUTED_TTL_SECS", &v)?;
         }
+        self.tls.apply_env(&get);
 
         let appid = get("WXPUSH_APPID");
         let secret = get("WXPUSH_APPSECRET");
@@ -495,6 +502,7 @@ impl Config {
         if self.amqp_url.split(',').all(|u| u.trim().is_empty()) {
             return invalid("amqp_url (WXPUSH_AMQP_URL) must name at least one broker".into());
         }
+        self.tls.validate().map_err(|e| ConfigError::Invalid(e.to_string()))?;
         if self.jobs_queue == self.dead_letter_queue {
             return invalid("jobs_queue and dead_letter_queue must differ".into());
         }

@@ -16,9 +16,9 @@ use std::{
 use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio_util::sync::CancellationToken;
-use tracing::warn;
+use tracing::{info, warn};
 
-use crate::store::Redis;
+use crate::{store::Redis, telemetry};
 
 /// What the health endpoints report.
 pub struct Health {
@@ -88,10 +88,25 @@ impl Health {
     pub fn watch_redis(self: &Arc<Self>, redis: Redis, cancel: CancellationToken) {
         let health = Arc::clone(self);
         tokio::spawn(async move {
+            // Reported once per outage, the first one at start included (a TLS or URL mistake).
+            let mut reported_down = false;
             loop {
-                let up = tokio::time::timeout(Duration::from_secs(2), redis.ping()).await.is_ok_and(|r| r.is_ok());
-                if health.redis.swap(up, Ordering::Relaxed) != up && !up {
-                    warn!("Redis is unreachable; jobs wait until it is back");
+                let failure = match tokio::time::timeout(Duration::from_secs(2), redis.ping()).await {
+                    Ok(Ok(())) => None,
+                    Ok(Err(e)) => Some(e.to_string()),
+                    Err(_) => Some("no answer to PING within 2 s".to_owned()),
+                };
+                health.redis.store(failure.is_none(), Ordering::Relaxed);
+                match failure {
+                    Some(error) if !reported_down => {
+                        warn!(%error, "Redis is unreachable; jobs wait until it is back");
+                        reported_down = true;
+                    }
+                    None if reported_down => {
+                        info!("Redis is reachable again");
+                        reported_down = false;
+                    }
+                    _ => {}
                 }
                 tokio::select! {
                     _ = cancel.cancelled() => return,
@@ -102,7 +117,8 @@ impl Health {
     }
 }
 
-/// Installs the process-wide Prometheus recorder (once; later calls return `None`).
+/// Installs the process-wide Prometheus recorder (once; later calls return `None`), with every
+/// metric described, `wxpush_build_info` and the process metrics.
 pub fn install_metrics() -> Option<PrometheusHandle> {
     // Buckets, not the default summary, so that dashboards can aggregate latency across workers
     // (histogram_quantile over the pool); 5 ms to 10 s covers WeChat up to the HTTP timeout.
@@ -110,6 +126,7 @@ pub fn install_metrics() -> Option<PrometheusHandle> {
     let builder =
         PrometheusBuilder::new().set_buckets_for_metric(Matcher::Full("wxpush_send_seconds".into()), &buckets).ok()?;
     let handle = builder.install_recorder().ok()?;
+    telemetry::catalog::describe_metrics();
     // install_recorder starts no upkeep: without it histogram samples pile up between scrapes
     // (forever when nothing scrapes), so drain them every few seconds.
     if let Ok(runtime) = tokio::runtime::Handle::try_current() {
@@ -118,6 +135,8 @@ pub fn install_metrics() -> Option<PrometheusHandle> {
             loop {
                 tokio::time::sleep(Duration::from_secs(5)).await;
                 upkeep.run_upkeep();
+                // Also for pages rendered elsewhere (the webhook's /metrics).
+                telemetry::catalog::collect_process_metrics();
             }
         });
     }
@@ -160,7 +179,10 @@ fn up(b: bool) -> &'static str {
 
 async fn render_metrics(State(s): State<AdminState>) -> impl IntoResponse {
     match &s.metrics {
-        Some(handle) => (StatusCode::OK, handle.render()),
+        Some(handle) => {
+            telemetry::catalog::collect_process_metrics();
+            (StatusCode::OK, handle.render())
+        }
         None => (StatusCode::NOT_FOUND, "metrics recorder not installed in this process\n".to_owned()),
     }
 }

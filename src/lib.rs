@@ -12,6 +12,7 @@
 
 pub mod acks;
 pub mod amqp;
+pub mod backlog;
 pub mod config;
 pub mod ctl;
 pub mod domain;
@@ -20,6 +21,7 @@ pub mod pipeline;
 pub mod sandbox;
 pub mod store;
 pub mod telemetry;
+pub mod tls;
 pub mod token;
 pub mod webhook;
 pub mod wechat;

@@ -1,6 +1,7 @@
-//! Operating the worker: what `/metrics` counts after a run, what `/readyz` and `/healthz` say
-//! while Redis or RabbitMQ is away, and that no secret reaches the logs, the results or the
-//! metrics.
+//! Operating the worker: what `/metrics` counts after a run and shows from the start (HELP
+//! text, queue backlog, counters at zero), what `/readyz` and `/healthz` say while Redis or
+//! RabbitMQ is away, JSON logs that parse with typed fields, the alert rules, and that no secret
+//! reaches the logs, the results or the metrics.
 //!
 //! Outages go through a TCP proxy of the test's own, switched off and on, so that only this
 //! test's worker loses Redis or RabbitMQ; the shared servers stay up for the tests running
@@ -12,19 +13,19 @@ use std::{
     collections::BTreeMap,
     net::SocketAddr,
     path::PathBuf,
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     sync::{Mutex, OnceLock},
     time::{Duration, Instant},
 };
 
-use common::*;
+use common::{captured::CapturedWorker, *};
 use metrics_exporter_prometheus::PrometheusHandle;
 use secrecy::ExposeSecret;
 use serde_json::{Value, json};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio_util::sync::CancellationToken;
 use wxpush::{
-    config::Config,
+    config::{Config, TokenApi},
     health::{self, Health},
     sandbox::{Sandbox, SandboxAccount, SandboxConfig},
     store::Redis,
@@ -314,83 +315,6 @@ async fn readiness_follows_redis_and_rabbitmq_and_liveness_does_not() {
     worker.worker.stop().await;
 }
 
-/// The real worker binary, its output captured in files.
-struct CapturedWorker {
-    child: Child,
-    stdout: PathBuf,
-    stderr: PathBuf,
-    metrics: String,
-    config: PathBuf,
-}
-
-impl CapturedWorker {
-    fn start(cfg: &Config, secret: &str, log_format: &str, token_api: &str) -> CapturedWorker {
-        let base = std::env::temp_dir().join(format!("{}-{log_format}", cfg.redis_prefix));
-        let config_path = base.with_extension("toml");
-        // Timings as in the other tests (and the delay queues the clean-up removes).
-        let toml = format!(
-            "http_timeout_ms = 1000\nshutdown_grace_secs = 5\n\
-             [retry]\nmin_delay_ms = 20\nin_process_max_ms = 300\ndelay_tiers_secs = [1, 2, 5]\n\
-             [[accounts]]\nname = \"default\"\nappid = \"{APPID}\"\ntoken_api = \"{token_api}\"\n"
-        );
-        std::fs::write(&config_path, toml).unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let (stdout, stderr) = (base.with_extension("stdout"), base.with_extension("stderr"));
-        let child = Command::new(env!("CARGO_BIN_EXE_wxpush-worker"))
-            .env("WXPUSH_CONFIG", &config_path)
-            .env("WXPUSH_AMQP_URL", &cfg.amqp_url)
-            .env("WXPUSH_REDIS_URL", &cfg.redis_url)
-            .env("WXPUSH_REDIS_PREFIX", &cfg.redis_prefix)
-            .env("WXPUSH_WECHAT_API_BASE", &cfg.wechat_api_base)
-            .env("WXPUSH_JOBS_QUEUE", &cfg.jobs_queue)
-            .env("WXPUSH_RESULTS_EXCHANGE", &cfg.results_exchange)
-            .env("WXPUSH_DEAD_LETTER_QUEUE", &cfg.dead_letter_queue)
-            .env("WXPUSH_MAX_ATTEMPTS", "2")
-            .env("WXPUSH_METRICS_LISTEN", format!("127.0.0.1:{port}"))
-            .env("WXPUSH_APPSECRET", secret)
-            .env("WXPUSH_LOG_FORMAT", log_format)
-            // Everything, the libraries' debug output included (HTTP, AMQP, Redis clients).
-            .env("RUST_LOG", "debug")
-            .stdout(Stdio::from(std::fs::File::create(&stdout).unwrap()))
-            .stderr(Stdio::from(std::fs::File::create(&stderr).unwrap()))
-            .spawn()
-            .expect("start wxpush-worker");
-        CapturedWorker {
-            child,
-            stdout,
-            stderr,
-            metrics: format!("http://127.0.0.1:{port}/metrics"),
-            config: config_path,
-        }
-    }
-
-    /// SIGTERM, wait for a clean exit, and return stdout and stderr.
-    fn stop(mut self) -> (String, String) {
-        let status = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status().unwrap();
-        assert!(status.success());
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let exit = loop {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                break s;
-            }
-            assert!(Instant::now() < deadline, "the worker exits after SIGTERM");
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        assert!(exit.success(), "{exit:?}");
-        (std::fs::read_to_string(&self.stdout).unwrap(), std::fs::read_to_string(&self.stderr).unwrap())
-    }
-}
-
-impl Drop for CapturedWorker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        for file in [&self.stdout, &self.stderr, &self.config] {
-            let _ = std::fs::remove_file(file);
-        }
-    }
-}
-
 /// The token the pool holds for APPID, as the workers stored it.
 async fn stored_token(ns: &str) -> String {
     let redis = Redis::connect(redis_url(), ns).await.unwrap();
@@ -422,9 +346,14 @@ async fn secrets_never_reach_logs_results_or_metrics() {
             ..SandboxConfig::default()
         })
         .await;
-        let mut env = TestEnv::new("secret", config(&ns, &sandbox.base_url())).await;
+        let mut cfg = config(&ns, &sandbox.base_url());
+        cfg.max_attempts = 2;
+        cfg.accounts[0].secret = secret.clone().into();
+        cfg.accounts[0].token_api = if token_api == "classic" { TokenApi::Classic } else { TokenApi::Stable };
+        let mut env = TestEnv::new("secret", cfg).await;
         env.declare_topology().await;
-        let worker = CapturedWorker::start(&env.config, &secret, log_format, token_api);
+        // Everything, the libraries' debug output included (HTTP, AMQP, Redis clients).
+        let worker = CapturedWorker::start(&env.config, &[("WXPUSH_LOG_FORMAT", log_format), ("RUST_LOG", "debug")]);
 
         // A send, a token WeChat revokes (refused, replaced, sent again), a send that fails and
         // is retried: every path that handles the secret or a token.
@@ -447,7 +376,7 @@ async fn secrets_never_reach_logs_results_or_metrics() {
         assert_ne!(tokens[0], tokens[tokens.len() - 1], "the revoked token was replaced");
         assert!(tokens.iter().all(|t| t.len() >= 32), "real tokens: {tokens:?}");
 
-        let metrics = reqwest::get(&worker.metrics).await.expect("/metrics").text().await.unwrap();
+        let (_, metrics) = worker.get("/metrics").await;
         assert!(metrics.contains("wxpush_jobs_total"), "the metrics page of the run");
         let (stdout, stderr) = worker.stop();
         // The logs are there to search: debug lines in the requested format.
@@ -462,6 +391,7 @@ async fn secrets_never_reach_logs_results_or_metrics() {
         } else {
             assert!(logs.contains("DEBUG"), "RUST_LOG=debug took effect");
         }
+        assert!(!logs.contains('\u{1b}'), "no colour escape codes in logs written to a file ({log_format})");
         assert!(logs.lines().count() > 20, "a debug run logs plenty:\n{logs}");
 
         let mut places: Vec<(String, String)> =
@@ -475,5 +405,278 @@ async fn secrets_never_reach_logs_results_or_metrics() {
                 assert!(!text.contains(token.as_str()), "{log_format}: an access token appears in {place}");
             }
         }
+    }
+}
+
+/// Every line of `stdout` as a JSON object (panics on a line that is not one).
+fn json_lines(stdout: &str) -> Vec<Value> {
+    stdout
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"));
+            assert!(v.is_object(), "not an object: {l}");
+            v
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_of_a_failed_job_have_typed_top_level_fields() {
+    let sandbox = start_sandbox(SandboxConfig::default()).await;
+    let ns = unique("jsonlog");
+    let mut env = TestEnv::new("jsonlog", config(&ns, &sandbox.base_url())).await;
+    env.declare_topology().await;
+    let worker =
+        CapturedWorker::start(&env.config, &[("WXPUSH_LOG_FORMAT", "json"), ("RUST_LOG", "info,wxpush=debug")]);
+
+    // 43004: the recipient has not followed the account, a permanent failure.
+    env.publish_job(&job("json-failed", "errcode-43004-x")).await;
+    env.publish_job(&job("json-sent", "u-json")).await;
+    env.publish_raw(b"{not json", lapin::BasicProperties::default()).await;
+    let results = env.results(2, Duration::from_secs(30)).await;
+    assert_eq!(results.len(), 2, "{results:?}");
+    let dead = TestEnv::eventually(Duration::from_secs(10), || async {
+        env.queue_len(&env.config.dead_letter_queue).await == 1
+    })
+    .await;
+    assert!(dead, "the unparseable job is dead-lettered");
+    let (stdout, stderr) = worker.stop();
+    assert!(stderr.trim().is_empty(), "everything is logged on stdout: {stderr}");
+    assert!(!stdout.contains('\u{1b}'), "no colour escape codes in a file");
+    let lines = json_lines(&stdout);
+
+    let failed: Vec<&Value> = lines.iter().filter(|l| l["message"] == "job failed").collect();
+    assert_eq!(failed.len(), 1, "one `job failed` line:\n{stdout}");
+    let line = failed[0];
+    assert_eq!(line["errcode"], json!(43004), "errcode is a number: {line}");
+    assert_eq!(line["job_id"], json!("json-failed"), "job_id is a top-level string: {line}");
+    assert_eq!(line["account"], json!("default"), "{line}");
+    assert_eq!(line["level"], json!("WARN"));
+    assert!(line["attempts"].is_u64(), "{line}");
+
+    // Every line about a job names it at the top level, as a string; no value is Rust debug text.
+    for line in &lines {
+        assert!(line.get("span").is_none() && line.get("spans").is_none(), "span fields are flattened: {line}");
+        if let Some(id) = line.get("job_id") {
+            assert!(id.is_string(), "{line}");
+            assert!(line["account"].is_string(), "a job's line names its account: {line}");
+        }
+        for (key, value) in line.as_object().unwrap() {
+            let text = value.as_str().unwrap_or_default();
+            assert!(!text.starts_with("Some(") && text != "None", "{key} is Rust debug text: {line}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sandbox_logs_json_when_asked() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let out = std::env::temp_dir().join(format!("{}.stdout", unique("sandbox-log")));
+    let _cleanup = RemovedOnDrop(out.clone());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_wxpush-sandbox"))
+        .env("WXPUSH_LOG_FORMAT", "json")
+        .env("RUST_LOG", "info")
+        .env("WXPUSH_SANDBOX_LISTEN", format!("127.0.0.1:{port}"))
+        .env_remove("WXPUSH_APPID")
+        .env_remove("WXPUSH_APPSECRET")
+        .stdout(Stdio::from(std::fs::File::create(&out).unwrap()))
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start wxpush-sandbox");
+    let ready = TestEnv::eventually(Duration::from_secs(20), || async {
+        std::fs::read_to_string(&out).unwrap_or_default().contains("ready")
+    })
+    .await;
+    // The faults endpoint logs the new faults; then stop.
+    let faults = reqwest::Client::new()
+        .put(format!("http://127.0.0.1:{port}/_sandbox/faults"))
+        .json(&json!({"latency_ms": 5, "per_second_cap": 100}))
+        .send()
+        .await;
+    let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+    let exited = (0..500).any(|_| {
+        std::thread::sleep(Duration::from_millis(20));
+        child.try_wait().ok().flatten().is_some()
+    });
+    if !exited {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    assert!(ready, "the sandbox says it is ready");
+    assert!(faults.is_ok_and(|r| r.status().is_success()), "faults set");
+    let stdout = std::fs::read_to_string(&out).unwrap();
+    let lines = json_lines(&stdout);
+    let ready_line = lines.iter().find(|l| l["message"].as_str().is_some_and(|m| m.starts_with("ready"))).unwrap();
+    assert_eq!(ready_line["base_url"], json!(format!("http://127.0.0.1:{port}")), "{ready_line}");
+    let faults_line = lines.iter().find(|l| l["message"] == "faults set").expect("a `faults set` line");
+    assert_eq!(faults_line["latency_ms"], json!(5), "{faults_line}");
+    assert_eq!(faults_line["per_second_cap"], json!(100), "{faults_line}");
+    assert!(faults_line.get("daily_cap").is_none(), "an unset cap is left out: {faults_line}");
+    let stopping = lines.iter().find(|l| l["message"] == "stopping").expect("a `stopping` line");
+    assert!(stopping["send_requests"].is_u64(), "{stopping}");
+}
+
+/// A file removed when the test ends, passed or failed.
+struct RemovedOnDrop(PathBuf);
+
+impl Drop for RemovedOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// `(name, labels, value)` of every sample of a Prometheus text page.
+fn samples(page: &str) -> Vec<(String, BTreeMap<String, String>, f64)> {
+    let mut out = Vec::new();
+    for line in page.lines().filter(|l| !l.starts_with('#') && !l.trim().is_empty()) {
+        let Some((series, value)) = line.rsplit_once(' ') else { continue };
+        let (name, set) = match series.split_once('{') {
+            Some((m, rest)) => (m, rest.trim_end_matches('}')),
+            None => (series, ""),
+        };
+        let labels = set
+            .split(',')
+            .filter_map(|kv| kv.split_once('='))
+            .map(|(k, v)| (k.to_owned(), v.trim_matches('"').to_owned()))
+            .collect();
+        out.push((name.to_owned(), labels, value.parse().unwrap_or(f64::NAN)));
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_page_has_help_backlog_gauges_and_zeroed_counters() {
+    const APPID_B: &str = "wxtest0000000002";
+    let sandbox = start_sandbox(SandboxConfig {
+        accounts: vec![SandboxAccount::new(APPID, SECRET), SandboxAccount::new(APPID_B, "test-secret-0002")],
+        ..SandboxConfig::default()
+    })
+    .await;
+    let ns = unique("page");
+    let mut cfg = config(&ns, &sandbox.base_url());
+    cfg.accounts.push(account("idle", APPID_B, "test-secret-0002"));
+    let env = TestEnv::new("page", cfg).await;
+    env.declare_topology().await;
+    // The unrouted-results queue, with one result in it; and one job in the dead-letter queue.
+    let unrouted = format!("{}.unrouted", env.config.results_exchange);
+    env.remove_later(&unrouted);
+    let channel = &env.bus.channel;
+    let options = lapin::options::QueueDeclareOptions { durable: true, ..Default::default() };
+    channel.queue_declare(unrouted.as_str().into(), options, Default::default()).await.unwrap();
+    let confirm = channel
+        .basic_publish("".into(), unrouted.as_str().into(), Default::default(), b"{}", Default::default())
+        .await
+        .unwrap();
+    confirm.await.unwrap();
+    env.publish_raw(b"not json", lapin::BasicProperties::default()).await;
+
+    let worker = CapturedWorker::start(&env.config, &[]);
+    let ready =
+        |kind: &str| format!("wxpush_queue_messages_ready{{queue=\"{}\",kind=\"{kind}\"}} 1", queue_of(&env, kind));
+    let (code, page) = worker
+        .until("/metrics", Duration::from_secs(30), |code, page| {
+            code == 200 && page.contains(&ready("dead_letter")) && page.contains(&ready("unrouted"))
+        })
+        .await;
+    assert_eq!(code, 200, "{page}");
+    let samples = samples(&page);
+    let value = |name: &str, labels: &[(&str, &str)]| {
+        samples
+            .iter()
+            .find(|(n, l, _)| n == name && labels.iter().all(|(k, v)| l.get(*k).map(String::as_str) == Some(*v)))
+            .map(|(_, _, v)| *v)
+    };
+
+    // HELP for every metric on the page.
+    let mut types = 0;
+    for line in page.lines().filter(|l| l.starts_with("# TYPE ")) {
+        let name = line.split_whitespace().nth(2).unwrap();
+        assert!(page.contains(&format!("# HELP {name} ")), "no HELP for {name}:\n{page}");
+        types += 1;
+    }
+    assert!(types >= 15, "{page}");
+
+    // Backlog gauges of every queue wxpush uses, as RabbitMQ reports them.
+    assert_eq!(value("wxpush_queue_messages_ready", &[("kind", "dead_letter")]), Some(1.0), "{page}");
+    assert_eq!(value("wxpush_queue_messages_ready", &[("kind", "unrouted")]), Some(1.0), "{page}");
+    assert_eq!(value("wxpush_queue_messages_ready", &[("queue", &env.config.jobs_queue), ("kind", "jobs")]), Some(0.0));
+    assert_eq!(value("wxpush_queue_consumers", &[("kind", "jobs")]), Some(1.0), "the worker itself: {page}");
+    for secs in &env.config.retry.delay_tiers_secs {
+        let queue = format!("{}.delay.{secs}s", env.config.jobs_queue);
+        assert_eq!(value("wxpush_queue_messages_ready", &[("queue", &queue), ("kind", "delay")]), Some(0.0), "{page}");
+    }
+
+    // Counters of an account that has done nothing are there, at zero.
+    for status in ["succeeded", "failed", "deferred"] {
+        assert_eq!(value("wxpush_jobs_total", &[("account", "idle"), ("status", status)]), Some(0.0), "{page}");
+    }
+    for name in [
+        "wxpush_send_retries_total",
+        "wxpush_rate_limit_waits_total",
+        "wxpush_jobs_parked_total",
+        "wxpush_account_pauses_total",
+    ] {
+        assert_eq!(value(name, &[("account", "idle")]), Some(0.0), "{name}: {page}");
+    }
+    assert_eq!(value("wxpush_token_fetches_total", &[("account", "idle"), ("outcome", "error")]), Some(0.0));
+    assert_eq!(value("wxpush_jobs_delayed_total", &[]), Some(0.0));
+    assert_eq!(value("wxpush_jobs_dead_lettered_total", &[]), Some(1.0), "the unparseable job");
+
+    // What runs, and what it costs.
+    assert_eq!(value("wxpush_build_info", &[("version", env!("CARGO_PKG_VERSION"))]), Some(1.0), "{page}");
+    assert!(value("process_resident_memory_bytes", &[]).is_some_and(|v| v > 1e6), "{page}");
+    assert!(value("process_open_fds", &[]).is_some_and(|v| v >= 3.0), "{page}");
+    assert!(value("process_cpu_seconds_total", &[]).is_some(), "{page}");
+    drop(worker);
+}
+
+/// The queue of `kind` in this test's namespace.
+fn queue_of(env: &TestEnv, kind: &str) -> String {
+    match kind {
+        "dead_letter" => env.config.dead_letter_queue.clone(),
+        "unrouted" => format!("{}.unrouted", env.config.results_exchange),
+        _ => env.config.jobs_queue.clone(),
+    }
+}
+
+#[test]
+fn alert_rules_query_only_described_metrics_and_say_what_to_do() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let catalog = std::fs::read_to_string(root.join("src/telemetry/catalog.rs")).unwrap();
+    let text = std::fs::read_to_string(root.join("deploy/kubernetes/prometheus-rules.yaml")).unwrap();
+    let doc: serde_norway::Value = serde_norway::from_str(&text).expect("the rules file is YAML");
+    let doc: Value = serde_json::to_value(doc).unwrap();
+    assert_eq!(doc["kind"], "PrometheusRule");
+    let rules: Vec<&Value> =
+        doc["spec"]["groups"].as_array().unwrap().iter().flat_map(|g| g["rules"].as_array().unwrap()).collect();
+    let alerts: Vec<&str> = rules.iter().filter_map(|r| r["alert"].as_str()).collect();
+    for wanted in [
+        "WxpushJobsBacklogGrowing",
+        "WxpushDeadLetters",
+        "WxpushTokenUnhealthy",
+        "WxpushNoProgress",
+        "WxpushUnroutedResults",
+    ] {
+        assert!(alerts.contains(&wanted), "{wanted} in {alerts:?}");
+    }
+    for rule in rules {
+        let expr = rule["expr"].as_str().expect("an expr");
+        let mut names = 0;
+        for (i, _) in expr.match_indices("wxpush_") {
+            let rest = &expr[i..];
+            let end = rest.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(rest.len());
+            let name = &rest[..end];
+            assert!(
+                catalog.contains(&format!("\"{name}\"")),
+                "{} queries {name}, which no program describes",
+                rule["alert"]
+            );
+            names += 1;
+        }
+        assert!(names > 0, "{expr}");
+        assert!(rule["for"].is_string(), "{}: a `for`, so that one scrape does not page", rule["alert"]);
+        assert!(["warning", "critical"].contains(&rule["labels"]["severity"].as_str().unwrap_or("")));
+        assert!(rule["annotations"]["summary"].is_string() && rule["annotations"]["description"].is_string());
     }
 }

@@ -1,13 +1,18 @@
-//! Connecting to RabbitMQ: one broker, or the nodes of a cluster tried in turn.
+//! Connecting to RabbitMQ: one broker, or the nodes of a cluster tried in turn, over TLS for
+//! `amqps://` URLs with the process's TLS setting ([`crate::tls`]).
 
 use std::{
-    sync::atomic::{AtomicUsize, Ordering},
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::Duration,
 };
 
 use lapin::{Connection, ConnectionProperties, types::LongString};
 
 use super::AmqpError;
+use crate::tls::Tls;
 
 /// How long one node may take to accept a connection before the next one is tried.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -38,9 +43,12 @@ pub async fn connect(urls: &str, name: &str) -> Result<Connection, AmqpError> {
 }
 
 /// Opens a connection to one node.
-async fn connect_one(url: &str, name: &str) -> Result<Connection, AmqpError> {
+async fn connect_one(url: &str, name: &str, tls: &Tls) -> Result<Connection, AmqpError> {
     let props = ConnectionProperties::default().with_connection_name(LongString::from(name));
-    match tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(url, props)).await {
+    let runtime =
+        lapin::runtime::default_runtime().map_err(|source| AmqpError::Connect { url: redact_url(url), source })?;
+    let connecting = Connection::connect_with_config(url, props, tls.amqp(), runtime);
+    match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
         Ok(connected) => connected.map_err(|source| AmqpError::Connect { url: redact_url(url), source }),
         Err(_) => Err(AmqpError::ConnectTimeout { url: redact_url(url), secs: CONNECT_TIMEOUT.as_secs() }),
     }
@@ -54,6 +62,8 @@ pub struct Brokers {
     urls: Vec<String>,
     /// Index of the node the next connection tries first.
     next: AtomicUsize,
+    /// `None`: the process's TLS setting at each connect ([`crate::tls::current`]).
+    tls: Option<Arc<Tls>>,
 }
 
 impl Brokers {
@@ -64,7 +74,13 @@ impl Brokers {
             // Config validation refuses an empty list; keep the error at connect time otherwise.
             urls.push(list.to_owned());
         }
-        Brokers { urls, next: AtomicUsize::new(0) }
+        Brokers { urls, next: AtomicUsize::new(0), tls: None }
+    }
+
+    /// Uses `tls` instead of the process's TLS setting.
+    pub fn with_tls(mut self, tls: Arc<Tls>) -> Brokers {
+        self.tls = Some(tls);
+        self
     }
 
     /// How many nodes there are.
@@ -87,8 +103,9 @@ impl Brokers {
     /// the last node's error is returned.
     pub async fn connect(&self, name: &str) -> Result<Connection, AmqpError> {
         let mut last = None;
+        let tls = self.tls.clone().unwrap_or_else(crate::tls::current);
         for i in self.order() {
-            match connect_one(&self.urls[i], name).await {
+            match connect_one(&self.urls[i], name, &tls).await {
                 Ok(connection) => {
                     self.next.store((i + 1) % self.urls.len(), Ordering::Relaxed);
                     if self.urls.len() > 1 {

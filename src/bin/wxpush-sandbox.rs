@@ -6,8 +6,10 @@ use std::{net::SocketAddr, time::Duration};
 
 use anyhow::{Context, bail};
 use clap::Parser;
-use tracing_subscriber::EnvFilter;
-use wxpush::sandbox::{Faults, ReceiptSettings, Sandbox, SandboxAccount, SandboxConfig, WebhookTarget};
+use wxpush::{
+    sandbox::{Faults, ReceiptSettings, Sandbox, SandboxAccount, SandboxConfig, WebhookTarget},
+    telemetry::{self, Program},
+};
 
 const DEMO_ACCOUNT: &str = "wxdemo0123456789:demo-secret";
 
@@ -158,9 +160,7 @@ async fn shutdown_signal() {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
-        .init();
+    telemetry::init(Program::Sandbox);
     let cli = Cli::parse();
     let faults = Faults {
         system_error_rate: cli.system_error_rate,
@@ -198,7 +198,22 @@ async fn main() -> anyhow::Result<()> {
     }
     tracing::info!(base_url = %sandbox.base_url(), "ready: set WXPUSH_WECHAT_API_BASE to this base URL");
     shutdown_signal().await;
-    tracing::info!(stats = ?sandbox.stats(), "stopping");
+    let stats = sandbox.stats();
+    // The counts by errcode as one string, e.g. {"40003":2}; the rest as numbers.
+    let errors = serde_json::to_string(&stats.errors).unwrap_or_default();
+    tracing::info!(
+        token_requests = stats.token_requests,
+        tokens_issued = stats.tokens_issued,
+        send_requests = stats.send_requests,
+        sends_accepted = stats.sends_accepted,
+        duplicates = stats.duplicates,
+        errors,
+        http_503 = stats.http_503,
+        receipts_pushed = stats.receipts_pushed,
+        receipts_acked = stats.receipts_acked,
+        receipts_abandoned = stats.receipts_abandoned,
+        "stopping"
+    );
     sandbox.shutdown_and_wait().await;
     Ok(())
 }

@@ -7,7 +7,13 @@ use clap::Parser;
 use secrecy::ExposeSecret;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
-use wxpush::{config::Config, health, telemetry, worker};
+use wxpush::{
+    backlog,
+    config::Config,
+    health,
+    telemetry::{self, Program},
+    tls, worker,
+};
 
 #[derive(Parser)]
 #[command(version, about = "Consumes notification jobs from RabbitMQ and sends WeChat template messages")]
@@ -20,8 +26,9 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    telemetry::init_logging();
+    telemetry::init(Program::Worker);
     let config = Config::load(args.config.as_deref()).context("cannot load the configuration")?;
+    tls::install(&config.tls).context("cannot use the TLS settings")?;
     if config.accounts.is_empty() {
         anyhow::bail!(
             "no account configured: set WXPUSH_APPID and WXPUSH_APPSECRET, or add [[accounts]] to the config file"
@@ -33,6 +40,7 @@ async fn main() -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let health = health::Health::new();
     let admin = health::router(health.clone(), health::install_metrics());
+    telemetry::catalog::register_worker_series(&config);
     let admin_addr = config.metrics_listen;
     let admin_cancel = shutdown.clone();
     tokio::spawn(async move {
@@ -46,7 +54,15 @@ async fn main() -> anyhow::Result<()> {
         info!("shutdown requested");
         signal.cancel();
     });
-    info!(accounts = config.accounts.len(), queue = %config.jobs_queue, "wxpush-worker starting");
+    info!(
+        accounts = config.accounts.len(),
+        queue = %config.jobs_queue,
+        version = telemetry::catalog::VERSION,
+        git_sha = telemetry::catalog::GIT_SHA,
+        "wxpush-worker starting"
+    );
+    let backlog = backlog::spawn(&config, shutdown.clone());
     worker::run(config, shutdown, health).await.context("the worker could not start")?;
+    let _ = backlog.await;
     Ok(())
 }

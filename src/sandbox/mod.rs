@@ -490,7 +490,16 @@ impl Shared {
         let faults = faults.clamped();
         *self.faults.write().unwrap_or_else(PoisonError::into_inner) = faults;
         self.reseed();
-        tracing::info!(?faults, "faults set");
+        tracing::info!(
+            system_error_rate = faults.system_error_rate,
+            http_503_rate = faults.http_503_rate,
+            latency_ms = faults.latency_ms,
+            slow_rate = faults.slow_rate,
+            slow_ms = faults.slow_ms,
+            per_second_cap = faults.per_second_cap,
+            daily_cap = faults.daily_cap,
+            "faults set"
+        );
     }
 
     fn set_seed(&self, seed: u64) {

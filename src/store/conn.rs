@@ -1,4 +1,5 @@
-//! The connection to Redis: one server, or the nodes of a Redis Cluster.
+//! The connection to Redis: one server, or the nodes of a Redis Cluster, over TLS for
+//! `rediss://` URLs with the process's TLS setting ([`crate::tls`]).
 
 use std::time::Duration;
 
@@ -10,20 +11,30 @@ use redis::{
 };
 
 use super::StoreError;
+use crate::tls::Tls;
 
 /// Connects to `url`: one `redis://` or `rediss://` URL, or several separated by commas for a
 /// Redis Cluster. A single server is connected lazily.
 pub async fn open(url: &str) -> Result<Conn, StoreError> {
+    open_with_tls(url, &crate::tls::current()).await
+}
+
+/// [`open`] with `tls` instead of the process's TLS setting.
+pub async fn open_with_tls(url: &str, tls: &Tls) -> Result<Conn, StoreError> {
     let urls: Vec<&str> = url.split(',').map(str::trim).filter(|u| !u.is_empty()).collect();
     let conn = if urls.len() > 1 {
-        let client = ClusterClient::builder(urls.iter().map(|u| u.to_string()))
+        let mut builder = ClusterClient::builder(urls.iter().map(|u| u.to_string()))
             .response_timeout(Duration::from_secs(2))
-            .connection_timeout(Duration::from_secs(2))
-            .build()
-            .map_err(|e| StoreError::Url(url.to_owned(), e))?;
+            .connection_timeout(Duration::from_secs(2));
+        if urls.iter().all(|u| is_tls(u)) {
+            builder = builder.certs(tls.redis());
+        }
+        let client = builder.build().map_err(|e| StoreError::Url(url.to_owned(), e))?;
         Conn::Cluster(client.get_async_connection().await?)
     } else {
-        let client = redis::Client::open(url).map_err(|e| StoreError::Url(url.to_owned(), e))?;
+        let client =
+            if is_tls(url) { redis::Client::build_with_tls(url, tls.redis()) } else { redis::Client::open(url) }
+                .map_err(|e| StoreError::Url(url.to_owned(), e))?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(2)))
             .set_response_timeout(Some(Duration::from_secs(2)))
@@ -78,6 +89,10 @@ impl ConnectionLike for Conn {
             Conn::Cluster(c) => c.get_db(),
         }
     }
+}
+
+fn is_tls(url: &str) -> bool {
+    url.get(..9).is_some_and(|scheme| scheme.eq_ignore_ascii_case("rediss://"))
 }
 
 fn is_cross_slot(e: &redis::RedisError) -> bool {

@@ -4,6 +4,7 @@
 //! even when the test fails.
 #![allow(dead_code)]
 
+pub mod captured;
 pub mod cluster;
 pub mod services;
 
@@ -388,15 +389,7 @@ impl WorkerProcess {
             cfg.job_lease_ms, cfg.http_timeout_ms, cfg.shutdown_grace_secs, cfg.token.refresh_ahead_secs
         );
         std::fs::write(&path, toml).expect("write the worker's config file");
-        let child = Command::new(env!("CARGO_BIN_EXE_wxpush-worker"))
-            .env("WXPUSH_CONFIG", &path)
-            .env("WXPUSH_AMQP_URL", &cfg.amqp_url)
-            .env("WXPUSH_REDIS_URL", &cfg.redis_url)
-            .env("WXPUSH_REDIS_PREFIX", &cfg.redis_prefix)
-            .env("WXPUSH_WECHAT_API_BASE", &cfg.wechat_api_base)
-            .env("WXPUSH_JOBS_QUEUE", &cfg.jobs_queue)
-            .env("WXPUSH_RESULTS_EXCHANGE", &cfg.results_exchange)
-            .env("WXPUSH_DEAD_LETTER_QUEUE", &cfg.dead_letter_queue)
+        let child = captured::worker_command(cfg, &path)
             .env("WXPUSH_CONCURRENCY", cfg.concurrency.to_string())
             .env("WXPUSH_RATE_LIMIT", cfg.rate_limit.to_string())
             .env("WXPUSH_APPID", APPID)
