@@ -11,6 +11,7 @@ mod common;
 
 use std::{
     collections::HashMap,
+    path::PathBuf,
     sync::{
         Arc,
         atomic::{AtomicUsize, Ordering},
@@ -34,7 +35,7 @@ use lapin::{
 };
 use wxpush::{
     amqp::Topology,
-    config::Config,
+    config::{Config, QueueType},
     sandbox::{Faults, Sandbox, SandboxConfig},
 };
 
@@ -173,13 +174,53 @@ fn timeline(sandbox: &Sandbox, lost_at: DateTime<Utc>) -> String {
         .join(" ")
 }
 
-fn stop_workers(workers: &mut [WorkerProcess]) {
-    for w in workers.iter() {
-        w.signal("TERM");
+/// The three worker processes, each logging to a file: printed when the test fails, removed
+/// in any case.
+struct Pool {
+    workers: Vec<WorkerProcess>,
+    logs: Vec<PathBuf>,
+}
+
+impl Pool {
+    fn start(cfg: &Config) -> Pool {
+        let logs: Vec<PathBuf> =
+            (1..=3).map(|i| std::env::temp_dir().join(format!("{}-worker-{i}.log", cfg.redis_prefix))).collect();
+        let workers = logs
+            .iter()
+            .map(|path| {
+                let log = std::fs::File::create(path).expect("create a worker's log file");
+                WorkerProcess::start_logging(cfg, "info", log)
+            })
+            .collect();
+        Pool { workers, logs }
     }
-    for w in workers.iter_mut() {
-        let status = w.wait(Duration::from_secs(20));
-        assert!(status.is_some_and(|s| s.success()), "a worker exits cleanly after SIGTERM: {status:?}");
+
+    /// SIGTERM to every worker; each must drain and exit 0.
+    fn stop(&mut self) {
+        for w in &self.workers {
+            w.signal("TERM");
+        }
+        for (i, w) in self.workers.iter_mut().enumerate() {
+            let status = w.wait(Duration::from_secs(30));
+            assert!(status.is_some_and(|s| s.success()), "worker {} exits cleanly after SIGTERM: {status:?}", i + 1);
+        }
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        for (i, path) in self.logs.iter().enumerate() {
+            if std::thread::panicking() {
+                let text = std::fs::read_to_string(path).unwrap_or_default();
+                let lines: Vec<&str> = text.lines().filter(|l| !l.contains("publishing its recorded result")).collect();
+                eprintln!(
+                    "--- worker {} log, last lines:\n{}",
+                    i + 1,
+                    lines[lines.len().saturating_sub(40)..].join("\n")
+                );
+            }
+            let _ = std::fs::remove_file(path);
+        }
     }
 }
 
@@ -218,12 +259,26 @@ struct LostNode {
 
 impl Drop for LostNode {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("{}", self.cluster.log_tails(30));
+        }
         if Arc::strong_count(&self.cluster) == 1 {
             return;
         }
         let started = Instant::now();
         self.cluster.restore(self.node);
         eprintln!("node {} back in the cluster after {:.1} s", self.node, started.elapsed().as_secs_f64());
+    }
+}
+
+/// Runs its closure if the test fails.
+struct OnPanic<F: FnMut()>(F);
+
+impl<F: FnMut()> Drop for OnPanic<F> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            (self.0)();
+        }
     }
 }
 
@@ -302,6 +357,26 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
     tokio::task::spawn_blocking(f).await.expect("blocking helper")
 }
 
+/// Declares the worker's queues through the node at `url`. A node that has just come back may
+/// not yet take part in forming a new quorum queue (`cluster_not_formed`): that is retried.
+async fn declare_through(url: &str, cfg: &Config) {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let connection = Connection::connect(url, ConnectionProperties::default()).await.expect("connect");
+        let channel = connection.create_channel().await.expect("channel");
+        let declared = Topology::from_config(cfg).declare(&channel).await;
+        let _ = connection.close(200, ShortString::from("declared")).await;
+        match declared {
+            Ok(()) => return,
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("declaring the queues again: {e}");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(e) => panic!("cannot declare the queues on the cluster: {e}"),
+        }
+    }
+}
+
 /// Three worker processes on a three-node cluster; the node leading the jobs queue goes away a
 /// third of the way through 3,000 jobs.
 async fn broker_failover(loss: Loss) {
@@ -318,16 +393,19 @@ async fn broker_failover(loss: Loss) {
     let c = Arc::clone(&cluster);
     blocking(move || c.await_all_running(Duration::from_secs(60))).await;
 
+    let nodes_logs = Arc::downgrade(&cluster);
+    let _diagnose = OnPanic(move || {
+        if let Some(cluster) = nodes_logs.upgrade() {
+            eprintln!("{}", cluster.log_tails(30));
+        }
+    });
     let sandbox = sandbox_with_latency().await;
     let ns = unique("amqp-failover");
     let _keys = RedisKeys(ns.clone());
     let mut cfg = failover_config(&ns, &sandbox);
 
     // A quorum queue's leader starts on the node it was declared through.
-    let first = Connection::connect(&cluster.node_url(1), ConnectionProperties::default()).await.expect("node 1");
-    let channel = first.create_channel().await.expect("channel");
-    Topology::from_config(&cfg).declare(&channel).await.expect("declare the topology on the cluster");
-    let _ = first.close(200, ShortString::from("declared")).await;
+    declare_through(&cluster.node_url(1), &cfg).await;
     let (c, q) = (Arc::clone(&cluster), cfg.jobs_queue.clone());
     let leader = blocking(move || c.leader_of(&q, 1)).await.expect("the jobs queue has a leader");
     // Every worker gets the same list, the leader first: they all start on the node that goes.
@@ -341,7 +419,7 @@ async fn broker_failover(loss: Loss) {
     let ids = publish_jobs(&observer._connection, &cfg.jobs_queue, "amqp").await;
 
     let started = Instant::now();
-    let mut workers: Vec<WorkerProcess> = (0..3).map(|_| WorkerProcess::start(&cfg)).collect();
+    let mut pool = Pool::start(&cfg);
     let mut results = Results::default();
     observer.collect(&mut results, LOSE_NODE_AFTER, START_TIMEOUT).await;
     assert!(results.jobs() >= LOSE_NODE_AFTER, "the pool got going: {} results", results.jobs());
@@ -359,7 +437,7 @@ async fn broker_failover(loss: Loss) {
     let before = results.jobs();
     observer.collect(&mut results, JOBS, RESULTS_TIMEOUT).await;
     let run = started.elapsed();
-    stop_workers(&mut workers);
+    pool.stop();
 
     if results.jobs() < JOBS {
         let c = Arc::clone(cluster);
@@ -412,6 +490,9 @@ async fn redis_failover_the_accounts_master_killed() {
     let ns = unique("redis-failover");
     let mut cfg = failover_config(&ns, &sandbox);
     cfg.redis_url = cluster.url();
+    // The shared broker's disk is not this test's subject: classic queues confirm and settle
+    // without waiting for an fsync that other builds on the machine can stretch to a second.
+    cfg.queue_type = QueueType::Classic;
     let mut env = TestEnv::new("redis-failover", cfg).await;
     env.declare_topology().await;
 
@@ -426,7 +507,7 @@ async fn redis_failover_the_accounts_master_killed() {
     let ids = publish_jobs(&env.bus.connection, &env.config.jobs_queue, "redis").await;
 
     let started = Instant::now();
-    let mut workers: Vec<WorkerProcess> = (0..3).map(|_| WorkerProcess::start(&env.config)).collect();
+    let mut pool = Pool::start(&env.config);
     let mut results = Results::default();
     collect(&mut env, &mut results, LOSE_NODE_AFTER, START_TIMEOUT).await;
     assert!(results.jobs() >= LOSE_NODE_AFTER, "the pool got going: {} results", results.jobs());
@@ -453,7 +534,7 @@ async fn redis_failover_the_accounts_master_killed() {
     let before = results.jobs();
     collect(&mut env, &mut results, JOBS, RESULTS_TIMEOUT).await;
     let run = started.elapsed();
-    stop_workers(&mut workers);
+    pool.stop();
     let promoted = promoted.await.expect("watcher");
 
     let (gap, resumed) = pause_around(&sandbox, lost_at);

@@ -6,7 +6,7 @@
 
 use std::{
     net::TcpListener,
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Command, Output, Stdio},
     sync::{Arc, Mutex, PoisonError, Weak},
     time::{Duration, Instant},
@@ -23,7 +23,11 @@ struct Script {
 impl Script {
     fn new(tag: &str) -> Script {
         let name = super::unique(tag);
-        Script { dir: std::env::temp_dir().join(&name), name }
+        // In memory where the machine has it: the nodes' logs and Raft commits then never wait
+        // for a disk that other builds keep busy (a killed process loses nothing either way).
+        let shm = Path::new("/dev/shm");
+        let base = if shm.is_dir() { shm.to_path_buf() } else { std::env::temp_dir() };
+        Script { dir: base.join(&name), name }
     }
 
     /// Runs `scripts/cluster ARGS` with this state directory and `env`; its output, or why it failed.
@@ -217,10 +221,7 @@ impl RabbitCluster {
         let cluster = RabbitCluster { script: Script::new("rmq"), ports };
         let list = cluster.ports.iter().map(u16::to_string).collect::<Vec<_>>().join(" ");
         let started = Instant::now();
-        // No fsync of the quorum queues' log: killing a node's process loses nothing by it, and
-        // on a machine whose disk other builds keep busy, a commit could otherwise wait a second.
-        let env = [("WXPUSH_CLUSTER_RABBITMQ_PORTS", list), ("WXPUSH_CLUSTER_RABBITMQ_FSYNC", "no".into())];
-        cluster.script.must(&["up", "rabbitmq"], &env);
+        cluster.script.must(&["up", "rabbitmq"], &[("WXPUSH_CLUSTER_RABBITMQ_PORTS", list)]);
         eprintln!("RabbitMQ cluster of three nodes up in {:.1} s", started.elapsed().as_secs_f64());
         cluster
     }
@@ -306,6 +307,25 @@ impl RabbitCluster {
             assert!(Instant::now() < deadline, "the RabbitMQ nodes did not all run again within {timeout:?}");
             std::thread::sleep(Duration::from_millis(200));
         }
+    }
+}
+
+impl RabbitCluster {
+    /// The last `lines` lines of each node's log (warnings and errors), for a failed test to show.
+    pub fn log_tails(&self, lines: usize) -> String {
+        (1..=3)
+            .map(|n| {
+                let path = self.script.dir.join(format!("rabbitmq/{n}/log/{}.log", self.node_name(n)));
+                let text = std::fs::read_to_string(&path).unwrap_or_default();
+                let all: Vec<&str> = text.lines().collect();
+                format!(
+                    "--- {} log, last lines:\n{}",
+                    self.node_name(n),
+                    all[all.len().saturating_sub(lines)..].join("\n")
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 }
 

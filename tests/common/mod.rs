@@ -373,6 +373,11 @@ impl Drop for TempFile {
 
 impl WorkerProcess {
     pub fn start(cfg: &Config) -> WorkerProcess {
+        WorkerProcess::start_logging(cfg, "warn", Stdio::null())
+    }
+
+    /// As [`start`](Self::start), with the worker's log (its stdout) at `level` going to `log`.
+    pub fn start_logging(cfg: &Config, level: &str, log: impl Into<Stdio>) -> WorkerProcess {
         let path = std::env::temp_dir().join(format!("{}-{}.toml", cfg.redis_prefix, uuid::Uuid::new_v4().simple()));
         let toml = format!(
             "job_lease_ms = {}\nhttp_timeout_ms = {}\nshutdown_grace_secs = {}\nmetrics_listen = \"127.0.0.1:0\"\n\
@@ -393,8 +398,8 @@ impl WorkerProcess {
             .env("WXPUSH_RATE_LIMIT", cfg.rate_limit.to_string())
             .env("WXPUSH_APPID", APPID)
             .env("WXPUSH_APPSECRET", SECRET)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
+            .env("RUST_LOG", level)
+            .stdout(log)
             .stderr(Stdio::inherit())
             .spawn()
             .expect("start wxpush-worker");
