@@ -33,6 +33,8 @@ use lapin::{
     },
     types::{AMQPValue, FieldTable, ShortString},
 };
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
 use wxpush::{
     amqp::Topology,
     config::{Config, QueueType},
@@ -572,4 +574,82 @@ async fn collect(env: &mut TestEnv, results: &mut Results, jobs: usize, timeout:
         let Some(r) = env.next_result(deadline.saturating_duration_since(Instant::now())).await else { return };
         results.add(&r.body, &r.routing_key);
     }
+}
+
+// ---- a node that hangs ---------------------------------------------------------------------
+
+/// A TCP forwarder to the shared broker standing in for a node that hangs (a paused VM, a
+/// partition that leaves connections open): once frozen, it moves no more bytes either way but
+/// keeps every connection open.
+struct FreezableNode {
+    addr: std::net::SocketAddr,
+    frozen: CancellationToken,
+    gone: CancellationToken,
+}
+
+impl FreezableNode {
+    async fn start() -> FreezableNode {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let node = FreezableNode {
+            addr: listener.local_addr().expect("addr"),
+            frozen: CancellationToken::new(),
+            gone: CancellationToken::new(),
+        };
+        let (frozen, gone) = (node.frozen.clone(), node.gone.clone());
+        tokio::spawn(async move {
+            while let Some(Ok((mut client, _))) = gone.run_until_cancelled(listener.accept()).await {
+                let (frozen, gone) = (frozen.clone(), gone.clone());
+                tokio::spawn(async move {
+                    let Ok(mut server) = TcpStream::connect("127.0.0.1:5672").await else { return };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        // Both sockets stay open, silent, until the test is over.
+                        _ = frozen.cancelled() => gone.cancelled().await,
+                    }
+                });
+            }
+        });
+        node
+    }
+
+    fn url(&self) -> String {
+        format!("amqp://guest:guest@{}/%2f", self.addr)
+    }
+}
+
+impl Drop for FreezableNode {
+    fn drop(&mut self) {
+        self.gone.cancel();
+    }
+}
+
+/// SIGTERM while the broker node hangs: the worker cannot cancel its consumer or close its
+/// connection cleanly, but it still exits soon after its grace period instead of waiting for a
+/// node that may never answer (the platform would kill it, mid-way, much later).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_shuts_down_while_its_broker_node_hangs() {
+    let sandbox = start_sandbox(SandboxConfig::default()).await;
+    let ns = unique("hung-node");
+    let mut cfg = config(&ns, &sandbox.base_url());
+    // Quorum queues add nothing here, and wait on the shared broker's disk.
+    cfg.queue_type = QueueType::Classic;
+    let mut env = TestEnv::new("hung-node", cfg).await;
+    env.declare_topology().await;
+    let node = FreezableNode::start().await;
+    let mut through_node = env.config.clone();
+    through_node.amqp_url = node.url();
+    let worker = spawn_worker(&through_node);
+    env.publish_job(&job("before-the-hang", "u-hang")).await;
+    let result = env.next_result(Duration::from_secs(20)).await.expect("the worker consumes through the node");
+    assert_eq!(result.routing_key, "send.succeeded", "{:?}", result.body);
+
+    node.frozen.cancel();
+    let asked = Instant::now();
+    worker.cancel.cancel();
+    let stopped = tokio::time::timeout(Duration::from_secs(60), worker.join).await;
+    let took = asked.elapsed();
+    eprintln!("with its broker node hung, the worker stopped {:.1} s after it was asked to", took.as_secs_f64());
+    assert!(stopped.is_ok(), "the worker is still running {took:?} after it was asked to stop");
+    let bound = through_node.shutdown_grace() + Duration::from_secs(12);
+    assert!(took <= bound, "the worker took {took:?} to stop (grace {:?})", through_node.shutdown_grace());
 }
