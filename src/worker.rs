@@ -34,6 +34,11 @@ pub enum WorkerError {
     Http(#[from] HttpError),
 }
 
+/// How long shutdown waits for the broker at each step (cancelling the consumer, settling,
+/// closing): a node that hangs must not keep the worker from exiting. Whatever is unsettled
+/// then returns to the queue when the connection drops.
+const SHUTDOWN_BROKER_WAIT: Duration = Duration::from_secs(5);
+
 /// One connection's worth of RabbitMQ: a consumer and a confirm-mode publisher.
 struct Session {
     connection: Connection,
@@ -117,7 +122,10 @@ pub async fn run(config: Config, shutdown: CancellationToken, health: Arc<Health
                 _ = shutdown.cancelled() => {
                     // Stop deliveries; prefetched ones not yet started return to the queue at close.
                     let tag = session.consumer.tag();
-                    let _ = session.channel.basic_cancel(tag, BasicCancelOptions::default()).await;
+                    let cancel = session.channel.basic_cancel(tag, BasicCancelOptions::default());
+                    if tokio::time::timeout(SHUTDOWN_BROKER_WAIT, cancel).await.is_err() {
+                        warn!("RabbitMQ did not answer the consumer's cancellation; shutting down regardless");
+                    }
                     last_session = Some(session);
                     break 'connect;
                 }
@@ -182,8 +190,10 @@ pub async fn run(config: Config, shutdown: CancellationToken, health: Arc<Health
     background.cancel();
     if let Some(session) = last_session {
         // Settle what finished, then close: that returns every unacknowledged delivery.
-        session.acks.close().await;
-        let _ = session.connection.close(200, ShortString::from("shutdown")).await;
+        let _ = tokio::time::timeout(SHUTDOWN_BROKER_WAIT, session.acks.close()).await;
+        let _ =
+            tokio::time::timeout(SHUTDOWN_BROKER_WAIT, session.connection.close(200, ShortString::from("shutdown")))
+                .await;
     }
     info!("worker stopped");
     Ok(())

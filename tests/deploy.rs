@@ -617,7 +617,51 @@ fn keda_scales_the_workers_on_the_jobs_queue() {
             .expect("the broker's address comes from a Secret");
         let secret = named(&docs, "Secret", host["name"].as_str().unwrap());
         let url = secret["stringData"][host["key"].as_str().unwrap()].as_str().expect("the Secret has the key");
-        assert_eq!(Some(url.to_owned()), env.get("WXPUSH_AMQP_URL").cloned(), "KEDA asks the workers' broker");
+        assert_eq!(keda_host_problem(url, &config.amqp_url), None);
+    }
+    // The queue is named once: kustomize copies the workers' WXPUSH_JOBS_QUEUE into the trigger.
+    let kustomization = &yaml_documents(&root().join("deploy/kubernetes/kustomization.yaml"))[0];
+    let copies_the_queue = kustomization["replacements"].as_array().into_iter().flatten().any(|r| {
+        let source = &r["source"];
+        source["kind"] == "ConfigMap"
+            && source["fieldPath"] == "data.WXPUSH_JOBS_QUEUE"
+            && named(&docs, "ConfigMap", &str_of(&source["name"]))["data"]["WXPUSH_JOBS_QUEUE"] == *config.jobs_queue
+            && r["targets"].as_array().into_iter().flatten().any(|t| {
+                t["select"]["kind"] == "ScaledObject"
+                    && t["select"]["name"] == scaled["metadata"]["name"]
+                    && t["fieldPaths"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .any(|f| f == "spec.triggers.[type=rabbitmq].metadata.queueName")
+            })
+    });
+    assert!(copies_the_queue, "kustomization.yaml copies the ConfigMap's WXPUSH_JOBS_QUEUE into queueName");
+}
+
+/// KEDA's RabbitMQ scaler takes one AMQP URL: not the workers' list of nodes, but one URL on
+/// the same vhost (a node, or the Service in front of them). What is wrong with `keda`, if anything.
+fn keda_host_problem(keda: &str, workers: &str) -> Option<String> {
+    if keda.contains(',') {
+        return Some(format!("KEDA's host is one URL, not a list of nodes: {keda}"));
+    }
+    let url = match url::Url::parse(keda) {
+        Ok(url) if ["amqp", "amqps"].contains(&url.scheme()) => url,
+        _ => return Some(format!("protocol amqp needs an amqp(s) URL: {keda}")),
+    };
+    workers
+        .split(',')
+        .map(|node| url::Url::parse(node.trim()).unwrap_or_else(|e| panic!("the workers' {node} is not a URL: {e}")))
+        .find(|node| node.path() != url.path())
+        .map(|node| format!("KEDA looks at vhost {}, the workers at {}", url.path(), node.path()))
+}
+
+#[test]
+fn keda_takes_one_broker_url_when_the_workers_have_a_list() {
+    let nodes = "amqp://u:p@rmq-0:5672/%2f,amqp://u:p@rmq-1:5672/%2f";
+    assert_eq!(keda_host_problem("amqp://u:p@rabbitmq:5672/%2f", nodes), None);
+    for wrong in [nodes, "amqp://u:p@rabbitmq:5672/other", "http://rabbitmq:15672/"] {
+        assert!(keda_host_problem(wrong, nodes).is_some(), "{wrong} is refused as KEDA's host");
     }
 }
 

@@ -382,6 +382,15 @@ impl WorkerProcess {
 
     /// Like [`WorkerProcess::start`], with more environment variables (`HTTPS_PROXY`, …).
     pub fn start_with_env(cfg: &Config, extra: &[(&str, &str)]) -> WorkerProcess {
+        Self::spawn(cfg, "warn", Stdio::null(), extra)
+    }
+
+    /// As [`start`](Self::start), with the worker's log (its stdout) at `level` going to `log`.
+    pub fn start_logging(cfg: &Config, level: &str, log: impl Into<Stdio>) -> WorkerProcess {
+        Self::spawn(cfg, level, log.into(), &[])
+    }
+
+    fn spawn(cfg: &Config, level: &str, log: Stdio, extra: &[(&str, &str)]) -> WorkerProcess {
         let path = std::env::temp_dir().join(format!("{}-{}.toml", cfg.redis_prefix, uuid::Uuid::new_v4().simple()));
         let toml = format!(
             "job_lease_ms = {}\nhttp_timeout_ms = {}\nshutdown_grace_secs = {}\nmetrics_listen = \"127.0.0.1:0\"\n\
@@ -394,9 +403,9 @@ impl WorkerProcess {
             .env("WXPUSH_RATE_LIMIT", cfg.rate_limit.to_string())
             .env("WXPUSH_APPID", APPID)
             .env("WXPUSH_APPSECRET", SECRET)
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", level)
             .envs(extra.iter().copied())
-            .stdout(Stdio::null())
+            .stdout(log)
             .stderr(Stdio::inherit())
             .spawn()
             .expect("start wxpush-worker");
