@@ -268,7 +268,7 @@ impl Pipeline {
             Ok(job) => job,
             Err(invalid) => {
                 let reason = invalid.to_string();
-                warn!(job_id = invalid.job_id.as_deref().unwrap_or(""), %reason, "job refused, dead-lettering it");
+                warn!(job_id = invalid.job_id.as_deref(), %reason, "job refused, dead-lettering it");
                 return self.reject(delivery, publisher, invalid.job_id, None, &reason).await;
             }
         };
@@ -370,7 +370,10 @@ impl Pipeline {
                     }
                 }
                 Claim::Busy { retry_after } => {
-                    debug!(?retry_after, "another worker holds this job; it waits in a delay queue");
+                    debug!(
+                        retry_after_ms = retry_after.as_millis() as u64,
+                        "another worker holds this job; it waits in a delay queue"
+                    );
                     return self
                         .defer(delivery, publisher, retry_after, attempts_before, "held by another worker")
                         .await;
@@ -389,7 +392,7 @@ impl Pipeline {
             }
             Outcome::Failed { errcode, errmsg, reason, attempts } => {
                 self.release(&job, &owner).await;
-                warn!(?errcode, %reason, attempts, "job failed");
+                warn!(errcode, %reason, attempts, "job failed");
                 SendResult::failed(&job, errcode, errmsg, reason, attempts)
             }
             Outcome::Later { after, attempts, why, parked } => {
@@ -529,7 +532,7 @@ impl Pipeline {
                 return Outcome::Failed { errcode, errmsg, reason, attempts: attempt };
             }
             let delay = self.backoff_after(attempt);
-            debug!(attempt, %why, ?delay, "transient failure; retrying");
+            debug!(attempt, %why, delay_ms = delay.as_millis() as u64, "transient failure; retrying");
             if delay > Duration::from_millis(self.config.retry.in_process_max_ms) {
                 return Outcome::Later { after: delay, attempts: attempt, why, parked: false };
             }

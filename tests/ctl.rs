@@ -669,7 +669,7 @@ async fn flags_win_over_the_environment_and_status_speaks_json() {
     let env = TestEnv::new("ctl-flags", offline_config(&ns)).await;
     env.declare_topology().await;
     env.publish_job(&job("f-1", "u")).await;
-    let redis = Redis::connect(REDIS_URL, &ns).await.unwrap();
+    let redis = Redis::connect(redis_url(), &ns).await.unwrap();
     let day = wxpush::domain::calendar::QuotaDay::with_length(env.config.quota_day_secs).key(chrono::Utc::now());
     let mut conn = redis_conn().await;
     let _: () = redis::cmd("SET").arg(redis.keys().quota(APPID, &day)).arg(5).query_async(&mut conn).await.unwrap();
@@ -687,9 +687,9 @@ async fn flags_win_over_the_environment_and_status_speaks_json() {
         "-o",
         "json",
         "--amqp-url",
-        AMQP_URL,
+        amqp_url(),
         "--redis-url",
-        REDIS_URL,
+        redis_url(),
         "--prefix",
         &ns,
         "--jobs-queue",
@@ -725,7 +725,7 @@ async fn status_shows_sends_today_without_a_quota() {
     let ns = unique("ctl-sent");
     let env = TestEnv::new("ctl-sent", offline_config(&ns)).await;
     assert_eq!(env.config.accounts[0].daily_quota, None);
-    let redis = Redis::connect(REDIS_URL, &ns).await.unwrap();
+    let redis = Redis::connect(redis_url(), &ns).await.unwrap();
     let day = wxpush::domain::calendar::QuotaDay::with_length(env.config.quota_day_secs).key(chrono::Utc::now());
     let mut conn = redis_conn().await;
     let _: () = redis::cmd("SET").arg(redis.keys().quota(APPID, &day)).arg(23).query_async(&mut conn).await.unwrap();
@@ -1010,7 +1010,7 @@ async fn results_live_tails_the_exchange_with_a_pattern() {
 }
 
 async fn wxpush_exchange_exists(exchange: &str) -> bool {
-    let conn = Connection::connect(AMQP_URL, ConnectionProperties::default()).await.unwrap();
+    let conn = Connection::connect(amqp_url(), ConnectionProperties::default()).await.unwrap();
     let ch = conn.create_channel().await.unwrap();
     let passive = lapin::options::ExchangeDeclareOptions { passive: true, ..Default::default() };
     let exists = ch

@@ -958,7 +958,7 @@ fn the_dockerfile_builds_and_ships_every_program() {
     let uid: u32 = user.split(':').next().unwrap().parse().expect("a numeric UID, for runAsNonRoot");
     assert!(uid > 0, "not root");
     let exposed: BTreeSet<u16> = all("EXPOSE").flat_map(|a| a.split_whitespace()).map(|p| p.parse().unwrap()).collect();
-    assert_eq!(exposed, BTreeSet::from([8080, 9100, 9300]));
+    assert_eq!(exposed, BTreeSet::from([8080, 9100, 9101, 9300]));
     let cmd: Vec<String> = serde_json::from_str(all("CMD").next_back().expect("a CMD")).expect("CMD in exec form");
     assert_eq!(cmd, ["wxpush-worker"], "the worker by default");
     let env_vars: Vec<String> = all("ENV").map(|a| a.split(['=', ' ']).next().unwrap().to_owned()).collect();

@@ -365,8 +365,7 @@ async fn declare_through(url: &str, cfg: &Config) {
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
         let connection = Connection::connect(url, ConnectionProperties::default()).await.expect("connect");
-        let channel = connection.create_channel().await.expect("channel");
-        let declared = Topology::from_config(cfg).declare(&channel).await;
+        let declared = Topology::from_config(cfg).declare(&connection).await;
         let _ = connection.close(200, ShortString::from("declared")).await;
         match declared {
             Ok(()) => return,

@@ -25,8 +25,9 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    telemetry::init_logging();
+    telemetry::init(telemetry::Program::Webhook);
     let config = Config::load(args.config.as_deref()).context("cannot load the configuration")?;
+    wxpush::tls::install(&config.tls).context("cannot use the TLS settings")?;
     let settings = WebhookSettings::from_config(&config)?;
 
     let redis = Redis::connect(&config.redis_url, &config.redis_prefix).await?;
