@@ -1,9 +1,10 @@
-//! Every metric the programs export, described in one place (the `# HELP` line a scrape shows),
+//! Every metric the worker exports, described in one place (the `# HELP` line a scrape shows),
 //! plus the metrics about the process itself.
 //!
-//! A metric emitted anywhere in `src/` must be described here: a unit test below reads the
-//! sources and fails otherwise. Counters of every configured account are registered at zero
-//! when a program starts, so that the first `increase()` over them is not lost.
+//! A metric emitted anywhere in `src/` must be described (here, or beside the code of a program
+//! that installs a recorder of its own): a unit test below reads the sources and fails
+//! otherwise. The worker's counters of every configured account are registered at zero when it
+//! starts, so that the first `increase()` over them is not lost.
 
 use std::sync::OnceLock;
 
@@ -15,9 +16,6 @@ use crate::config::Config;
 pub const JOB_STATUSES: [&str; 3] = ["succeeded", "failed", "deferred"];
 /// The outcomes of `wxpush_token_fetches_total`.
 pub const TOKEN_FETCH_OUTCOMES: [&str; 2] = ["ok", "error"];
-/// The outcomes of `wxpush_webhook_pushes_total`.
-pub const WEBHOOK_OUTCOMES: [&str; 7] =
-    ["published", "duplicate", "dead_lettered", "bad_signature", "stale", "bad_request", "unavailable"];
 
 /// The version this binary was built from; the git commit when the build set `WXPUSH_GIT_SHA`
 /// (e.g. `WXPUSH_GIT_SHA=$(git rev-parse --short HEAD) cargo build`), else `unknown`.
@@ -27,7 +25,7 @@ pub const GIT_SHA: &str = match option_env!("WXPUSH_GIT_SHA") {
     None => "unknown",
 };
 
-/// Describes every metric, once per process, after the recorder is installed.
+/// Describes every metric of the worker, once per process, after the recorder is installed.
 pub fn describe_metrics() {
     // Jobs (worker).
     describe_counter!(
@@ -45,6 +43,10 @@ pub fn describe_metrics() {
     describe_counter!(
         "wxpush_jobs_parked_total",
         "Jobs parked until the account's daily quota or minute pause is over, by account."
+    );
+    describe_counter!(
+        "wxpush_jobs_oversized_total",
+        "Jobs refused unread because their body is over the size limit (the broker moves them, untouched, to the dead-letter queue)."
     );
     describe_counter!(
         "wxpush_jobs_dead_lettered_total",
@@ -69,9 +71,13 @@ pub fn describe_metrics() {
         "wxpush_token_fetches_total",
         "Access-token fetches from WeChat, by account and outcome (ok, error)."
     );
+    describe_counter!(
+        "wxpush_token_forced_refreshes_total",
+        "Token refreshes forced after WeChat refused a token that should still be valid, by account (limited by a daily budget)."
+    );
     describe_gauge!(
         "wxpush_token_healthy",
-        "1 when the last access-token fetch for the account worked, 0 when it failed (wrong secret, IP not whitelisted, WeChat down)."
+        "1 while the account has an access token WeChat accepts, 0 after a failed fetch or a refusal (wrong secret, IP not whitelisted, WeChat down): its jobs wait."
     );
     // Queues, as the broker reports them (see backlog.rs); the same on every worker.
     describe_gauge!(
@@ -91,7 +97,12 @@ pub fn describe_metrics() {
         "wxpush_webhook_pushes_total",
         "Event pushes from WeChat handled by the webhook, by account and outcome (published, duplicate, dead_lettered, bad_signature, stale, bad_request, unavailable)."
     );
-    // The build.
+    export_build_and_process();
+}
+
+/// `wxpush_build_info` and the `process_*` metrics, described and set: for every program's
+/// recorder (the webhook's too).
+pub fn export_build_and_process() {
     describe_gauge!("wxpush_build_info", "Always 1; the labels say which version (and git commit) is running.");
     metrics::gauge!("wxpush_build_info", "version" => VERSION, "git_sha" => GIT_SHA).set(1.0);
     process().describe();
@@ -126,16 +137,6 @@ pub fn register_worker_series(config: &Config) {
     }
     metrics::counter!("wxpush_jobs_delayed_total").increment(0);
     metrics::counter!("wxpush_jobs_dead_lettered_total").increment(0);
-}
-
-/// Registers the webhook's counters of every configured account and outcome at zero.
-pub fn register_webhook_series(config: &Config) {
-    for account in &config.accounts {
-        for outcome in WEBHOOK_OUTCOMES {
-            metrics::counter!("wxpush_webhook_pushes_total", "account" => account.name.clone(), "outcome" => outcome)
-                .increment(0);
-        }
-    }
 }
 
 #[cfg(test)]
@@ -174,20 +175,17 @@ mod tests {
     fn every_metric_the_code_emits_is_described_as_what_it_is() {
         let mut files = Vec::new();
         sources(&Path::new(env!("CARGO_MANIFEST_DIR")).join("src"), &mut files);
-        let (_, described) = scan(include_str!("catalog.rs"));
-        let mut emitted = BTreeMap::new();
+        let (mut emitted, mut described) = (BTreeMap::new(), BTreeMap::new());
         for (path, text) in &files {
-            for (name, kind) in scan(text).0 {
+            let (e, d) = scan(text);
+            for (name, kind) in e {
                 emitted.insert(name.clone(), (kind, path.clone()));
             }
+            described.extend(d);
         }
         assert!(emitted.contains_key("wxpush_jobs_total") && emitted.len() >= 10, "the scan finds them: {emitted:?}");
         for (name, (kind, path)) in &emitted {
-            assert_eq!(
-                described.get(name),
-                Some(kind),
-                "{name} ({kind}, emitted in {path}) needs a describe_{kind}! here"
-            );
+            assert_eq!(described.get(name), Some(kind), "{name} ({kind}, emitted in {path}) needs a describe_{kind}!");
         }
         for name in described.keys() {
             assert!(name.starts_with("wxpush_"), "{name}: wxpush's metrics share the wxpush_ prefix");
