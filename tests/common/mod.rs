@@ -394,6 +394,7 @@ impl WorkerProcess {
             .env("WXPUSH_JOBS_QUEUE", &cfg.jobs_queue)
             .env("WXPUSH_RESULTS_EXCHANGE", &cfg.results_exchange)
             .env("WXPUSH_DEAD_LETTER_QUEUE", &cfg.dead_letter_queue)
+            .env("WXPUSH_QUEUE_TYPE", cfg.queue_type.as_str())
             .env("WXPUSH_CONCURRENCY", cfg.concurrency.to_string())
             .env("WXPUSH_RATE_LIMIT", cfg.rate_limit.to_string())
             .env("WXPUSH_APPID", APPID)
