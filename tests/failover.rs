@@ -306,7 +306,7 @@ impl Drop for StopPending {
 /// A downstream consumer of the results exchange, connected to one node: a quorum queue bound
 /// to every routing key.
 struct Observer {
-    _connection: Connection,
+    connection: Connection,
     consumer: Consumer,
     channel: Channel,
 }
@@ -339,7 +339,7 @@ impl Observer {
             )
             .await
             .expect("consume the results");
-        Observer { _connection: connection, consumer, channel }
+        Observer { connection, consumer, channel }
     }
 
     /// Reads results into `results` until `jobs` jobs have one or `timeout` passes.
@@ -417,7 +417,7 @@ async fn broker_failover(loss: Loss) {
     let observer_node = others[1];
     let mut observer =
         Observer::bind(&cluster.node_url(observer_node), &cfg.results_exchange, &format!("{ns}.observed")).await;
-    let ids = publish_jobs(&observer._connection, &cfg.jobs_queue, "amqp").await;
+    let ids = publish_jobs(&observer.connection, &cfg.jobs_queue, "amqp").await;
 
     let started = Instant::now();
     let mut pool = Pool::start(&cfg);

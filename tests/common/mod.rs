@@ -399,6 +399,7 @@ impl WorkerProcess {
         );
         std::fs::write(&path, toml).expect("write the worker's config file");
         let child = captured::worker_command(cfg, &path)
+            .env("WXPUSH_QUEUE_TYPE", cfg.queue_type.as_str())
             .env("WXPUSH_CONCURRENCY", cfg.concurrency.to_string())
             .env("WXPUSH_RATE_LIMIT", cfg.rate_limit.to_string())
             .env("WXPUSH_APPID", APPID)
