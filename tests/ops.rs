@@ -558,12 +558,10 @@ async fn metrics_page_has_help_backlog_gauges_and_zeroed_counters() {
     cfg.accounts.push(account("idle", APPID_B, "test-secret-0002"));
     let env = TestEnv::new("page", cfg).await;
     env.declare_topology().await;
-    // The unrouted-results queue, with one result in it; and one job in the dead-letter queue.
-    let unrouted = format!("{}.unrouted", env.config.results_exchange);
-    env.remove_later(&unrouted);
+    // The unrouted-results queue (declared with the topology), with one result in it; and one
+    // job in the dead-letter queue.
+    let unrouted = wxpush::amqp::unrouted_name(&env.config.results_exchange);
     let channel = &env.bus.channel;
-    let options = lapin::options::QueueDeclareOptions { durable: true, ..Default::default() };
-    channel.queue_declare(unrouted.as_str().into(), options, Default::default()).await.unwrap();
     let confirm = channel
         .basic_publish("".into(), unrouted.as_str().into(), Default::default(), b"{}", Default::default())
         .await
