@@ -215,17 +215,13 @@ impl Topology {
 
 /// The arguments of the unrouted-results queue.
 pub fn unrouted_queue_args(queue_type: QueueType, bounds: UnroutedBounds) -> FieldTable {
-    let mut args = queue_type_args(queue_type);
+    let mut args = browsable_queue_args(queue_type);
     args.insert(
         ShortString::from("x-max-length"),
         AMQPValue::LongLongInt(bounds.max_length.min(i64::MAX as u64) as i64),
     );
     let ttl_ms = bounds.message_ttl.as_millis().min(i64::MAX as u128) as i64;
     args.insert(ShortString::from("x-message-ttl"), AMQPValue::LongLongInt(ttl_ms));
-    if queue_type == QueueType::Quorum {
-        // `wxpush-ctl results` reads it by taking and returning, which counts as a delivery.
-        args.insert(ShortString::from("x-delivery-limit"), AMQPValue::LongLongInt(DEAD_LETTER_DELIVERY_LIMIT));
-    }
     args
 }
 
@@ -249,19 +245,24 @@ pub async fn declare_unrouted_queue(
         .map_err(|source| AmqpError::Declare { what: format!("binding of queue {unrouted:?}"), source })
 }
 
-/// The arguments of a dead-letter queue of `queue_type`.
-/// A quorum dead-letter queue gets an explicit delivery limit too high to reach: listing parked
-/// jobs (take, look, return) counts as a delivery, and RabbitMQ 4.x would otherwise drop a
-/// message after 20 of them. (3.x has no default limit and refuses -1, 4.x's "unlimited"; this
-/// value means the same on both.)
+/// The delivery limit of queues people read by taking and returning (dead-letter, unrouted):
+/// too high to reach. Each read counts as a delivery on a quorum queue, and RabbitMQ 4.x would
+/// otherwise drop a message after 20 of them. (3.x has no default limit and refuses -1, 4.x's
+/// "unlimited"; this value means the same on both.)
 pub const DEAD_LETTER_DELIVERY_LIMIT: i64 = i32::MAX as i64;
 
-pub fn dead_letter_queue_args(queue_type: QueueType) -> FieldTable {
+/// The arguments of a queue of `queue_type` that is read by taking and returning.
+fn browsable_queue_args(queue_type: QueueType) -> FieldTable {
     let mut args = queue_type_args(queue_type);
     if queue_type == QueueType::Quorum {
         args.insert(ShortString::from("x-delivery-limit"), AMQPValue::LongLongInt(DEAD_LETTER_DELIVERY_LIMIT));
     }
     args
+}
+
+/// The arguments of a dead-letter queue of `queue_type`.
+pub fn dead_letter_queue_args(queue_type: QueueType) -> FieldTable {
+    browsable_queue_args(queue_type)
 }
 
 /// Declares the dead-letter queue. One declared by an older wxpush, without the delivery limit,
