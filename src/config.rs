@@ -1,5 +1,5 @@
 //! Configuration: a TOML file (`config/default.toml` documents every key) overridden by
-//! `WXPUSH_*` environment variables (CONTRACT.md, "Configuration").
+//! `WXPUSH_*` environment variables (docs/contract.md, "Configuration").
 //!
 //! Secrets are [`SecretString`]s from the moment they are read: their `Debug` prints
 //! `[REDACTED]`, so a logged `Config` shows none of them.

@@ -85,7 +85,7 @@ impl DemoOptions {
     }
 }
 
-/// The seed's example job (CONTRACT.md "Jobs", the template message of the seed document).
+/// The seed's example job (docs/contract.md "Jobs"; the seed document is explained in docs/wechat-api.md#the-seed-document).
 pub fn example_job() -> Value {
     let item = |value: &str| json!({"value": value, "color": "#173177"});
     json!({

@@ -1,4 +1,4 @@
-//! wxpush-webhook: the URL WeChat pushes events to (CONTRACT.md, "Webhook").
+//! wxpush-webhook: the URL WeChat pushes events to (docs/contract.md, "Webhook").
 //!
 //! - `GET /wechat[/{account}]`: server verification, `echostr` answered when `signature` holds;
 //! - `POST /wechat[/{account}]`: a push, plaintext or safe mode ([`verify`]), read by
