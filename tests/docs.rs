@@ -135,7 +135,8 @@ fn the_docs_and_code_name_only_files_the_repository_has() {
     for dir in ["README.md", "README.zh-CN.md", "docs", "examples", "config", "deploy", "scripts", ".ci", "src"] {
         for file in files(dir) {
             let text = read(&file);
-            for stale in ["CONTRACT.md", "reference/wechat-api.md"] {
+            // Spelled in two parts so that this check does not itself name the old paths.
+            for stale in [concat!("CONTRACT", ".md"), concat!("reference/", "wechat-api.md")] {
                 assert!(!text.contains(stale), "{} points at {stale}: use docs/", file.display());
             }
         }
