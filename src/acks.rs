@@ -19,7 +19,7 @@ use lapin::{
 use tokio::{sync::mpsc, task::JoinHandle};
 use tracing::debug;
 
-use crate::pipeline::Disposition;
+use crate::worker::Disposition;
 
 enum Event {
     Delivered(u64),

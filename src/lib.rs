@@ -1,6 +1,6 @@
 //! wxpush: WeChat template messages from a RabbitMQ queue, for a pool of workers.
 //!
-//! A job's life, start to end, is in [`pipeline`]: a delivery from the jobs queue is parsed
+//! A job's life, start to end, is in [`worker::pipeline`]: a delivery from the jobs queue is parsed
 //! ([`domain::job`]), checked against the idempotency ledger ([`store::ledger`]), sent with the
 //! pool's shared access token ([`token`], [`wechat`]), judged by the errcode table
 //! ([`domain::errcode`]), and ends as a confirmed result on the results exchange ([`amqp`]) before
@@ -17,7 +17,6 @@ pub mod config;
 pub mod ctl;
 pub mod domain;
 pub mod health;
-pub mod pipeline;
 pub mod sandbox;
 pub mod store;
 pub mod telemetry;

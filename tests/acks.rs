@@ -12,7 +12,7 @@ use lapin::{
     options::{BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, QueueDeclareOptions},
     types::{FieldTable, ShortString},
 };
-use wxpush::{acks::Acknowledger, pipeline::Disposition};
+use wxpush::{acks::Acknowledger, worker::Disposition};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn out_of_order_finishes_are_acked_and_requeues_come_back() {

@@ -22,6 +22,7 @@ use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 use wxpush::{
     amqp::header_str,
+    amqp::headers::{ATTEMPTS as ATTEMPTS_HEADER, REASON as REASON_HEADER, SOURCE_QUEUE as SOURCE_HEADER},
     config::Config,
     ctl::{
         CtlError, check,
@@ -32,7 +33,6 @@ use wxpush::{
         results::{self, ReceivedResult, ShowOptions, ShowSummary, Source},
         status::{self, QueueRole},
     },
-    pipeline::{ATTEMPTS_HEADER, REASON_HEADER, SOURCE_HEADER},
     sandbox::SandboxConfig,
     store::Redis,
 };

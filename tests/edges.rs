@@ -20,9 +20,9 @@ use lapin::{
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::Value;
 use wxpush::{
+    amqp::headers::ATTEMPTS as ATTEMPTS_HEADER,
     amqp::unrouted_name,
     health,
-    pipeline::ATTEMPTS_HEADER,
     sandbox::{Faults, SandboxAccount, SandboxConfig},
 };
 

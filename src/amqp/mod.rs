@@ -16,6 +16,7 @@ use tokio::sync::Mutex;
 use crate::config::{Config, QueueType};
 
 pub mod connect;
+pub mod headers;
 pub mod short;
 pub use connect::{Brokers, connect, redact_url};
 pub use short::{MAX_SHORT_BYTES, Short, TooLong};

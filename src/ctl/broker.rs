@@ -238,9 +238,9 @@ pub(crate) fn preview(body: &[u8], max: usize) -> String {
 /// starts afresh (attempts from zero) and carries no stale reason.
 pub(crate) fn fresh_properties(props: &BasicProperties) -> BasicProperties {
     const DROPPED: &[&str] = &[
-        crate::pipeline::REASON_HEADER,
-        crate::pipeline::SOURCE_HEADER,
-        crate::pipeline::ATTEMPTS_HEADER,
+        crate::amqp::headers::REASON,
+        crate::amqp::headers::SOURCE_QUEUE,
+        crate::amqp::headers::ATTEMPTS,
         super::DEAD_LETTERED_AT_HEADER,
         // RabbitMQ's own dead-lettering history, for DLQs fed by a broker policy.
         "x-death",
@@ -329,8 +329,8 @@ mod tests {
     #[test]
     fn fresh_properties_drop_only_the_bookkeeping() {
         let mut headers = FieldTable::default();
-        headers.insert(ShortString::from(crate::pipeline::REASON_HEADER), header_str("expired"));
-        headers.insert(ShortString::from(crate::pipeline::ATTEMPTS_HEADER), AMQPValue::LongUInt(3));
+        headers.insert(ShortString::from(crate::amqp::headers::REASON), header_str("expired"));
+        headers.insert(ShortString::from(crate::amqp::headers::ATTEMPTS), AMQPValue::LongUInt(3));
         headers.insert(ShortString::from("x-tenant"), header_str("shop"));
         let props = BasicProperties::default()
             .with_message_id(ShortString::from("job-1"))
@@ -342,12 +342,12 @@ mod tests {
         assert_eq!(fresh.content_type().as_ref().map(|m| m.as_str()), Some("application/json"));
         assert_eq!(*fresh.delivery_mode(), Some(2));
         assert_eq!(header_text(&fresh, "x-tenant").as_deref(), Some("shop"));
-        assert_eq!(header_text(&fresh, crate::pipeline::REASON_HEADER), None);
-        assert_eq!(header_text(&fresh, crate::pipeline::ATTEMPTS_HEADER), None);
+        assert_eq!(header_text(&fresh, crate::amqp::headers::REASON), None);
+        assert_eq!(header_text(&fresh, crate::amqp::headers::ATTEMPTS), None);
 
         let only_ours = BasicProperties::default().with_headers({
             let mut h = FieldTable::default();
-            h.insert(ShortString::from(crate::pipeline::SOURCE_HEADER), header_str("q"));
+            h.insert(ShortString::from(crate::amqp::headers::SOURCE_QUEUE), header_str("q"));
             h
         });
         assert_eq!(*fresh_properties(&only_ours).headers(), None);

@@ -30,8 +30,8 @@ use super::{
     broker::{self, call, fresh_properties, get, header_text, job_id_of, preview, requeue_all},
 };
 use crate::{
+    amqp::headers::{REASON as REASON_HEADER, SOURCE_QUEUE as SOURCE_HEADER},
     config::Config,
-    pipeline::{REASON_HEADER, SOURCE_HEADER},
 };
 
 /// Characters of the body shown in a listing.

@@ -8,5 +8,6 @@ pub mod calendar;
 pub mod crypto;
 pub mod errcode;
 pub mod job;
+pub mod outcome;
 pub mod receipt;
 pub mod result;

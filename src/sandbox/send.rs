@@ -34,35 +34,9 @@ impl WxError {
     }
 }
 
-/// WeChat's errmsg for an errcode (English, as the API answers them).
+/// WeChat's errmsg for an errcode (English, as the API answers them), from the errcode table.
 pub(super) fn errmsg(errcode: i64) -> &'static str {
-    match errcode {
-        0 => "ok",
-        -1 => "system error",
-        40001 => "invalid credential, access_token is invalid or not latest",
-        40002 => "invalid grant_type",
-        40003 => "invalid openid",
-        40013 => "invalid appid",
-        40014 => "invalid access_token",
-        40036 => "invalid template_id size",
-        40037 => "invalid template_id",
-        40125 => "invalid appsecret",
-        41001 => "access_token missing",
-        41002 => "appid missing",
-        41004 => "appsecret missing",
-        42001 => "access_token expired",
-        43004 => "require subscribe",
-        43116 => "this template_id is banned",
-        43117 => "Sending messages to this openid too frequently, please try later",
-        45009 => "reach max api daily quota limit",
-        45011 => "api minute-quota reach limit must slower retry next minute",
-        47001 => "data format error",
-        47003 => "argument invalid!",
-        48001 => "api unauthorized",
-        48002 => "api forbidden for user",
-        48004 => "api forbidden for irregularities",
-        _ => "sandbox: errcode triggered by touser",
-    }
+    crate::domain::errcode::errmsg(errcode).unwrap_or("sandbox: errcode triggered by touser")
 }
 
 /// The fields of a valid send request the sandbox acts on.
