@@ -115,26 +115,7 @@ impl Job {
             .map_err(|e| InvalidJob::new(fallback_id, format!("body is not a job: {e}")))?;
 
         // The job_id first: every later error can then carry it.
-        let job_id = match &raw.job_id {
-            None | Some(Value::Null) => match message_id {
-                Some(id) if is_valid_job_id(id) => id.to_owned(),
-                Some(_) => {
-                    return Err(InvalidJob::new(
-                        None,
-                        format!("job_id missing and message_id is not 1 to {MAX_JOB_ID_CHARS} characters"),
-                    ));
-                }
-                None => return Err(InvalidJob::new(None, "job_id missing (and no message_id property)")),
-            },
-            Some(Value::String(id)) if is_valid_job_id(id) => id.clone(),
-            Some(Value::String(_)) => {
-                return Err(InvalidJob::new(
-                    fallback_id,
-                    format!("job_id must be 1 to {MAX_JOB_ID_CHARS} characters without control characters"),
-                ));
-            }
-            Some(_) => return Err(InvalidJob::new(fallback_id, "job_id must be a string")),
-        };
+        let job_id = slow_job_id(raw.job_id.as_ref(), message_id, fallback_id)?;
         let id = Some(job_id.as_str());
         let fail = |reason: String| InvalidJob::new(id, reason);
 
@@ -147,32 +128,16 @@ impl Job {
         let template_id = required_string(&raw.template_id, "template_id").map_err(&fail)?;
         let url = optional_string(&raw.url, "url").map_err(&fail)?;
         let topcolor = optional_string(&raw.topcolor, "topcolor").map_err(&fail)?;
-        let miniprogram = match &raw.miniprogram {
-            None | Some(Value::Null) => None,
-            Some(v) => {
-                let mp: MiniProgram = serde_json::from_value(v.clone()).map_err(|e| {
-                    fail(format!("miniprogram must be {{\"appid\": string, \"pagepath\"?: string}}: {e}"))
-                })?;
-                if mp.appid.is_empty() {
-                    return Err(fail("miniprogram.appid must not be empty".into()));
-                }
-                Some(mp)
-            }
-        };
+        let miniprogram = slow_miniprogram(raw.miniprogram.as_ref()).map_err(&fail)?;
         let data = parse_data(raw.data.as_ref()).map_err(&fail)?;
-        let client_msg_id = match optional_string(&raw.client_msg_id, "client_msg_id").map_err(&fail)? {
-            Some(c) if c.is_empty() => return Err(fail("client_msg_id must not be empty".into())),
-            Some(c) if c.len() <= MAX_CLIENT_MSG_ID_BYTES => c,
-            Some(c) => hashed_client_msg_id(&c),
-            None => derive_client_msg_id(&job_id),
-        };
+        let client_msg_id = optional_string(&raw.client_msg_id, "client_msg_id").map_err(&fail)?;
+        let client_msg_id = choose_client_msg_id(client_msg_id.as_deref(), &job_id)
+            .ok_or_else(|| fail("client_msg_id must not be empty".into()))?;
         let expires_at = match optional_string(&raw.expires_at, "expires_at").map_err(&fail)? {
             None => None,
-            Some(s) => Some(
-                DateTime::parse_from_rfc3339(&s)
-                    .map_err(|e| fail(format!("expires_at {s:?} is not an RFC 3339 time: {e}")))?
-                    .with_timezone(&Utc),
-            ),
+            Some(s) => {
+                Some(parse_time(&s).map_err(|e| fail(format!("expires_at {s:?} is not an RFC 3339 time: {e}")))?)
+            }
         };
         Ok(Job { job_id, account, touser, template_id, url, miniprogram, topcolor, data, client_msg_id, expires_at })
     }
@@ -211,39 +176,41 @@ impl Job {
     }
 }
 
+/// A job as [`parse_fast`] reads it: borrowed strings, typed fields.
+#[derive(Deserialize)]
+struct Fast<'a> {
+    #[serde(borrow, default)]
+    job_id: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    account: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    touser: Cow<'a, str>,
+    #[serde(borrow)]
+    template_id: Cow<'a, str>,
+    #[serde(borrow, default)]
+    url: Option<Cow<'a, str>>,
+    #[serde(default)]
+    miniprogram: Option<MiniProgram>,
+    #[serde(borrow, default)]
+    topcolor: Option<Cow<'a, str>>,
+    data: BTreeMap<String, FastItem>,
+    #[serde(borrow, default)]
+    client_msg_id: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    expires_at: Option<Cow<'a, str>>,
+}
+#[derive(Deserialize)]
+struct FastItem {
+    value: Value,
+    #[serde(default)]
+    color: Option<String>,
+}
+
 /// The common case, read straight into typed fields: about three times cheaper than the generic
 /// path. Anything unusual (a wrong type, a null where a value is needed, a failed check) gives
 /// `None`, and [`Job::parse_slow`] names the problem. Both accept the same jobs (a property
 /// test holds them to it).
 fn parse_fast(text: &str, message_id: Option<&str>) -> Option<Job> {
-    #[derive(Deserialize)]
-    struct Fast<'a> {
-        #[serde(borrow, default)]
-        job_id: Option<Cow<'a, str>>,
-        #[serde(borrow, default)]
-        account: Option<Cow<'a, str>>,
-        #[serde(borrow)]
-        touser: Cow<'a, str>,
-        #[serde(borrow)]
-        template_id: Cow<'a, str>,
-        #[serde(borrow, default)]
-        url: Option<Cow<'a, str>>,
-        #[serde(default)]
-        miniprogram: Option<MiniProgram>,
-        #[serde(borrow, default)]
-        topcolor: Option<Cow<'a, str>>,
-        data: BTreeMap<String, FastItem>,
-        #[serde(borrow, default)]
-        client_msg_id: Option<Cow<'a, str>>,
-        #[serde(borrow, default)]
-        expires_at: Option<Cow<'a, str>>,
-    }
-    #[derive(Deserialize)]
-    struct FastItem {
-        value: Value,
-        #[serde(default)]
-        color: Option<String>,
-    }
     let fits = |s: &str| s.chars().count() <= MAX_FIELD_CHARS;
     let required = |s: &Cow<str>| !s.is_empty() && fits(s);
     let optional = |s: &Option<Cow<str>>| s.as_deref().is_none_or(fits);
@@ -265,22 +232,14 @@ fn parse_fast(text: &str, message_id: Option<&str>) -> Option<Job> {
     if f.miniprogram.as_ref().is_some_and(|mp| mp.appid.is_empty()) || f.data.is_empty() {
         return None;
     }
-    let mut data = BTreeMap::new();
-    for (key, item) in f.data {
-        if !matches!(item.value, Value::String(_) | Value::Number(_) | Value::Bool(_)) {
-            return None;
-        }
-        data.insert(key, DataItem { value: item.value, color: item.color });
+    let data = fast_data(f.data)?;
+    if f.client_msg_id.as_deref().is_some_and(|c| !fits(c)) {
+        return None;
     }
-    let client_msg_id = match f.client_msg_id {
-        Some(c) if c.is_empty() || !fits(&c) => return None,
-        Some(c) if c.len() <= MAX_CLIENT_MSG_ID_BYTES => c.into_owned(),
-        Some(c) => hashed_client_msg_id(&c),
-        None => derive_client_msg_id(&job_id),
-    };
+    let client_msg_id = choose_client_msg_id(f.client_msg_id.as_deref(), &job_id)?;
     let expires_at = match f.expires_at {
         Some(s) if !fits(&s) => return None,
-        Some(s) => Some(DateTime::parse_from_rfc3339(&s).ok()?.with_timezone(&Utc)),
+        Some(s) => Some(parse_time(&s).ok()?),
         None => None,
     };
     Some(Job {
@@ -294,6 +253,63 @@ fn parse_fast(text: &str, message_id: Option<&str>) -> Option<Job> {
         data,
         client_msg_id,
         expires_at,
+    })
+}
+
+/// Template data with plain values only; anything else is for the slow path to name.
+fn fast_data(items: BTreeMap<String, FastItem>) -> Option<BTreeMap<String, DataItem>> {
+    let mut data = BTreeMap::new();
+    for (key, item) in items {
+        if !matches!(item.value, Value::String(_) | Value::Number(_) | Value::Bool(_)) {
+            return None;
+        }
+        data.insert(key, DataItem { value: item.value, color: item.color });
+    }
+    Some(data)
+}
+
+/// The job_id of a job read the slow way: the body's, else the message_id property.
+fn slow_job_id(raw: Option<&Value>, message_id: Option<&str>, fallback_id: Option<&str>) -> Result<String, InvalidJob> {
+    match raw {
+        None | Some(Value::Null) => match message_id {
+            Some(id) if is_valid_job_id(id) => Ok(id.to_owned()),
+            Some(_) => Err(InvalidJob::new(
+                None,
+                format!("job_id missing and message_id is not 1 to {MAX_JOB_ID_CHARS} characters"),
+            )),
+            None => Err(InvalidJob::new(None, "job_id missing (and no message_id property)")),
+        },
+        Some(Value::String(id)) if is_valid_job_id(id) => Ok(id.clone()),
+        Some(Value::String(_)) => Err(InvalidJob::new(
+            fallback_id,
+            format!("job_id must be 1 to {MAX_JOB_ID_CHARS} characters without control characters"),
+        )),
+        Some(_) => Err(InvalidJob::new(fallback_id, "job_id must be a string")),
+    }
+}
+
+fn slow_miniprogram(raw: Option<&Value>) -> Result<Option<MiniProgram>, String> {
+    let Some(v) = raw.filter(|v| !v.is_null()) else { return Ok(None) };
+    let mp: MiniProgram = serde_json::from_value(v.clone())
+        .map_err(|e| format!("miniprogram must be {{\"appid\": string, \"pagepath\"?: string}}: {e}"))?;
+    if mp.appid.is_empty() {
+        return Err("miniprogram.appid must not be empty".into());
+    }
+    Ok(Some(mp))
+}
+
+fn parse_time(s: &str) -> Result<DateTime<Utc>, chrono::ParseError> {
+    DateTime::parse_from_rfc3339(s).map(|t| t.with_timezone(&Utc))
+}
+
+/// The client_msg_id WeChat de-duplicates on: the job's own (hashed when over WeChat's limit),
+/// else one derived from the job_id. `None`: an empty one, which no path accepts.
+fn choose_client_msg_id(given: Option<&str>, job_id: &str) -> Option<String> {
+    Some(match given {
+        Some("") => return None,
+        Some(c) if c.len() <= MAX_CLIENT_MSG_ID_BYTES => c.to_owned(),
+        Some(c) => hashed_client_msg_id(c),
+        None => derive_client_msg_id(job_id),
     })
 }
 

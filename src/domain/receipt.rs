@@ -253,69 +253,18 @@ fn insert_child(parent: &mut Fields, name: String, value: Value) {
 
 fn parse_xml(text: &str) -> Result<Fields, ReceiptError> {
     let mut reader = Reader::from_str(text);
-    let mut stack: Vec<Frame> = Vec::new();
-    let mut root: Option<Fields> = None;
+    let mut tree = Tree::default();
     loop {
         let at = reader.buffer_position();
         let event = reader
             .read_event()
             .map_err(|e| ReceiptError::Xml { at: reader.error_position(), message: e.to_string() })?;
         match event {
-            Event::Start(start) => {
-                if root.is_some() {
-                    return Err(ReceiptError::TrailingContent { at });
-                }
-                if stack.len() >= MAX_DEPTH {
-                    return Err(ReceiptError::TooDeep { at });
-                }
-                stack.push(Frame::new(start.name().as_ref().to_owned(), at));
-            }
-            Event::Empty(start) => {
-                let name = start.name().as_ref().to_owned();
-                match stack.last_mut() {
-                    Some(parent) => {
-                        insert_child(parent.children.get_or_insert_default(), name, Value::String(String::new()))
-                    }
-                    None if root.is_none() => root = Some(Fields::new()),
-                    None => return Err(ReceiptError::TrailingContent { at }),
-                }
-            }
-            Event::End(_) => {
-                // quick-xml has already checked that the end tag matches the open element.
-                let Some(frame) = stack.pop() else {
-                    return Err(ReceiptError::Xml { at, message: "end tag without a start tag".into() });
-                };
-                match stack.last_mut() {
-                    Some(parent) => {
-                        let name = frame.name.clone();
-                        insert_child(parent.children.get_or_insert_default(), name, frame.into_value());
-                    }
-                    None => root = Some(frame.children.unwrap_or_default()),
-                }
-            }
-            Event::Text(t) => {
-                let content = t.xml10_content();
-                match stack.last_mut() {
-                    Some(frame) => frame.text.push_str(&content),
-                    None if content.trim().is_empty() => {}
-                    None if root.is_some() => return Err(ReceiptError::TrailingContent { at }),
-                    None => return Err(ReceiptError::Xml { at, message: "text before the root element".into() }),
-                }
-            }
-            Event::CData(c) => {
-                let content = c.xml10_content();
-                let Some(frame) = stack.last_mut() else {
-                    return Err(ReceiptError::Xml { at, message: "CDATA outside the root element".into() });
-                };
-                // A CDATA section that runs past its own element's end tag was not closed where
-                // it should have been (the seed's `]]&g;`): say so rather than report the
-                // mismatched end tag further down.
-                if content.contains(&format!("</{}>", frame.name)) {
-                    return Err(ReceiptError::UnterminatedCdata { element: frame.name.clone(), at });
-                }
-                frame.cdata.push_str(&content);
-                frame.has_cdata = true;
-            }
+            Event::Start(start) => tree.open(start.name().as_ref().to_owned(), at)?,
+            Event::Empty(start) => tree.empty(start.name().as_ref().to_owned(), at)?,
+            Event::End(_) => tree.close(at)?,
+            Event::Text(t) => tree.text(&t.xml10_content(), at)?,
+            Event::CData(c) => tree.cdata(&c.xml10_content(), at)?,
             Event::GeneralRef(r) => {
                 let resolved = match r.resolve_char_ref() {
                     Ok(Some(c)) => c.to_string(),
@@ -325,28 +274,97 @@ fn parse_xml(text: &str) -> Result<Fields, ReceiptError> {
                     },
                     Err(e) => return Err(ReceiptError::Xml { at, message: e.to_string() }),
                 };
-                match stack.last_mut() {
-                    Some(frame) => frame.text.push_str(&resolved),
-                    None => {
-                        return Err(ReceiptError::Xml {
-                            at,
-                            message: "entity reference outside the root element".into(),
-                        });
-                    }
-                }
+                tree.entity(&resolved, at)?;
             }
             Event::DocType(_) => return Err(ReceiptError::Doctype { at }),
             Event::Decl(_) | Event::PI(_) | Event::Comment(_) => {}
-            Event::Eof => {
-                if let Some(open) = stack.last() {
-                    return Err(ReceiptError::Xml {
-                        at: open.start,
-                        message: format!("<{}> is not closed before the end of the body", open.name),
-                    });
-                }
-                return root.ok_or(ReceiptError::NoRoot);
-            }
+            Event::Eof => return tree.finish(),
         }
+    }
+}
+
+/// The elements being read (`stack`) and the root once it is closed.
+#[derive(Default)]
+struct Tree {
+    stack: Vec<Frame>,
+    root: Option<Fields>,
+}
+
+impl Tree {
+    fn open(&mut self, name: String, at: u64) -> Result<(), ReceiptError> {
+        if self.root.is_some() {
+            return Err(ReceiptError::TrailingContent { at });
+        }
+        if self.stack.len() >= MAX_DEPTH {
+            return Err(ReceiptError::TooDeep { at });
+        }
+        self.stack.push(Frame::new(name, at));
+        Ok(())
+    }
+
+    fn empty(&mut self, name: String, at: u64) -> Result<(), ReceiptError> {
+        match self.stack.last_mut() {
+            Some(parent) => insert_child(parent.children.get_or_insert_default(), name, Value::String(String::new())),
+            None if self.root.is_none() => self.root = Some(Fields::new()),
+            None => return Err(ReceiptError::TrailingContent { at }),
+        }
+        Ok(())
+    }
+
+    fn close(&mut self, at: u64) -> Result<(), ReceiptError> {
+        // quick-xml has already checked that the end tag matches the open element.
+        let Some(frame) = self.stack.pop() else {
+            return Err(ReceiptError::Xml { at, message: "end tag without a start tag".into() });
+        };
+        match self.stack.last_mut() {
+            Some(parent) => {
+                let name = frame.name.clone();
+                insert_child(parent.children.get_or_insert_default(), name, frame.into_value());
+            }
+            None => self.root = Some(frame.children.unwrap_or_default()),
+        }
+        Ok(())
+    }
+
+    fn text(&mut self, content: &str, at: u64) -> Result<(), ReceiptError> {
+        match self.stack.last_mut() {
+            Some(frame) => frame.text.push_str(content),
+            None if content.trim().is_empty() => {}
+            None if self.root.is_some() => return Err(ReceiptError::TrailingContent { at }),
+            None => return Err(ReceiptError::Xml { at, message: "text before the root element".into() }),
+        }
+        Ok(())
+    }
+
+    fn cdata(&mut self, content: &str, at: u64) -> Result<(), ReceiptError> {
+        let Some(frame) = self.stack.last_mut() else {
+            return Err(ReceiptError::Xml { at, message: "CDATA outside the root element".into() });
+        };
+        // A CDATA section that runs past its own element's end tag was not closed where it
+        // should have been (the seed's `]]&g;`): say so rather than report the mismatched end
+        // tag further down.
+        if content.contains(&format!("</{}>", frame.name)) {
+            return Err(ReceiptError::UnterminatedCdata { element: frame.name.clone(), at });
+        }
+        frame.cdata.push_str(content);
+        frame.has_cdata = true;
+        Ok(())
+    }
+
+    fn entity(&mut self, resolved: &str, at: u64) -> Result<(), ReceiptError> {
+        let Some(frame) = self.stack.last_mut() else {
+            return Err(ReceiptError::Xml { at, message: "entity reference outside the root element".into() });
+        };
+        frame.text.push_str(resolved);
+        Ok(())
+    }
+
+    fn finish(self) -> Result<Fields, ReceiptError> {
+        if let Some(open) = self.stack.last() {
+            let message = format!("<{}> is not closed before the end of the body", open.name);
+            return Err(ReceiptError::Xml { at: open.start, message });
+        }
+        self.root.ok_or(ReceiptError::NoRoot)
     }
 }
 
