@@ -58,6 +58,7 @@ const fn entry(code: i64, action: Action, reason: &'static str, errmsg: &'static
 use Action::*;
 
 /// Every errcode of `cgi-bin/message/template/send` wxpush knows, in the README's order.
+#[rustfmt::skip]
 pub const TABLE: &[Entry] = &[
     entry(0, Accepted, "ok", "ok"),
     entry(-1, Retry, "system busy", "system error"),
@@ -109,29 +110,18 @@ const fn token_entry(code: i64, errmsg: &'static str, advice: &'static str) -> T
 }
 
 /// `cgi-bin/token` and `cgi-bin/stable_token` answers that need an operator.
+#[rustfmt::skip]
 pub const TOKEN_TABLE: &[TokenEntry] = &[
-    token_entry(
-        40001,
-        "invalid credential, access_token is invalid or not latest",
-        "the AppSecret is wrong: check the account's secret in the MP console",
-    ),
+    token_entry(40001, "invalid credential, access_token is invalid or not latest", "the AppSecret is wrong: check the account's secret in the MP console"),
     token_entry(40125, "invalid appsecret", "the AppSecret is wrong: check the account's secret in the MP console"),
     token_entry(40013, "invalid appid", "the AppID is wrong: check the account's appid"),
-    token_entry(
-        40164,
-        "invalid ip, not in whitelist",
-        "this machine's IP is not on the account's IP whitelist: add it in the MP console",
-    ),
+    token_entry(40164, "invalid ip, not in whitelist", "this machine's IP is not on the account's IP whitelist: add it in the MP console"),
     // WeChat documents the code, not its errmsg; the sandbox never answers it.
     token_entry(40243, "appsecret frozen", "the AppSecret is frozen: unfreeze or reset it in the MP console"),
     token_entry(40002, "invalid grant_type", "invalid grant_type: this is a wxpush bug, please report it"),
     token_entry(41002, "appid missing", "the account has no appid: set it in the configuration"),
     token_entry(41004, "appsecret missing", "the account has no secret: set it in the configuration"),
-    token_entry(
-        45009,
-        "reach max api daily quota limit",
-        "the daily access-token quota is spent: it resets at midnight Beijing time, or use clear_quota",
-    ),
+    token_entry(45009, "reach max api daily quota limit", "the daily access-token quota is spent: it resets at midnight Beijing time, or use clear_quota"),
 ];
 
 /// The row of a send errcode, if the table has one.
