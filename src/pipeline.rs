@@ -205,8 +205,8 @@ impl AccountMetrics {
 impl Pipeline {
     pub fn new(config: Config, redis: Redis, tokens: std::sync::Arc<TokenManager>, wechat: WechatClient) -> Self {
         let backoff = ExponentialBuilder::default()
-            .with_min_delay(Duration::from_millis(config.retry.min_delay_ms))
-            .with_max_delay(Duration::from_millis(config.retry.max_delay_ms))
+            .with_min_delay(config.retry.min_delay)
+            .with_max_delay(config.retry.max_delay)
             .with_factor(2.0)
             .with_jitter()
             .without_max_times();
@@ -232,7 +232,7 @@ impl Pipeline {
             metrics,
             unknown_metrics: AccountMetrics::new(UNKNOWN_ACCOUNT_LABEL),
             budgets,
-            quota_day: QuotaDay::with_length(config.quota_day_secs),
+            quota_day: QuotaDay::with_length(config.quota_day.as_secs()),
             waiting,
             waiting_cap,
             topology: Topology::from_config(&config),
@@ -344,8 +344,8 @@ impl Pipeline {
         }
 
         let owner = format!("{}:{}", self.owner, self.sequence.fetch_add(1, Ordering::Relaxed));
-        let lease = Duration::from_millis(self.config.job_lease_ms);
-        let in_process_max = Duration::from_millis(self.config.retry.in_process_max_ms);
+        let lease = self.config.job_lease;
+        let in_process_max = self.config.retry.in_process_max;
         loop {
             let claim = match self.redis.claim_job(&job.job_id, &owner, lease).await {
                 Ok(claim) => claim,
@@ -421,7 +421,7 @@ impl Pipeline {
     ) -> Outcome {
         let body = bytes::Bytes::from(job.template_message_body());
         let mut attempt = attempts_before;
-        let token_wait = Duration::from_millis(self.config.token.wait_ms);
+        let token_wait = self.config.token.wait;
         loop {
             let token = match self.tokens.get(&account.name).await {
                 Ok(t) => t,
@@ -490,9 +490,9 @@ impl Pipeline {
                         (Some(a.errcode), Some(a.errmsg), why)
                     }
                     Action::WaitNextMinute => {
-                        let left = match self.config.minute_pause_secs {
-                            0 => calendar::until_next_minute(Utc::now()) + jittered(Duration::from_millis(200)),
-                            secs => Duration::from_secs(secs),
+                        let left = match self.config.minute_pause {
+                            None => calendar::until_next_minute(Utc::now()) + jittered(Duration::from_millis(200)),
+                            Some(pause) => pause,
                         };
                         let why = "45011: minute quota reached; account paused until the next minute";
                         self.pause(account, left, why, false).await;
@@ -533,7 +533,7 @@ impl Pipeline {
             }
             let delay = self.backoff_after(attempt);
             debug!(attempt, %why, delay_ms = delay.as_millis() as u64, "transient failure; retrying");
-            if delay > Duration::from_millis(self.config.retry.in_process_max_ms) {
+            if delay > self.config.retry.in_process_max {
                 return Outcome::Later { after: delay, attempts: attempt, why, parked: false };
             }
             if !sleep_or_cancel(cancel, delay).await {
@@ -606,18 +606,15 @@ impl Pipeline {
 
     /// The backoff after the `attempt`-th failed attempt (exponential with jitter, by backon).
     fn backoff_after(&self, attempt: u32) -> Duration {
-        self.backoff
-            .build()
-            .nth(attempt.saturating_sub(1) as usize)
-            .unwrap_or(Duration::from_millis(self.config.retry.max_delay_ms))
+        self.backoff.build().nth(attempt.saturating_sub(1) as usize).unwrap_or(self.config.retry.max_delay)
     }
 
     /// Records the success (for duplicates and redeliveries) and msgid → job (for receipts).
     /// Redis trouble is retried for a while; after that the result is still published, since
     /// the message is sent and losing its result would be worse than a missing record.
     async fn record(&self, job: &Job, account: &Account, msgid: u64, json: &[u8], cancel: &CancellationToken) {
-        let ttl = Duration::from_secs(self.config.ledger_ttl_secs);
-        let msgid_ttl = Duration::from_secs(self.config.msgid_ttl_secs);
+        let ttl = self.config.ledger_ttl;
+        let msgid_ttl = self.config.msgid_ttl;
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             match self.redis.record_sent(&job.job_id, json, ttl, &account.appid, msgid, msgid_ttl).await {

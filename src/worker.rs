@@ -76,11 +76,12 @@ impl Session {
 /// `shutdown_grace` to finish, and whatever is still unfinished goes back to the queue.
 pub async fn run(config: Config, shutdown: CancellationToken, health: Arc<Health>) -> Result<(), WorkerError> {
     let redis = Redis::connect(&config.redis_url, &config.redis_prefix).await?;
-    let wechat = WechatClient::new(&config.wechat_api_base, config.http_timeout())?;
+    let wechat = WechatClient::new(&config.wechat_api_base, config.http_timeout)?;
     let tokens = TokenManager::new(redis.clone(), wechat.clone(), config.token.clone(), &config.accounts);
     let background = shutdown.child_token();
-    tokens.spawn_refreshers(background.clone());
-    health.watch_redis(redis.clone(), background.clone());
+    let background_tasks = TaskTracker::new();
+    tokens.spawn_refreshers(&background_tasks, background.clone());
+    background_tasks.spawn(health.clone().watch_redis(redis.clone(), background.clone()));
     let pipeline = Arc::new(Pipeline::new(config.clone(), redis, tokens, wechat));
     let topology = pipeline.topology().clone();
     let tracker = TaskTracker::new();
@@ -180,7 +181,7 @@ pub async fn run(config: Config, shutdown: CancellationToken, health: Arc<Health
     }
 
     tracker.close();
-    let grace = config.shutdown_grace();
+    let grace = config.shutdown_grace;
     info!(in_flight = tracker.len(), grace_secs = grace.as_secs(), "shutting down: finishing in-flight jobs");
     if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
         warn!(unfinished = tracker.len(), "grace period over; unfinished jobs go back to the queue");
@@ -188,6 +189,9 @@ pub async fn run(config: Config, shutdown: CancellationToken, health: Arc<Health
         let _ = tokio::time::timeout(Duration::from_secs(2), tracker.wait()).await;
     }
     background.cancel();
+    background_tasks.close();
+    // A token fetch under way is not cut short; it ends within the HTTP timeout.
+    let _ = tokio::time::timeout(SHUTDOWN_BROKER_WAIT, background_tasks.wait()).await;
     if let Some(session) = last_session {
         // Settle what finished, then close: that returns every unacknowledged delivery.
         let _ = tokio::time::timeout(SHUTDOWN_BROKER_WAIT, session.acks.close()).await;

@@ -371,7 +371,7 @@ async fn status_shows_the_token_age_and_never_a_secret() {
         .query_async(&mut conn)
         .await
         .unwrap();
-    let day = wxpush::domain::calendar::QuotaDay::with_length(env.config.quota_day_secs).key(chrono::Utc::now());
+    let day = wxpush::domain::calendar::QuotaDay::with_length(env.config.quota_day.as_secs()).key(chrono::Utc::now());
     let _: () = redis::cmd("SET").arg(redis.keys().quota(APPID, &day)).arg(17).query_async(&mut conn).await.unwrap();
     redis.pause_account(APPID, Duration::from_secs(50), "45011: minute quota reached").await.unwrap();
     redis
@@ -670,7 +670,7 @@ async fn flags_win_over_the_environment_and_status_speaks_json() {
     env.declare_topology().await;
     env.publish_job(&job("f-1", "u")).await;
     let redis = Redis::connect(redis_url(), &ns).await.unwrap();
-    let day = wxpush::domain::calendar::QuotaDay::with_length(env.config.quota_day_secs).key(chrono::Utc::now());
+    let day = wxpush::domain::calendar::QuotaDay::with_length(env.config.quota_day.as_secs()).key(chrono::Utc::now());
     let mut conn = redis_conn().await;
     let _: () = redis::cmd("SET").arg(redis.keys().quota(APPID, &day)).arg(5).query_async(&mut conn).await.unwrap();
 
@@ -726,7 +726,7 @@ async fn status_shows_sends_today_without_a_quota() {
     let env = TestEnv::new("ctl-sent", offline_config(&ns)).await;
     assert_eq!(env.config.accounts[0].daily_quota, None);
     let redis = Redis::connect(redis_url(), &ns).await.unwrap();
-    let day = wxpush::domain::calendar::QuotaDay::with_length(env.config.quota_day_secs).key(chrono::Utc::now());
+    let day = wxpush::domain::calendar::QuotaDay::with_length(env.config.quota_day.as_secs()).key(chrono::Utc::now());
     let mut conn = redis_conn().await;
     let _: () = redis::cmd("SET").arg(redis.keys().quota(APPID, &day)).arg(23).query_async(&mut conn).await.unwrap();
     let report = status::status(&env.config).await;
