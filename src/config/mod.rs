@@ -1,10 +1,10 @@
 //! Configuration: a TOML file (`config/default.toml` documents every key) and then the
-//! environment, which wins: every key has a `WXPUSH_*` variable derived from its path ([`env`];
+//! environment, which wins: every key has a `WXPUSH_*` variable derived from its path (`env.rs`;
 //! docs/contract.md, "Configuration"). figment merges the two and says which key a wrong value
 //! is at; an error then names the variable that set it, or the file.
 //!
 //! Durations are [`Duration`]s, read from keys that name their unit (`http_timeout_ms`), so
-//! files keep working ([`duration`]). Secrets are [`SecretString`]s from the moment they are
+//! files keep working (`duration.rs`). Secrets are [`SecretString`]s from the moment they are
 //! read: their `Debug` prints `[REDACTED]`, and so does serializing them ([`Config::to_redacted_toml`]).
 
 mod duration;
@@ -23,6 +23,8 @@ pub use env::{ENV_VARS, EnvVars};
 pub enum ConfigError {
     #[error("cannot read config file {path}")]
     Read { path: String, source: std::io::Error },
+    #[error("config file {path} is not valid TOML")]
+    Syntax { path: String, source: toml::de::Error },
     #[error("config file {path} is not valid: {message}")]
     Parse { path: String, message: String },
     #[error("environment variable {var}={value:?} is not valid: {message}")]
@@ -408,8 +410,8 @@ impl Config {
         toml_text: &str,
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<Config, ConfigError> {
-        let file: toml::Table = toml::from_str(toml_text)
-            .map_err(|e| ConfigError::Parse { path: name.to_owned(), message: e.to_string() })?;
+        let file: toml::Table =
+            toml::from_str(toml_text).map_err(|source| ConfigError::Syntax { path: name.to_owned(), source })?;
         let overrides = env::Overrides::read(&env);
         let mut config: Config = Figment::from(Serialized::defaults(file))
             .merge(Serialized::defaults(&overrides.dict))
@@ -776,6 +778,7 @@ mod tests {
             |toml: &str, e: &[(&str, &str)]| Config::from_sources("f.toml", toml, env(e)).unwrap_err().to_string();
         assert!(err("", &[("WXPUSH_CONCURRENCY", "many")]).contains("WXPUSH_CONCURRENCY=\"many\""));
         assert!(err("", &[("WXPUSH_CONCURRENCY", "0")]).contains("at least 1"));
+        assert!(err("concurrency = ", &[]).contains("f.toml is not valid TOML"));
         assert!(err("concurency = 3", &[]).ends_with("unknown field `concurency`"));
         assert!(err("[tls]\nca_fil = \"x\"", &[]).ends_with("unknown field `ca_fil` in [tls]"));
         assert!(err("", &[("WXPUSH_APPSECRET", "x")]).contains("set WXPUSH_APPID"));
