@@ -61,18 +61,7 @@ pub fn job(job_id: &str, touser: &str) -> Value {
 }
 
 pub fn account(name: &str, appid: &str, secret: &str) -> Account {
-    Account {
-        name: name.into(),
-        appid: appid.into(),
-        secret: SecretString::from(secret),
-        token_api: TokenApi::Stable,
-        callback_token: None,
-        encoding_aes_key: None,
-        previous_encoding_aes_key: None,
-        accept_plaintext: false,
-        rate_limit: None,
-        daily_quota: None,
-    }
+    Account { secret: SecretString::from(secret), token_api: TokenApi::Stable, ..Account::new(name, appid) }
 }
 
 /// A configuration in this test's namespace, pointing at `api_base`.
