@@ -13,8 +13,14 @@ use std::{
     time::{Duration, Instant},
 };
 
-use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use axum::{
+    Router,
+    extract::State,
+    http::StatusCode,
+    response::{IntoResponse, Response},
+    routing::get,
+};
+use metrics_exporter_prometheus::PrometheusHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -74,8 +80,14 @@ impl Health {
         self.in_flight_gauge.get_or_init(|| metrics::gauge!("wxpush_jobs_in_flight"))
     }
 
+    /// Connected to RabbitMQ and Redis.
     pub fn is_ready(&self) -> bool {
-        self.amqp.load(Ordering::Relaxed) && self.redis.load(Ordering::Relaxed)
+        self.readiness().is_ready()
+    }
+
+    /// What `/readyz` reports.
+    pub fn readiness(&self) -> Readiness {
+        Readiness { rabbitmq: self.amqp.load(Ordering::Relaxed), redis: self.redis.load(Ordering::Relaxed) }
     }
 
     /// Alive unless jobs are in flight and nothing has moved for `stall`.
@@ -84,63 +96,58 @@ impl Health {
         self.in_flight.load(Ordering::Relaxed) == 0 || Duration::from_millis(idle_ms) < stall
     }
 
-    /// Pings Redis every second until `cancel`, for readiness.
-    pub fn watch_redis(self: &Arc<Self>, redis: Redis, cancel: CancellationToken) {
-        let health = Arc::clone(self);
-        tokio::spawn(async move {
-            // Reported once per outage, the first one at start included (a TLS or URL mistake).
-            let mut reported_down = false;
-            loop {
-                let failure = match tokio::time::timeout(Duration::from_secs(2), redis.ping()).await {
-                    Ok(Ok(())) => None,
-                    Ok(Err(e)) => Some(e.to_string()),
-                    Err(_) => Some("no answer to PING within 2 s".to_owned()),
-                };
-                health.redis.store(failure.is_none(), Ordering::Relaxed);
-                match failure {
-                    Some(error) if !reported_down => {
-                        warn!(%error, "Redis is unreachable; jobs wait until it is back");
-                        reported_down = true;
-                    }
-                    None if reported_down => {
-                        info!("Redis is reachable again");
-                        reported_down = false;
-                    }
-                    _ => {}
+    /// Pings Redis every second until `cancel`, for readiness: the caller runs it on its
+    /// task tracker.
+    pub async fn watch_redis(self: Arc<Self>, redis: Redis, cancel: CancellationToken) {
+        // Reported once per outage, the first one at start included (a TLS or URL mistake).
+        let mut reported_down = false;
+        loop {
+            let failure = match tokio::time::timeout(Duration::from_secs(2), redis.ping()).await {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(telemetry::chain(&e).to_string()),
+                Err(_) => Some("no answer to PING within 2 s".to_owned()),
+            };
+            self.redis.store(failure.is_none(), Ordering::Relaxed);
+            match failure {
+                Some(error) if !reported_down => {
+                    warn!(%error, "Redis is unreachable; jobs wait until it is back");
+                    reported_down = true;
                 }
-                tokio::select! {
-                    _ = cancel.cancelled() => return,
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                None if reported_down => {
+                    info!("Redis is reachable again");
+                    reported_down = false;
                 }
+                _ => {}
             }
-        });
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
     }
 }
 
-/// Installs the process-wide Prometheus recorder (once; later calls return `None`), with every
-/// metric described, `wxpush_build_info` and the process metrics.
-pub fn install_metrics() -> Option<PrometheusHandle> {
-    // Buckets, not the default summary, so that dashboards can aggregate latency across workers
-    // (histogram_quantile over the pool); 5 ms to 10 s covers WeChat up to the HTTP timeout.
-    let buckets = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
-    let builder =
-        PrometheusBuilder::new().set_buckets_for_metric(Matcher::Full("wxpush_send_seconds".into()), &buckets).ok()?;
-    let handle = builder.install_recorder().ok()?;
-    telemetry::catalog::describe_metrics();
-    // install_recorder starts no upkeep: without it histogram samples pile up between scrapes
-    // (forever when nothing scrapes), so drain them every few seconds.
-    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-        let upkeep = handle.clone();
-        runtime.spawn(async move {
-            loop {
-                tokio::time::sleep(Duration::from_secs(5)).await;
-                upkeep.run_upkeep();
-                // Also for pages rendered elsewhere (the webhook's /metrics).
-                telemetry::catalog::collect_process_metrics();
-            }
-        });
+/// What `/readyz` answers, the worker's and the webhook's alike: one line per service,
+/// `rabbitmq: up` / `redis: down`; 200 when both are up, else 503.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Readiness {
+    pub rabbitmq: bool,
+    pub redis: bool,
+}
+
+impl Readiness {
+    pub fn is_ready(&self) -> bool {
+        self.rabbitmq && self.redis
     }
-    Some(handle)
+}
+
+impl IntoResponse for Readiness {
+    fn into_response(self) -> Response {
+        let word = |up: bool| if up { "up" } else { "down" };
+        let body = format!("rabbitmq: {}\nredis: {}\n", word(self.rabbitmq), word(self.redis));
+        let status = if self.is_ready() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+        (status, body).into_response()
+    }
 }
 
 #[derive(Clone)]
@@ -166,23 +173,13 @@ async fn healthz(State(s): State<AdminState>) -> impl IntoResponse {
     }
 }
 
-async fn readyz(State(s): State<AdminState>) -> impl IntoResponse {
-    let amqp = s.health.amqp.load(Ordering::Relaxed);
-    let redis = s.health.redis.load(Ordering::Relaxed);
-    let body = format!("rabbitmq: {}\nredis: {}\n", up(amqp), up(redis));
-    (if amqp && redis { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, body)
-}
-
-fn up(b: bool) -> &'static str {
-    if b { "up" } else { "down" }
+async fn readyz(State(s): State<AdminState>) -> Readiness {
+    s.health.readiness()
 }
 
 async fn render_metrics(State(s): State<AdminState>) -> impl IntoResponse {
     match &s.metrics {
-        Some(handle) => {
-            telemetry::catalog::collect_process_metrics();
-            (StatusCode::OK, handle.render())
-        }
+        Some(handle) => (StatusCode::OK, telemetry::render_metrics(handle)),
         None => (StatusCode::NOT_FOUND, "metrics recorder not installed in this process\n".to_owned()),
     }
 }

@@ -1,4 +1,5 @@
-//! Logs and metrics set up the same way in every program, and the shutdown signal.
+//! What every program sets up the same way: logs ([`init`]), metrics ([`install_metrics`]),
+//! the shutdown signal ([`shutdown_signal`]), and how an error is shown whole ([`chain`]).
 //!
 //! Logs: readable text by default, one JSON object per line with `WXPUSH_LOG_FORMAT=json`
 //! ([`json`]: typed values, a job's `job_id` and `account` at the top level), filtered by
@@ -7,8 +8,10 @@
 //! Metrics: [`catalog`] describes every metric the programs emit (the `# HELP` lines), exports
 //! `wxpush_build_info` and the process metrics, and registers the per-account counters at zero.
 
-use std::io::IsTerminal;
+use std::{io::IsTerminal, sync::OnceLock, time::Duration};
 
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing_subscriber::{EnvFilter, fmt, fmt::format::JsonFields};
 
 pub mod catalog;
@@ -62,7 +65,7 @@ fn use_colour(terminal: bool, no_color: Option<&str>) -> bool {
 }
 
 /// Sets up logging for `program` (once per process; a second call changes nothing). Every
-/// program calls this first thing in `main`.
+/// program, `wxpush-ctl` included, calls this first thing in `main`.
 pub fn init(program: Program) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(program.default_filter()));
     let format = LogFormat::from_env_value(std::env::var("WXPUSH_LOG_FORMAT").ok().as_deref());
@@ -81,30 +84,102 @@ pub fn init(program: Program) {
     };
 }
 
-/// The services' logging ([`init`] for the worker); kept for callers not yet naming their program.
-pub fn init_logging() {
-    init(Program::Worker);
-}
-
-/// Resolves on SIGTERM or SIGINT (Ctrl-C).
+/// Resolves on SIGTERM or SIGINT (Ctrl-C): the one shutdown signal of every program.
 pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
     #[cfg(unix)]
     let term = async {
         match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
             Ok(mut s) => {
                 s.recv().await;
             }
-            Err(_) => std::future::pending::<()>().await,
+            Err(error) => {
+                tracing::warn!(%error, "cannot listen for SIGTERM; stop with Ctrl-C");
+                std::future::pending::<()>().await
+            }
         }
     };
     #[cfg(not(unix))]
     let term = std::future::pending::<()>();
     tokio::select! {
-        _ = ctrl_c => {}
+        _ = tokio::signal::ctrl_c() => {}
         _ = term => {}
+    }
+}
+
+/// Cancels `shutdown` on SIGTERM or SIGINT, from a task on `tracker` that also ends when
+/// `shutdown` is cancelled otherwise.
+pub fn cancel_on_signal(tracker: &TaskTracker, shutdown: CancellationToken) {
+    tracker.spawn(async move {
+        tokio::select! {
+            _ = shutdown_signal() => {
+                tracing::info!("shutdown requested");
+                shutdown.cancel();
+            }
+            _ = shutdown.cancelled() => {}
+        }
+    });
+}
+
+/// Installs the process-wide Prometheus recorder, the same for every program: every metric
+/// described, histograms with buckets (so dashboards can aggregate quantiles across replicas),
+/// `wxpush_build_info` and the process metrics. Later calls return the same handle; `None` when
+/// another recorder was installed first. Serve it with [`render_metrics`], and run
+/// [`metrics_upkeep`] beside it.
+pub fn install_metrics() -> Option<PrometheusHandle> {
+    static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let handle = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Full("wxpush_send_seconds".into()), catalog::SEND_BUCKETS)
+                .ok()?
+                .set_buckets_for_metric(Matcher::Prefix("wxpush_webhook_".into()), crate::webhook::metrics::BUCKETS)
+                .ok()?
+                .install_recorder()
+                .ok()?;
+            catalog::describe_metrics();
+            crate::webhook::metrics::describe();
+            Some(handle)
+        })
+        .clone()
+}
+
+/// The metrics page, with the process metrics read just before.
+pub fn render_metrics(handle: &PrometheusHandle) -> String {
+    catalog::collect_process_metrics();
+    handle.render()
+}
+
+/// Folds the recorded histogram samples into their buckets every second until `stop`: the
+/// recorder does not by itself, and samples would pile up between scrapes (forever when
+/// nothing scrapes).
+pub async fn metrics_upkeep(handle: PrometheusHandle, stop: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => handle.run_upkeep(),
+        }
+    }
+}
+
+/// An error and each of its causes once, on one line: `cannot load the configuration: cannot
+/// read config file x.toml: No such file or directory (os error 2)`. Errors never repeat their
+/// source in their own message, so this is how to show one whole (anyhow's `{:#}` does the same).
+pub fn chain<'a>(error: &'a (dyn std::error::Error + 'static)) -> Chain<'a> {
+    Chain(error)
+}
+
+/// See [`chain`].
+pub struct Chain<'a>(&'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for Chain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut cause = self.0.source();
+        while let Some(error) = cause {
+            write!(f, ": {error}")?;
+            cause = error.source();
+        }
+        Ok(())
     }
 }
 
@@ -118,6 +193,15 @@ mod tests {
         assert_eq!(LogFormat::from_env_value(Some(" JSON ")), LogFormat::Json);
         assert_eq!(LogFormat::from_env_value(Some("text")), LogFormat::Text);
         assert_eq!(LogFormat::from_env_value(None), LogFormat::Text);
+    }
+
+    #[test]
+    fn a_chain_shows_each_cause_once() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("cannot load the configuration")]
+        struct Outer(#[source] std::io::Error);
+        let e = Outer(std::io::Error::other("disk on fire"));
+        assert_eq!(chain(&e).to_string(), "cannot load the configuration: disk on fire");
     }
 
     #[test]

@@ -20,10 +20,10 @@ use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
 use redis::{ClientTlsConfig, TlsCertificates};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
 use secrecy::{ExposeSecret, SecretSlice};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
-/// The `[tls]` section of the configuration, overridden by `WXPUSH_TLS_*`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+/// The `[tls]` section of the configuration (`WXPUSH_TLS_*` override it).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TlsSettings {
     /// PEM bundle of CA certificates trusted besides the system's (`WXPUSH_TLS_CA_FILE`).
@@ -35,20 +35,6 @@ pub struct TlsSettings {
 }
 
 impl TlsSettings {
-    /// Applies the `WXPUSH_TLS_*` variables found by `env` (empty values are ignored).
-    pub fn apply_env(&mut self, env: &impl Fn(&str) -> Option<String>) {
-        let get = |var: &str| env(var).filter(|v| !v.trim().is_empty()).map(PathBuf::from);
-        if let Some(path) = get("WXPUSH_TLS_CA_FILE") {
-            self.ca_file = Some(path);
-        }
-        if let Some(path) = get("WXPUSH_TLS_CERT_FILE") {
-            self.cert_file = Some(path);
-        }
-        if let Some(path) = get("WXPUSH_TLS_KEY_FILE") {
-            self.key_file = Some(path);
-        }
-    }
-
     /// A certificate without its key (or the reverse) is a mistake, not a choice.
     pub fn validate(&self) -> Result<(), TlsError> {
         if self.cert_file.is_some() != self.key_file.is_some() {
@@ -61,14 +47,17 @@ impl TlsSettings {
 /// Why the TLS files could not be used; each names the file and the setting.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    #[error("cannot read {setting} {path}: {source}")]
+    #[error("cannot read {setting} {path}")]
     Read { setting: &'static str, path: String, source: std::io::Error },
-    #[error("{setting} {path} holds no PEM certificate: it must contain `-----BEGIN CERTIFICATE-----` blocks{detail}")]
-    NoCertificate { setting: &'static str, path: String, detail: String },
-    #[error(
-        "WXPUSH_TLS_KEY_FILE (tls.key_file) {path} holds no PEM private key (PKCS#8, PKCS#1 or SEC1, unencrypted): {message}"
-    )]
-    Key { path: String, message: String },
+    #[error("{setting} {path} holds no PEM certificate: it must contain `-----BEGIN CERTIFICATE-----` blocks")]
+    NoCertificate {
+        setting: &'static str,
+        path: String,
+        #[source]
+        source: Option<rustls_pki_types::pem::Error>,
+    },
+    #[error("WXPUSH_TLS_KEY_FILE (tls.key_file) {path} holds no PEM private key (PKCS#8, PKCS#1 or SEC1, unencrypted)")]
+    Key { path: String, source: rustls_pki_types::pem::Error },
     #[error(
         "a client certificate needs its key: set both WXPUSH_TLS_CERT_FILE and WXPUSH_TLS_KEY_FILE \
          (tls.cert_file and tls.key_file), or neither"
@@ -122,7 +111,7 @@ impl Tls {
                 certificates(CERT_SETTING, cert, &cert_pem)?;
                 let key_pem = read("WXPUSH_TLS_KEY_FILE (tls.key_file)", key)?;
                 PrivateKeyDer::from_pem_slice(&key_pem)
-                    .map_err(|e| TlsError::Key { path: key.display().to_string(), message: e.to_string() })?;
+                    .map_err(|source| TlsError::Key { path: key.display().to_string(), source })?;
                 Some(Identity { cert_pem, key_pem: SecretSlice::from(key_pem) })
             }
             _ => None,
@@ -177,14 +166,14 @@ fn read(setting: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
 
 /// The certificates of a PEM file; at least one.
 fn certificates(setting: &'static str, path: &Path, pem: &[u8]) -> Result<usize, TlsError> {
-    let no_certificate = |detail: String| TlsError::NoCertificate { setting, path: path.display().to_string(), detail };
+    let no_certificate = |source| TlsError::NoCertificate { setting, path: path.display().to_string(), source };
     let mut count = 0;
     for cert in CertificateDer::pem_slice_iter(pem) {
-        cert.map_err(|e| no_certificate(format!(" ({e})")))?;
+        cert.map_err(|e| no_certificate(Some(e)))?;
         count += 1;
     }
     if count == 0 {
-        return Err(no_certificate(String::new()));
+        return Err(no_certificate(None));
     }
     Ok(count)
 }
@@ -244,12 +233,13 @@ pub fn current() -> Arc<Tls> {
     }
     static FROM_ENV: OnceLock<Arc<Tls>> = OnceLock::new();
     Arc::clone(FROM_ENV.get_or_init(|| {
-        let mut settings = TlsSettings::default();
-        settings.apply_env(&|var| std::env::var(var).ok());
-        match Tls::load(&settings) {
+        let loaded = crate::config::tls_from_env()
+            .map_err(|e| e.to_string())
+            .and_then(|settings| Tls::load(&settings).map_err(|e| crate::telemetry::chain(&e).to_string()));
+        match loaded {
             Ok(tls) => Arc::new(tls),
-            Err(e) => {
-                tracing::error!(error = %e, "TLS settings not usable; connecting with the system trust store only");
+            Err(error) => {
+                tracing::error!(%error, "TLS settings not usable; connecting with the system trust store only");
                 Arc::new(Tls::default())
             }
         }
@@ -285,18 +275,6 @@ mod tests {
             .to_string();
         assert!(e.contains("holds no PEM certificate") && e.contains(&not_pem.display().to_string()), "{e}");
         let _ = std::fs::remove_file(not_pem);
-    }
-
-    #[test]
-    fn the_environment_overrides_the_file() {
-        let mut s = TlsSettings { ca_file: Some("from-file.pem".into()), ..TlsSettings::default() };
-        s.apply_env(&|var| match var {
-            "WXPUSH_TLS_CA_FILE" => Some("/etc/ca.pem".into()),
-            "WXPUSH_TLS_CERT_FILE" => Some(String::new()),
-            _ => None,
-        });
-        assert_eq!(s.ca_file.as_deref(), Some(Path::new("/etc/ca.pem")));
-        assert_eq!(s.cert_file, None, "an empty variable changes nothing");
     }
 
     #[test]

@@ -28,7 +28,7 @@ use std::{
 };
 
 use secrecy::{ExposeSecret, SecretString};
-use tokio_util::sync::CancellationToken;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{debug, error, info, warn};
 
 use crate::{
@@ -136,7 +136,7 @@ impl TokenManager {
     }
 
     fn refresh_ahead(&self) -> Duration {
-        Duration::from_secs_f64(self.settings.refresh_ahead_secs.max(0.0))
+        self.settings.refresh_ahead
     }
 
     fn entry(&self, account: &str) -> Result<&Arc<AccountTokens>, TokenError> {
@@ -188,7 +188,7 @@ impl TokenManager {
     /// Gets a token through Redis, fetching under the pool-wide lock when there is none.
     /// `stale` is a token known to be bad: it is never returned.
     async fn obtain(&self, entry: &AccountTokens, stale: Option<&Token>) -> Result<Token, TokenError> {
-        let deadline = Instant::now() + Duration::from_millis(self.settings.wait_ms);
+        let deadline = Instant::now() + self.settings.wait;
         let _flight = entry.flight.lock().await;
         // Someone in this process may have obtained one while we queued for the flight.
         if let Some(token) = entry.fresh_local().filter(|t| !same(Some(t), stale)) {
@@ -223,7 +223,7 @@ impl TokenManager {
                 tokio::time::sleep(failure.remaining).await;
                 continue;
             }
-            let lease = Duration::from_millis(self.settings.lock_ttl_ms);
+            let lease = self.settings.lock_ttl;
             if self.redis.try_lock_token(appid, &self.owner, lease).await.map_err(|s| entry.store_error(s))? {
                 let result = self.fetch_locked(entry, need).await;
                 if let Err(e) = self.redis.unlock_token(appid, &self.owner).await {
@@ -284,7 +284,7 @@ impl TokenManager {
             {
                 // WeChat ignored the forced refresh (someone forced one less than 30 s ago).
                 let why = "WeChat ignored a forced refresh and handed the refused token back".to_owned();
-                let retry_after = Duration::from_secs(self.settings.forced_refresh_interval_secs);
+                let retry_after = self.settings.forced_refresh_interval;
                 return Err(self.keep_refused(entry, bad, g.expires_in, why, retry_after).await);
             }
         }
@@ -309,9 +309,8 @@ impl TokenManager {
             }
             Err(e) => {
                 let streak = streak.saturating_add(1);
-                let backoff = (Duration::from_millis(self.settings.failure_backoff_ms)
-                    * 2u32.saturating_pow(streak - 1))
-                .min(MAX_FAILURE_BACKOFF);
+                let backoff =
+                    (self.settings.failure_backoff * 2u32.saturating_pow(streak - 1)).min(MAX_FAILURE_BACKOFF);
                 let advice = match &e {
                     TokenFetchError::Refused { errcode, .. } => token_error_advice(*errcode),
                     TokenFetchError::Http(_) => None,
@@ -340,7 +339,7 @@ impl TokenManager {
     /// retry_after)))` when the interval or the day's budget says no.
     async fn force_refresh(&self, entry: &AccountTokens) -> Result<Result<(), (String, Duration)>, TokenError> {
         let account = &entry.account;
-        let interval = Duration::from_secs(self.settings.forced_refresh_interval_secs);
+        let interval = self.settings.forced_refresh_interval;
         let budget = self.settings.forced_refresh_daily_budget;
         let now = chrono::Utc::now();
         let gate = self
@@ -395,27 +394,24 @@ impl TokenManager {
         entry.refused(why, mark)
     }
 
-    /// Keeps every account's token fresh until `cancel`: wakes up `refresh_ahead` before expiry
-    /// and refreshes under the pool-wide lock (or finds that another worker already did).
-    pub fn spawn_refreshers(self: &Arc<Self>, cancel: CancellationToken) -> Vec<tokio::task::JoinHandle<()>> {
-        self.accounts
-            .values()
-            .filter(|e| !e.account.secret.expose_secret().is_empty())
-            .map(|entry| {
-                let manager = Arc::clone(self);
-                let entry = Arc::clone(entry);
-                let cancel = cancel.clone();
-                tokio::spawn(async move {
-                    loop {
-                        let pause = manager.refresh_once(&entry).await;
-                        tokio::select! {
-                            _ = cancel.cancelled() => return,
-                            _ = tokio::time::sleep(pause) => {}
-                        }
+    /// Keeps every account's token fresh until `cancel`, one task per account on `tracker`:
+    /// wakes up `refresh_ahead` before expiry and refreshes under the pool-wide lock (or finds
+    /// that another worker already did).
+    pub fn spawn_refreshers(self: &Arc<Self>, tracker: &TaskTracker, cancel: CancellationToken) {
+        self.accounts.values().filter(|e| !e.account.secret.expose_secret().is_empty()).for_each(|entry| {
+            let manager = Arc::clone(self);
+            let entry = Arc::clone(entry);
+            let cancel = cancel.clone();
+            tracker.spawn(async move {
+                loop {
+                    let pause = manager.refresh_once(&entry).await;
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        _ = tokio::time::sleep(pause) => {}
                     }
-                })
-            })
-            .collect()
+                }
+            });
+        });
     }
 
     /// One round of the refresher; returns how long to sleep before the next.
@@ -452,7 +448,7 @@ impl TokenManager {
             }
             None => None,
         };
-        let lease = Duration::from_millis(self.settings.lock_ttl_ms);
+        let lease = self.settings.lock_ttl;
         match self.redis.try_lock_token(appid, &self.owner, lease).await {
             Ok(true) => {
                 let _flight = entry.flight.lock().await;

@@ -371,7 +371,7 @@ async fn status_shows_the_token_age_and_never_a_secret() {
         .query_async(&mut conn)
         .await
         .unwrap();
-    let day = wxpush::domain::calendar::QuotaDay::with_length(env.config.quota_day_secs).key(chrono::Utc::now());
+    let day = wxpush::domain::calendar::QuotaDay::with_length(env.config.quota_day.as_secs()).key(chrono::Utc::now());
     let _: () = redis::cmd("SET").arg(redis.keys().quota(APPID, &day)).arg(17).query_async(&mut conn).await.unwrap();
     redis.pause_account(APPID, Duration::from_secs(50), "45011: minute quota reached").await.unwrap();
     redis
@@ -670,7 +670,7 @@ async fn flags_win_over_the_environment_and_status_speaks_json() {
     env.declare_topology().await;
     env.publish_job(&job("f-1", "u")).await;
     let redis = Redis::connect(redis_url(), &ns).await.unwrap();
-    let day = wxpush::domain::calendar::QuotaDay::with_length(env.config.quota_day_secs).key(chrono::Utc::now());
+    let day = wxpush::domain::calendar::QuotaDay::with_length(env.config.quota_day.as_secs()).key(chrono::Utc::now());
     let mut conn = redis_conn().await;
     let _: () = redis::cmd("SET").arg(redis.keys().quota(APPID, &day)).arg(5).query_async(&mut conn).await.unwrap();
 
@@ -726,7 +726,7 @@ async fn status_shows_sends_today_without_a_quota() {
     let env = TestEnv::new("ctl-sent", offline_config(&ns)).await;
     assert_eq!(env.config.accounts[0].daily_quota, None);
     let redis = Redis::connect(redis_url(), &ns).await.unwrap();
-    let day = wxpush::domain::calendar::QuotaDay::with_length(env.config.quota_day_secs).key(chrono::Utc::now());
+    let day = wxpush::domain::calendar::QuotaDay::with_length(env.config.quota_day.as_secs()).key(chrono::Utc::now());
     let mut conn = redis_conn().await;
     let _: () = redis::cmd("SET").arg(redis.keys().quota(APPID, &day)).arg(23).query_async(&mut conn).await.unwrap();
     let report = status::status(&env.config).await;
@@ -1244,4 +1244,47 @@ async fn status_counts_ready_and_unacknowledged_jobs_through_the_management_api(
     assert!(stdout(&out).contains("refused the credentials"), "{}", stdout(&out));
     let _ = conn.close(200, ShortString::from("done")).await;
     delete_redis_prefix(&ns).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_prints_the_effective_configuration_with_secrets_redacted() {
+    let cfg = offline_config(&unique("ctl-effective"));
+    let amqp_url = cfg.amqp_url.replacen("guest:guest@", "guest:pa55-effective@", 1);
+    let run = |args: &'static [&'static str]| {
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_wxpush-ctl"));
+        for (var, _) in wxpush::config::ENV_VARS {
+            cmd.env_remove(var);
+        }
+        cmd.env_remove("WXPUSH_CONFIG")
+            .env("WXPUSH_AMQP_URL", &amqp_url)
+            .env("WXPUSH_REDIS_URL", &cfg.redis_url)
+            .env("WXPUSH_APPID", GOOD_APPID)
+            .env("WXPUSH_APPSECRET", "s3cr3t-effective")
+            .env("WXPUSH_CALLBACK_TOKEN", "cb-t0ken-effective")
+            .env("WXPUSH_TOKEN__WAIT_MS", "4321")
+            .env("WXPUSH_WEBHOOK_MSGID_WAIT_MS", "250")
+            .args(args)
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .output()
+    };
+    let out = tokio::time::timeout(Duration::from_secs(60), run(&["check", "--offline"])).await.unwrap().unwrap();
+    let text = stdout(&out);
+    for shown in ["[token]\n", "wait_ms = 4321\n", "[webhook]\n", "msgid_wait_ms = 250\n", "secret = \"[REDACTED]\""] {
+        assert!(text.contains(shown), "{shown:?} not in:\n{text}");
+    }
+    for secret in ["pa55-effective", "s3cr3t-effective", "cb-t0ken-effective"] {
+        assert!(!text.contains(secret), "check shows {secret}:\n{text}");
+    }
+    let out = tokio::time::timeout(Duration::from_secs(60), run(&["check", "--offline", "-o", "json"]))
+        .await
+        .unwrap()
+        .unwrap();
+    let report: Value = serde_json::from_slice(&out.stdout).expect("check -o json is JSON");
+    assert_eq!(
+        (report["config"]["token"]["wait_ms"].as_u64(), report["config"]["webhook"]["msgid_wait_ms"].as_u64()),
+        (Some(4321), Some(250))
+    );
+    assert_eq!(report["config"]["accounts"][0]["callback_token"], "[REDACTED]", "{report}");
+    assert!(!out.stdout.windows(14).any(|w| w == b"pa55-effective"), "{report}");
 }

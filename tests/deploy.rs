@@ -354,7 +354,10 @@ fn compose_runs_the_demo_with_real_programs_variables_and_ports() {
     assert_eq!(url::Url::parse(&config.amqp_url).unwrap().host_str(), Some("rabbitmq"));
     assert_eq!(url::Url::parse(&config.redis_url).unwrap().host_str(), Some("redis"));
     let grace = compose_duration_secs(&str_of(&worker["stop_grace_period"]));
-    assert!(grace > config.shutdown_grace_secs as f64, "Docker's SIGKILL ({grace} s) comes after the worker's grace");
+    assert!(
+        grace > config.shutdown_grace.as_secs() as f64,
+        "Docker's SIGKILL ({grace} s) comes after the worker's grace"
+    );
 
     let (webhook_name, webhook, webhook_env, _) = &programs["wxpush-webhook"];
     let webhook_config = effective_config("compose webhook", "", webhook_env);
@@ -364,7 +367,7 @@ fn compose_runs_the_demo_with_real_programs_variables_and_ports() {
     assert_eq!(hook.path(), "/wechat", "the URL of the account `default`");
     assert!(webhook_config.webhook_listen.ip().is_unspecified());
     let grace = compose_duration_secs(&str_of(&webhook["stop_grace_period"]));
-    assert!(grace > webhook_config.shutdown_grace_secs as f64);
+    assert!(grace > webhook_config.shutdown_grace.as_secs() as f64);
     // WeChat's port is published; the admin port (metrics, probes) stays inside the network,
     // and the healthcheck asks it.
     let admin = webhook_config.webhook_admin_listen;
@@ -578,10 +581,10 @@ fn pods_outlive_the_shutdown_grace() {
                 other => panic!("{name}: unexpected preStop {other:?}"),
             };
             assert!(
-                termination > pre_stop_secs + config.shutdown_grace_secs,
+                termination > pre_stop_secs + config.shutdown_grace.as_secs(),
                 "{name}: terminationGracePeriodSeconds {termination} must exceed the preStop {pre_stop_secs} s \
                  plus the shutdown grace {} s, or in-flight work is SIGKILLed",
-                config.shutdown_grace_secs
+                config.shutdown_grace.as_secs()
             );
         }
     }
@@ -1045,23 +1048,15 @@ fn the_dashboard_shows_every_metric_the_code_emits_and_no_other() {
 fn histograms_the_dashboard_takes_quantiles_of_render_buckets() {
     // Without configured buckets the exporter renders a summary, and histogram_quantile over
     // `_bucket` finds nothing: render them the way the programs do.
-    let handle = wxpush::health::install_metrics().expect("the first recorder of this test process");
-    // The webhook is a process of its own, with its own recorder.
-    let webhook = wxpush::webhook::metrics::builder().expect("the webhook's buckets").build_recorder();
-    let webhook_handle = webhook.handle();
+    // Every program installs the same recorder, the webhook's histograms' buckets included.
+    let handle = wxpush::telemetry::install_metrics().expect("the first recorder of this test process");
     let mut checked = 0;
     for expr in dashboard_queries(&dashboard()).iter().filter(|e| e.contains("histogram_quantile")) {
         for name in metric_names(expr) {
             let base = name.strip_suffix("_bucket").unwrap_or_else(|| panic!("quantile of a non-bucket: {expr}"));
-            let text = if base.starts_with("wxpush_webhook_") {
-                metrics::with_local_recorder(&webhook, || {
-                    metrics::histogram!(base.to_owned(), "outcome" => "deploy-test").record(0.2);
-                });
-                webhook_handle.render()
-            } else {
-                metrics::histogram!(base.to_owned(), "account" => "deploy-test").record(0.2);
-                handle.render()
-            };
+            let label = if base.starts_with("wxpush_webhook_") { "outcome" } else { "account" };
+            metrics::histogram!(base.to_owned(), label => "deploy-test").record(0.2);
+            let text = handle.render();
             assert!(text.contains(&format!("{base}_bucket{{")), "{base} renders no buckets:\n{text}");
             checked += 1;
         }

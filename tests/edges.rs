@@ -22,7 +22,6 @@ use serde_json::Value;
 use wxpush::{
     amqp::headers::ATTEMPTS as ATTEMPTS_HEADER,
     amqp::unrouted_name,
-    health,
     sandbox::{Faults, SandboxAccount, SandboxConfig},
 };
 
@@ -146,7 +145,7 @@ async fn token_requests_of_a_pool(workers: usize, run: Duration) -> (u64, f64) {
     .await;
     let ns = unique(&format!("pool{workers}"));
     let mut cfg = config(&ns, &sandbox.base_url());
-    cfg.token.refresh_ahead_secs = 240.0;
+    cfg.token.refresh_ahead = Duration::from_secs(240);
     let env = TestEnv::new("pool", cfg).await;
     let started = Instant::now();
     let processes: Vec<WorkerProcess> = (0..workers).map(|_| WorkerProcess::start(&env.config)).collect();
@@ -293,7 +292,7 @@ async fn a_forged_attempt_count_never_resets_or_extends_a_job() {
 /// The process-wide recorder of this test binary.
 fn recorder() -> PrometheusHandle {
     static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
-    HANDLE.get_or_init(health::install_metrics).clone().expect("this test binary installs the recorder")
+    HANDLE.get_or_init(wxpush::telemetry::install_metrics).clone().expect("this test binary installs the recorder")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -101,7 +101,7 @@ async fn jobs_beyond_the_daily_quota_wait_for_the_reset() {
     let sandbox = start_sandbox(SandboxConfig::default()).await;
     let ns = unique("quota");
     let mut cfg = config(&ns, &sandbox.base_url());
-    cfg.quota_day_secs = 3;
+    cfg.quota_day = Duration::from_secs(3);
     cfg.accounts[0].daily_quota = Some(25);
     let mut env = TestEnv::new("quota", cfg).await;
     env.declare_topology().await;
@@ -145,8 +145,8 @@ async fn wechat_quota_answers_pause_one_account_while_others_go_on() {
     let ns = unique("wxquota");
     let mut cfg = config(&ns, &sandbox.base_url());
     cfg.accounts = vec![account("default", APPID, SECRET), account("b", APPID_B, SECRET_B)];
-    cfg.quota_day_secs = 2;
-    cfg.minute_pause_secs = 1;
+    cfg.quota_day = Duration::from_secs(2);
+    cfg.minute_pause = Some(Duration::from_secs(1));
     let mut env = TestEnv::new("wxquota", cfg).await;
     env.declare_topology().await;
     for i in 0..30 {

@@ -34,7 +34,7 @@ use wxpush::{
 /// The process-wide recorder: one per test binary, shared by its tests (labels keep them apart).
 fn recorder() -> PrometheusHandle {
     static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
-    HANDLE.get_or_init(health::install_metrics).clone().expect("this test binary installs the recorder")
+    HANDLE.get_or_init(wxpush::telemetry::install_metrics).clone().expect("this test binary installs the recorder")
 }
 
 /// An in-process worker with its `/healthz`, `/readyz` and `/metrics` served on 127.0.0.1.
@@ -126,7 +126,7 @@ async fn metrics_count_what_the_worker_did() {
     cfg.accounts = vec![a, b];
     cfg.max_attempts = 2;
     // Every retry goes through a delay queue, so that delays are counted too.
-    cfg.retry.in_process_max_ms = 0;
+    cfg.retry.in_process_max = Duration::ZERO;
     let mut env = TestEnv::new("metrics", cfg).await;
     env.declare_topology().await;
     let page = recorder().render();

@@ -55,7 +55,7 @@ async fn a_worker_killed_mid_run_loses_nothing_and_sends_nothing_twice() {
     sandbox.set_faults(Faults { latency_ms: 20, ..Faults::default() });
     let ns = unique("kill");
     let mut cfg = config(&ns, &sandbox.base_url());
-    cfg.job_lease_ms = 2_000;
+    cfg.job_lease = Duration::from_millis(2_000);
     cfg.concurrency = 32;
     let mut env = TestEnv::new("kill", cfg).await;
     env.declare_topology().await;
@@ -89,7 +89,7 @@ async fn sigterm_finishes_in_flight_jobs_and_leaves_the_rest_queued() {
     let ns = unique("term");
     let mut cfg = config(&ns, &sandbox.base_url());
     cfg.concurrency = 8;
-    cfg.shutdown_grace_secs = 10;
+    cfg.shutdown_grace = Duration::from_secs(10);
     let mut env = TestEnv::new("term", cfg).await;
     env.declare_topology().await;
     let total = 100;
@@ -189,7 +189,7 @@ async fn the_worker_recovers_when_rabbitmq_and_redis_drop_its_connections() {
     let mut cfg = config(&ns, &sandbox.base_url());
     cfg.amqp_url = users.amqp_url();
     cfg.redis_url = users.redis_url();
-    cfg.job_lease_ms = 2_000;
+    cfg.job_lease = Duration::from_millis(2_000);
     cfg.concurrency = 16;
     let mut env = TestEnv::new("outage", cfg).await;
     env.declare_topology().await;

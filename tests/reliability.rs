@@ -31,7 +31,7 @@ async fn transient_faults_are_retried_until_every_job_succeeds() {
     let ns = unique("faults");
     let mut cfg = config(&ns, &sandbox.base_url());
     cfg.max_attempts = 10;
-    cfg.http_timeout_ms = 800;
+    cfg.http_timeout = Duration::from_millis(800);
     let mut env = TestEnv::new("faults", cfg).await;
     env.declare_topology().await;
     let total = 300;

@@ -30,7 +30,7 @@ use wxpush::{
     config::Config,
     domain::crypto::{self, Cipher},
     store::Redis,
-    webhook::{Listeners, Webhook, WebhookSettings, dedupe, metrics, serve_with},
+    webhook::{Listeners, Webhook, WebhookSettings, dedupe, serve_with},
 };
 
 #[path = "common/services.rs"]
@@ -150,7 +150,7 @@ impl Harness {
             "#
         );
         let config = Config::from_sources("test", &toml, |_| None).expect("test config");
-        let mut settings = WebhookSettings::from_sources(&config, |_| None).expect("settings");
+        let mut settings = WebhookSettings::from_config(&config);
         settings.timestamp_window = opts.timestamp_window;
         settings.msgid_wait = opts.msgid_wait;
         settings.publish_timeout = Duration::from_secs(5);
@@ -203,7 +203,7 @@ impl Harness {
         let mut webhook = Webhook::new(&config, settings, broker, webhook_redis).expect("webhook");
         // One recorder for the whole test process: series are shared between tests, so tests
         // compare counts before and after, on labels only they produce.
-        if let Some(prometheus) = metrics::install() {
+        if let Some(prometheus) = wxpush::telemetry::install_metrics() {
             webhook = webhook.with_metrics(Arc::new(move || prometheus.render()));
         }
         let listeners = Listeners {
@@ -914,7 +914,7 @@ async fn without_redis_nothing_is_published_and_the_answer_is_503() {
     // Unreadable pushes are not parked either (they could not be de-duplicated): WeChat pushes again.
     assert_eq!(h.post_plain("/wechat", "AAAAA", SEED_MALFORMED).await.0, StatusCode::SERVICE_UNAVAILABLE);
     let (status, body) = h.admin_get("/readyz").await;
-    assert_eq!((status, body.contains("redis down")), (StatusCode::SERVICE_UNAVAILABLE, true), "{body}");
+    assert_eq!((status, body.contains("redis: down")), (StatusCode::SERVICE_UNAVAILABLE, true), "{body}");
     // This webhook cannot publish a marker push: the test publishes one itself. Anything the
     // webhook had confirmed would be queued before it.
     assert!(h.results_until_direct_marker().await.is_empty());

@@ -127,10 +127,7 @@ impl Topology {
             delay_tiers_secs: config.retry.delay_tiers_secs.clone(),
             queue_type: config.queue_type,
             delivery_limit: config.delivery_limit,
-            unrouted: UnroutedBounds {
-                max_length: config.unrouted_max_length,
-                message_ttl: std::time::Duration::from_secs(config.unrouted_ttl_secs),
-            },
+            unrouted: UnroutedBounds { max_length: config.unrouted_max_length, message_ttl: config.unrouted_ttl },
         }
     }
 

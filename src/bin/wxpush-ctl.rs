@@ -21,7 +21,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde_json::{Map, Value, json};
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, BufReader};
-use tokio_util::sync::CancellationToken;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use wxpush::{
     config::Config,
     ctl::{
@@ -33,6 +33,7 @@ use wxpush::{
         results::{self, ReceivedResult, ShowOptions, Source},
         status::{self, StatusOptions},
     },
+    telemetry::{self, Program},
 };
 
 const PARTIAL: u8 = 3;
@@ -260,40 +261,15 @@ struct DemoArgs {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging();
+    // Warnings only, on stderr (the demo's worker logs through this): stdout is the output.
+    telemetry::init(Program::Ctl);
     match run(cli).await {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {}", describe(&e));
+            eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
     }
-}
-
-/// The error and its causes on one line, leaving out a cause its parent already quoted.
-fn describe(e: &anyhow::Error) -> String {
-    let mut text = String::new();
-    for cause in e.chain() {
-        let part = cause.to_string();
-        if text.contains(&part) {
-            continue;
-        }
-        if !text.is_empty() {
-            text.push_str(": ");
-        }
-        text.push_str(&part);
-    }
-    text
-}
-
-/// Warnings and errors only (the demo's worker logs through this), on stderr; RUST_LOG overrides.
-/// lapin is silenced: it logs the expected "no such queue" answers to existence checks as errors,
-/// and every error it raises reaches the user through this tool's own messages.
-fn init_logging() {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn,lapin=off"));
-    let _ =
-        tracing_subscriber::fmt().with_env_filter(filter).with_target(false).with_writer(std::io::stderr).try_init();
 }
 
 /// Writes `text` to stdout. `Ok(false)`: the reader is gone (a closed pipe), stop writing.
@@ -401,7 +377,7 @@ async fn check_command(ctx: &Ctx, offline: bool, json: bool) -> anyhow::Result<E
     let config = match ctx.load() {
         Ok(c) => c,
         Err(e) => {
-            let problem = format!("configuration: {}", describe(&e));
+            let problem = format!("configuration: {e:#}");
             let text = if json {
                 pretty(&json!({"passed": false, "findings": [{"level": "problem", "text": problem}]}))
             } else {
@@ -411,13 +387,25 @@ async fn check_command(ctx: &Ctx, offline: bool, json: bool) -> anyhow::Result<E
         }
     };
     let source = ctx.config_path.as_deref().map_or_else(|| "built-in defaults".into(), |p| p.display().to_string());
-    if !json && !write_out(&format!("  ok  configuration loaded from {source} and the WXPUSH_* environment\n"))? {
+    // The effective configuration first (what the checks below are about), secrets redacted.
+    let loaded = format!(
+        "  ok  configuration loaded from {source} and the WXPUSH_* environment\n\
+         # the effective configuration (secrets redacted):\n{}\n",
+        config.to_redacted_toml()
+    );
+    if !json && !write_out(&loaded)? {
         // Nobody reads the report: the checks are still worth their exit code.
         let report = check::check_with(&config, CheckOptions { offline }).await;
         return Ok(ok_if(report.passed(), ExitCode::FAILURE));
     }
     let report = check::check_with(&config, CheckOptions { offline }).await;
-    let text = if json { pretty(&report.to_json()) } else { report.to_string() };
+    let text = if json {
+        let mut document = report.to_json();
+        document["config"] = serde_json::to_value(config.redacted())?;
+        pretty(&document)
+    } else {
+        report.to_string()
+    };
     finish(&text, ok_if(report.passed(), ExitCode::FAILURE))
 }
 
@@ -505,12 +493,8 @@ async fn results_command(ctx: &Ctx, args: ResultsArgs, json: bool) -> anyhow::Re
         timeout: args.timeout.map(Duration::from_secs),
     };
     let stop = CancellationToken::new();
-    let on_signal = stop.clone();
-    tokio::spawn(async move {
-        if tokio::signal::ctrl_c().await.is_ok() {
-            on_signal.cancel();
-        }
-    });
+    let tasks = TaskTracker::new();
+    telemetry::cancel_on_signal(&tasks, stop.clone());
     let mut closed = false;
     let mut write_error = None;
     let mut emit = |r: &ReceivedResult| {
@@ -528,7 +512,11 @@ async fn results_command(ctx: &Ctx, args: ResultsArgs, json: bool) -> anyhow::Re
             }
         }
     };
-    let summary = results::show(&config, &options, &stop, &mut emit).await.context("cannot show results")?;
+    let summary = results::show(&config, &options, &stop, &mut emit).await.context("cannot show results");
+    stop.cancel();
+    tasks.close();
+    tasks.wait().await;
+    let summary = summary?;
     if let Some(e) = write_error {
         return Err(e);
     }

@@ -138,26 +138,6 @@ fn accounts(cli: &Cli) -> anyhow::Result<Vec<SandboxAccount>> {
     Ok(accounts)
 }
 
-async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot listen for SIGTERM; stop with Ctrl-C");
-                let _ = tokio::signal::ctrl_c().await;
-                return;
-            }
-        };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = tokio::signal::ctrl_c().await;
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     telemetry::init(Program::Sandbox);
@@ -197,7 +177,7 @@ async fn main() -> anyhow::Result<()> {
         sandbox.set_fault_seed(seed);
     }
     tracing::info!(base_url = %sandbox.base_url(), "ready: set WXPUSH_WECHAT_API_BASE to this base URL");
-    shutdown_signal().await;
+    telemetry::shutdown_signal().await;
     let stats = sandbox.stats();
     // The counts by errcode as one string, e.g. {"40003":2}; the rest as numbers.
     let errors = serde_json::to_string(&stats.errors).unwrap_or_default();

@@ -1,11 +1,13 @@
 //! wxpush-worker: consumes notification jobs from RabbitMQ and sends WeChat template messages.
+//! All the work is in `wxpush::worker`; this reads the configuration and wires logs, metrics,
+//! the admin port and the shutdown signal to it.
 
-use std::path::PathBuf;
+use std::{path::PathBuf, time::Duration};
 
 use anyhow::Context;
 use clap::Parser;
 use secrecy::ExposeSecret;
-use tokio_util::sync::CancellationToken;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{info, warn};
 use wxpush::{
     backlog,
@@ -23,6 +25,9 @@ struct Args {
     config: Option<PathBuf>,
 }
 
+/// How long the admin server and the metrics upkeep get to stop once the worker is done.
+const TASKS_STOP_WAIT: Duration = Duration::from_secs(5);
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -38,21 +43,20 @@ async fn main() -> anyhow::Result<()> {
         warn!(account = %a.name, "account has no secret (WXPUSH_APPSECRET or `secret`): its jobs will wait for a token");
     }
     let shutdown = CancellationToken::new();
+    let tasks = TaskTracker::new();
+    telemetry::cancel_on_signal(&tasks, shutdown.clone());
     let health = health::Health::new();
-    let admin = health::router(health.clone(), health::install_metrics());
+    let metrics = telemetry::install_metrics();
+    if let Some(handle) = &metrics {
+        tasks.spawn(telemetry::metrics_upkeep(handle.clone(), shutdown.clone()));
+    }
     telemetry::catalog::register_worker_series(&config);
-    let admin_addr = config.metrics_listen;
-    let admin_cancel = shutdown.clone();
-    tokio::spawn(async move {
-        if let Err(e) = health::serve(admin_addr, admin, admin_cancel).await {
-            warn!(addr = %admin_addr, error = %e, "cannot serve /metrics, /healthz and /readyz (WXPUSH_METRICS_LISTEN)");
+    let admin = health::router(health.clone(), metrics);
+    let (admin_addr, admin_stop) = (config.metrics_listen, shutdown.clone());
+    tasks.spawn(async move {
+        if let Err(error) = health::serve(admin_addr, admin, admin_stop).await {
+            warn!(addr = %admin_addr, %error, "cannot serve /metrics, /healthz and /readyz (WXPUSH_METRICS_LISTEN)");
         }
-    });
-    let signal = shutdown.clone();
-    tokio::spawn(async move {
-        telemetry::shutdown_signal().await;
-        info!("shutdown requested");
-        signal.cancel();
     });
     info!(
         accounts = config.accounts.len(),
@@ -62,7 +66,12 @@ async fn main() -> anyhow::Result<()> {
         "wxpush-worker starting"
     );
     let backlog = backlog::spawn(&config, shutdown.clone());
-    worker::run(config, shutdown, health).await.context("the worker could not start")?;
+    worker::run(config, shutdown.clone(), health).await.context("the worker could not start")?;
     let _ = backlog.await;
+    shutdown.cancel();
+    tasks.close();
+    if tokio::time::timeout(TASKS_STOP_WAIT, tasks.wait()).await.is_err() {
+        warn!("the admin server did not stop in time");
+    }
     Ok(())
 }

@@ -12,6 +12,7 @@ use crate::{
     config::{Account, Config, QueueType, TokenApi},
     domain::{crypto::Cipher, errcode::token_error_advice},
     store::Redis,
+    telemetry::chain,
     wechat::{TokenFetchError, WechatClient},
 };
 
@@ -148,7 +149,7 @@ fn account_problems(a: &Account, report: &mut CheckReport) {
         let Some(key) = key else { continue };
         let key = key.expose_secret();
         let wrong = match Cipher::new(key) {
-            Err(e) => Some(format!("is not valid: {e}")),
+            Err(e) => Some(format!("is not valid: {}", chain(&e))),
             Ok(_) => placeholder_aes_key(key).map(|why| format!("is a placeholder ({why})")),
         };
         if let Some(wrong) = wrong {
@@ -222,10 +223,10 @@ pub fn placeholder_aes_key(key: &str) -> Option<String> {
 
 /// Asks WeChat for a token for every account with a secret, all at once.
 async fn tokens(config: &Config, report: &mut CheckReport) {
-    let client = match WechatClient::new(&config.wechat_api_base, config.http_timeout()) {
+    let client = match WechatClient::new(&config.wechat_api_base, config.http_timeout) {
         Ok(c) => c,
         Err(e) => {
-            report.push(Level::Problem, format!("cannot ask WeChat for tokens: {e}"));
+            report.push(Level::Problem, format!("cannot ask WeChat for tokens: {}", chain(&e)));
             return;
         }
     };
@@ -269,9 +270,11 @@ async fn tokens(config: &Config, report: &mut CheckReport) {
             Err(TokenFetchError::Http(e)) => report.push(
                 Level::Problem,
                 format!(
-                    "account {}: no token from WeChat at {} ({api}): {e}; check WXPUSH_WECHAT_API_BASE and that this \
+                    "account {}: no token from WeChat at {} ({api}): {}; check WXPUSH_WECHAT_API_BASE and that this \
                      machine may reach it (or run `check --offline`)",
-                    a.name, config.wechat_api_base
+                    a.name,
+                    config.wechat_api_base,
+                    chain(&e)
                 ),
             ),
         }
@@ -297,7 +300,7 @@ async fn rabbitmq(config: &Config, report: &mut CheckReport) {
     let connection = match broker::connect(config, "check").await {
         Ok(c) => c,
         Err(e) => {
-            report.push(Level::Problem, format!("RabbitMQ: {e}"));
+            report.push(Level::Problem, format!("RabbitMQ: {}", chain(&e)));
             return;
         }
     };
@@ -317,7 +320,7 @@ async fn rabbitmq(config: &Config, report: &mut CheckReport) {
             }
             Ok(None) => report
                 .push(Level::Note, format!("{what} {name} does not exist yet: a worker declares it when it starts")),
-            Err(e) => report.push(Level::Problem, format!("{what} {name}: {e}")),
+            Err(e) => report.push(Level::Problem, format!("{what} {name}: {}", chain(&e))),
         }
     }
     match broker::exchange_exists(&connection, &config.results_exchange).await {
@@ -329,7 +332,7 @@ async fn rabbitmq(config: &Config, report: &mut CheckReport) {
                 config.results_exchange
             ),
         ),
-        Err(e) => report.push(Level::Problem, format!("results exchange {}: {e}", config.results_exchange)),
+        Err(e) => report.push(Level::Problem, format!("results exchange {}: {}", config.results_exchange, chain(&e))),
     }
     let unrouted = super::results::unrouted_queue(config);
     match broker::queue_info(&connection, &unrouted).await {
@@ -342,14 +345,14 @@ async fn rabbitmq(config: &Config, report: &mut CheckReport) {
             ),
         ),
         Ok(_) => {}
-        Err(e) => report.push(Level::Problem, format!("queue {unrouted}: {e}")),
+        Err(e) => report.push(Level::Problem, format!("queue {unrouted}: {}", chain(&e))),
     }
     // A queue declared before with other arguments (another queue type) stops the workers.
     for (name, args) in topology.queues() {
         match broker::queue_matches(&connection, &name, args).await {
-            Ok(Some(Err(e))) => report.push(Level::Problem, e.to_string()),
+            Ok(Some(Err(e))) => report.push(Level::Problem, chain(&e).to_string()),
             Ok(_) => {}
-            Err(e) => report.push(Level::Problem, format!("queue {name}: {e}")),
+            Err(e) => report.push(Level::Problem, format!("queue {name}: {}", chain(&e))),
         }
     }
     broker::close(&connection).await;
@@ -366,7 +369,7 @@ async fn redis(config: &Config, report: &mut CheckReport) {
         Ok(Ok(())) => {
             report.push(Level::Ok, format!("Redis {url}: PING answered (key prefix {:?})", config.redis_prefix))
         }
-        Ok(Err(e)) => report.push(Level::Problem, format!("Redis {url}: {e}")),
+        Ok(Err(e)) => report.push(Level::Problem, format!("Redis {url}: {}", chain(&e))),
         Err(_) => report.push(
             Level::Problem,
             format!("Redis {url}: no answer within {} s (is it up and WXPUSH_REDIS_URL right?)", RPC_TIMEOUT.as_secs()),

@@ -29,6 +29,7 @@ use super::{
     CtlError, DEAD_LETTERED_AT_HEADER,
     broker::{self, call, fresh_properties, get, header_text, job_id_of, preview, requeue_all},
 };
+use crate::telemetry::chain;
 use crate::{
     amqp::headers::{REASON as REASON_HEADER, SOURCE_QUEUE as SOURCE_HEADER},
     config::Config,
@@ -275,7 +276,7 @@ async fn settle(
         Ok(Confirmation::Ack(Some(_))) => "RabbitMQ could not route it to the jobs queue".to_owned(),
         Ok(Confirmation::Nack(_)) => "RabbitMQ refused the copy (nack)".to_owned(),
         Ok(Confirmation::NotRequested) => "the copy was not confirmed".to_owned(),
-        Err(e) => format!("no confirm for the copy: {e}"),
+        Err(e) => format!("no confirm for the copy: {}", chain(&e)),
     };
     keep(kept, tag);
     report.failed.push((label, why));

@@ -16,6 +16,7 @@ use super::{
     CtlError, RPC_TIMEOUT, broker,
     results::{ReceivedResult, ResultWatcher},
 };
+use crate::telemetry::chain;
 use crate::{
     amqp::{self, Topology, json_properties, redact_url},
     config::{Account, Config, TokenApi},
@@ -63,19 +64,12 @@ impl DemoOptions {
             results_exchange: format!("{ns}.results"),
             dead_letter_queue: format!("{ns}.jobs.dead"),
             concurrency: 4,
-            shutdown_grace_secs: 5,
-            http_timeout_ms: 2_000,
+            shutdown_grace: Duration::from_secs(5),
+            http_timeout: Duration::from_secs(2),
             accounts: vec![Account {
-                name: crate::domain::job::DEFAULT_ACCOUNT.into(),
-                appid: DEMO_APPID.into(),
                 secret: SecretString::from(secret),
                 token_api: TokenApi::Stable,
-                callback_token: None,
-                encoding_aes_key: None,
-                previous_encoding_aes_key: None,
-                accept_plaintext: false,
-                rate_limit: None,
-                daily_quota: None,
+                ..Account::new(crate::domain::job::DEFAULT_ACCOUNT, DEMO_APPID)
             }],
             ..Config::default()
         };
@@ -157,7 +151,7 @@ pub async fn run(options: &DemoOptions) -> Result<DemoReport, CtlError> {
     stop.cancel();
     let worker_exit = match worker_exit {
         Some(exit) => Some(exit),
-        None => tokio::time::timeout(config.shutdown_grace() + Duration::from_secs(5), worker).await.ok(),
+        None => tokio::time::timeout(config.shutdown_grace + Duration::from_secs(5), worker).await.ok(),
     };
     let leftovers = clean_up(&connection, &config).await;
     broker::close(&connection).await;
@@ -202,8 +196,8 @@ async fn reach_services(options: &DemoOptions) -> Result<Connection, CtlError> {
         url: redact_url(&options.amqp_url),
         // The root cause only: the URL and the advice are in this message already.
         detail: match e {
-            CtlError::Amqp(amqp::AmqpError::Connect { source, .. }) => source.to_string(),
-            other => other.to_string(),
+            CtlError::Amqp(amqp::AmqpError::Connect { source, .. }) => chain(&source).to_string(),
+            other => chain(&other).to_string(),
         },
         start: "`docker run -d --name rabbitmq -p 5672:5672 rabbitmq:4` or `systemctl start rabbitmq-server`",
         var: "WXPUSH_AMQP_URL",
@@ -222,8 +216,8 @@ async fn reach_services(options: &DemoOptions) -> Result<Connection, CtlError> {
     .await;
     let failure = match pinged {
         Ok(Ok(())) => None,
-        Ok(Err(crate::store::StoreError::Redis(e))) => Some(redis_down(e.to_string())),
-        Ok(Err(e)) => Some(redis_down(e.to_string())),
+        Ok(Err(crate::store::StoreError::Redis(e))) => Some(redis_down(chain(&e).to_string())),
+        Ok(Err(e)) => Some(redis_down(chain(&e).to_string())),
         Err(_) => Some(redis_down(format!("no answer within {} s", RPC_TIMEOUT.as_secs()))),
     };
     if let Some(e) = failure {
@@ -241,12 +235,11 @@ async fn drive(connection: &Connection, config: &Config, timeout: Duration) -> R
     let mut watcher = ResultWatcher::start(connection, config, "send.*").await?;
 
     let publisher = amqp::Publisher::open(connection).await?;
-    let body = serde_json::to_vec(&example_job()).map_err(|e| CtlError::Demo(format!("example job: {e}")))?;
+    let body = serde_json::to_vec(&example_job()).map_err(|e| CtlError::Demo(format!("example job: {}", chain(&e))))?;
     let props = json_properties(None).with_message_id(ShortString::from(DEMO_JOB_ID));
-    publisher
-        .publish("", &config.jobs_queue, &body, props, true)
-        .await
-        .map_err(|e| CtlError::Demo(format!("could not publish the example job to {}: {e}", config.jobs_queue)))?;
+    publisher.publish("", &config.jobs_queue, &body, props, true).await.map_err(|e| {
+        CtlError::Demo(format!("could not publish the example job to {}: {}", config.jobs_queue, chain(&e)))
+    })?;
 
     let deadline = tokio::time::Instant::now() + timeout;
     let found = loop {
@@ -302,7 +295,7 @@ async fn clean_up(connection: &Connection, config: &Config) -> Vec<String> {
         }
     }
     if let Err(e) = delete_redis_keys(&config.redis_url, &config.redis_prefix).await {
-        leftovers.push(format!("Redis keys {}:* ({e})", config.redis_prefix));
+        leftovers.push(format!("Redis keys {}:* ({})", config.redis_prefix, chain(&e)));
     }
     leftovers
 }

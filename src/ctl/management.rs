@@ -25,13 +25,21 @@ pub struct QueueCounts {
 /// Why the management API gave no answer; each says what to do.
 #[derive(Debug, thiserror::Error)]
 pub enum ManagementError {
-    #[error("no management API address can be made from the AMQP URL: {0}; give one with --management-url")]
-    Address(String),
+    #[error("no management API address can be made from the AMQP URL; give one with --management-url")]
+    AmqpUrl(#[source] url::ParseError),
+    #[error("the AMQP URL names no host; give the management API's address with --management-url")]
+    NoHost,
+    #[error("--management-url {given:?} is not a URL")]
+    Given { given: String, source: url::ParseError },
+    #[error("the management API's address {url} cannot take a path (is it an http:// URL?)")]
+    NotABase { url: String },
+    #[error("cannot build the HTTP client for the management API")]
+    Client(#[source] reqwest::Error),
     #[error(
-        "the RabbitMQ management API at {url} did not answer ({detail}); enable it (`rabbitmq-plugins enable \
+        "the RabbitMQ management API at {url} did not answer; enable it (`rabbitmq-plugins enable \
          rabbitmq_management`) or give its address with --management-url / WXPUSH_MANAGEMENT_URL"
     )]
-    Unreachable { url: String, detail: String },
+    Unreachable { url: String, source: reqwest::Error },
     #[error(
         "the RabbitMQ management API at {url} refused the credentials (HTTP {status}); the user needs the \
          `management` or `monitoring` tag, or give another with --management-url http://user:password@host:15672"
@@ -63,7 +71,7 @@ impl Management {
     /// win; otherwise the AMQP URL's are used).
     pub fn new(amqp_urls: &str, explicit: Option<&str>) -> Result<Management, ManagementError> {
         let first = amqp_urls.split(',').map(str::trim).find(|u| !u.is_empty()).unwrap_or_default();
-        let amqp = Url::parse(first).map_err(|e| ManagementError::Address(e.to_string()))?;
+        let amqp = Url::parse(first).map_err(ManagementError::AmqpUrl)?;
         // No credentials in the URL means RabbitMQ's default user, as for AMQP itself.
         let mut user = Some(decode(amqp.username())).filter(|u| !u.is_empty()).unwrap_or_else(|| "guest".into());
         let mut password = amqp.password().map_or_else(|| "guest".into(), decode);
@@ -74,7 +82,8 @@ impl Management {
         };
         let base = match explicit {
             Some(given) => {
-                let mut url = Url::parse(given).map_err(|e| ManagementError::Address(format!("{given:?}: {e}")))?;
+                let mut url =
+                    Url::parse(given).map_err(|source| ManagementError::Given { given: given.to_owned(), source })?;
                 if !url.username().is_empty() {
                     user = decode(url.username());
                     password = url.password().map(decode).unwrap_or_default();
@@ -86,16 +95,15 @@ impl Management {
             }
             None => {
                 let (scheme, port) = if amqp.scheme() == "amqps" { ("https", 15671) } else { ("http", 15672) };
-                let host = amqp.host_str().ok_or_else(|| ManagementError::Address("it names no host".into()))?;
-                Url::parse(&format!("{scheme}://{host}:{port}/"))
-                    .map_err(|e| ManagementError::Address(e.to_string()))?
+                let host = amqp.host_str().ok_or(ManagementError::NoHost)?;
+                Url::parse(&format!("{scheme}://{host}:{port}/")).map_err(ManagementError::AmqpUrl)?
             }
         };
         let http = reqwest::Client::builder()
             .timeout(TIMEOUT)
             .connect_timeout(Duration::from_secs(3))
             .build()
-            .map_err(|e| ManagementError::Address(format!("cannot build the HTTP client: {e}")))?;
+            .map_err(ManagementError::Client)?;
         Ok(Management { http, base, vhost, user, password })
     }
 
@@ -108,10 +116,12 @@ impl Management {
     /// yet (just after the queue was declared) are 0.
     pub async fn queue(&self, queue: &str) -> Result<Option<QueueCounts>, ManagementError> {
         let mut url = self.base.clone();
-        url.path_segments_mut()
-            .map_err(|()| ManagementError::Address("the management URL cannot have a path".into()))?
-            .pop_if_empty()
-            .extend(["api", "queues", self.vhost.as_str(), queue]);
+        url.path_segments_mut().map_err(|()| ManagementError::NotABase { url: self.url() })?.pop_if_empty().extend([
+            "api",
+            "queues",
+            self.vhost.as_str(),
+            queue,
+        ]);
         let path = url.path().to_owned();
         let response = self
             .http
@@ -119,7 +129,7 @@ impl Management {
             .basic_auth(&self.user, Some(&self.password))
             .send()
             .await
-            .map_err(|e| ManagementError::Unreachable { url: self.url(), detail: e.without_url().to_string() })?;
+            .map_err(|e| ManagementError::Unreachable { url: self.url(), source: e.without_url() })?;
         let status = response.status().as_u16();
         match status {
             200 => {}
@@ -134,7 +144,7 @@ impl Management {
         let answer: QueueAnswer = response
             .json()
             .await
-            .map_err(|e| ManagementError::Unreachable { url: self.url(), detail: e.without_url().to_string() })?;
+            .map_err(|e| ManagementError::Unreachable { url: self.url(), source: e.without_url() })?;
         Ok(Some(QueueCounts {
             ready: answer.messages_ready.unwrap_or(0),
             unacknowledged: answer.messages_unacknowledged.unwrap_or(0),

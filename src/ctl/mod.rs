@@ -40,7 +40,7 @@ pub const RPC_TIMEOUT: Duration = Duration::from_secs(15);
 pub enum CtlError {
     #[error(transparent)]
     Amqp(#[from] AmqpError),
-    #[error("RabbitMQ: cannot {action}: {source} (is the broker up and WXPUSH_AMQP_URL right?)")]
+    #[error("RabbitMQ: cannot {action} (is the broker up and WXPUSH_AMQP_URL right?)")]
     Broker { action: String, source: lapin::Error },
     #[error(
         "RabbitMQ did not answer within {secs} s when asked to {action} (is the broker up and WXPUSH_AMQP_URL right?)"
@@ -50,13 +50,13 @@ pub enum CtlError {
     Redis(#[from] StoreError),
     #[error("Redis did not answer within {secs} s (is it up and WXPUSH_REDIS_URL right?)")]
     RedisTimeout { secs: u64 },
-    #[error("cannot read {name}: {source}")]
+    #[error("cannot read {name}")]
     Input { name: String, source: std::io::Error },
     #[error("{service} is not reachable at {url}: {detail}. Start it ({start}), or set {var} to where it runs")]
     NotReachable { service: &'static str, url: String, detail: String, start: &'static str, var: &'static str },
-    #[error("cannot start the WeChat sandbox: {0}")]
+    #[error("cannot start the WeChat sandbox")]
     Sandbox(#[source] std::io::Error),
-    #[error("the demo worker could not start: {0}")]
+    #[error("the demo worker could not start")]
     Worker(#[from] WorkerError),
     #[error("stopped receiving results: the channel closed (did RabbitMQ go away?)")]
     ResultsClosed,

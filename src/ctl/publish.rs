@@ -33,7 +33,7 @@ use super::{
     progress::Progress,
     results::ResultWatcher,
 };
-use crate::{amqp::json_properties, config::Config, domain::job::Job};
+use crate::{amqp::json_properties, config::Config, domain::job::Job, telemetry::chain};
 
 /// Confirms kept in flight while publishing.
 pub const DEFAULT_IN_FLIGHT: usize = 256;
@@ -206,8 +206,9 @@ async fn publish_on<R: AsyncBufRead + Unpin>(
                     lock(&tracker).cancel(id);
                 }
                 report.interrupted = Some(format!(
-                    "publishing stopped at line {line_no}: {e}. Jobs confirmed so far are listed as published; \
-                     publishing the whole file again is safe (a job_id already sent is not sent twice)"
+                    "publishing stopped at line {line_no}: {}. Jobs confirmed so far are listed as published; \
+                     publishing the whole file again is safe (a job_id already sent is not sent twice)",
+                    chain(&e)
                 ));
                 break;
             }
@@ -257,7 +258,7 @@ async fn publish_on<R: AsyncBufRead + Unpin>(
         }
         stop_watching.cancel();
         let watch_error = match collector.await {
-            Ok(Err(e)) => Some(e.to_string()),
+            Ok(Err(e)) => Some(chain(&e).to_string()),
             _ => None,
         };
         let mut summary = lock(&tracker).summary();
@@ -286,7 +287,7 @@ fn settle((line, job_id, confirmation): Settled, report: &mut PublishReport, tra
         }
         Ok(Confirmation::Nack(_)) => "RabbitMQ refused it (nack): the broker may be out of disk or memory".into(),
         Ok(Confirmation::NotRequested) => "not confirmed by RabbitMQ".into(),
-        Err(e) => format!("no confirm from RabbitMQ: {e}"),
+        Err(e) => format!("no confirm from RabbitMQ: {}", chain(&e)),
     };
     if let Some(id) = &job_id {
         lock(tracker).cancel(id);

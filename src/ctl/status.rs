@@ -11,6 +11,7 @@ use secrecy::ExposeSecret;
 use serde_json::json;
 
 use super::{CtlError, RPC_TIMEOUT, broker, human_duration, management::Management, results::unrouted_queue, scrub};
+use crate::telemetry::chain;
 use crate::{
     amqp::{Topology, redact_url},
     config::{Account, Config},
@@ -146,10 +147,10 @@ pub async fn status_with(config: &Config, options: &StatusOptions) -> StatusRepo
     };
     match accounts(config).await {
         Ok(a) => report.accounts = a,
-        Err(e) => report.redis_error = Some(e.to_string()),
+        Err(e) => report.redis_error = Some(chain(&e).to_string()),
     }
     if let Err(e) = queues(config, &mut report).await {
-        report.rabbitmq_error = Some(e.to_string());
+        report.rabbitmq_error = Some(chain(&e).to_string());
     }
     if report.rabbitmq_error.is_none() {
         unacknowledged(config, options, &mut report).await;
@@ -168,7 +169,7 @@ async fn accounts(config: &Config) -> Result<Vec<AccountStatus>, CtlError> {
     }
     let mut out = Vec::with_capacity(config.accounts.len());
     for account in &config.accounts {
-        out.push(account_status(&redis, account, QuotaDay::with_length(config.quota_day_secs)).await);
+        out.push(account_status(&redis, account, QuotaDay::with_length(config.quota_day.as_secs())).await);
     }
     Ok(out)
 }
@@ -210,7 +211,7 @@ async fn account_status(redis: &Redis, account: &Account, quota_day: QuotaDay) -
     let outcome = tokio::time::timeout(RPC_TIMEOUT, read).await;
     match outcome {
         Ok(Ok(())) => {}
-        Ok(Err(e)) => status.error = Some(e.to_string()),
+        Ok(Err(e)) => status.error = Some(chain(&e).to_string()),
         Err(_) => status.error = Some(CtlError::RedisTimeout { secs: RPC_TIMEOUT.as_secs() }.to_string()),
     }
     status
@@ -252,7 +253,7 @@ async fn unacknowledged(config: &Config, options: &StatusOptions, report: &mut S
     let management = match Management::new(&config.amqp_url, options.management_url.as_deref()) {
         Ok(m) => m,
         Err(e) => {
-            report.management_error = Some(e.to_string());
+            report.management_error = Some(chain(&e).to_string());
             return;
         }
     };
@@ -262,7 +263,7 @@ async fn unacknowledged(config: &Config, options: &StatusOptions, report: &mut S
             Ok(counts) => queue.unacknowledged = Some(counts.map_or(0, |c| c.unacknowledged)),
             Err(e) => {
                 // One answer is enough to know the API is not there.
-                report.management_error = Some(e.to_string());
+                report.management_error = Some(chain(&e).to_string());
                 return;
             }
         }

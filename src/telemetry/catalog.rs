@@ -25,7 +25,12 @@ pub const GIT_SHA: &str = match option_env!("WXPUSH_GIT_SHA") {
     None => "unknown",
 };
 
-/// Describes every metric of the worker, once per process, after the recorder is installed.
+/// Buckets of `wxpush_send_seconds` (seconds): 5 ms to 10 s covers WeChat up to the HTTP
+/// timeout.
+pub const SEND_BUCKETS: &[f64] = &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+
+/// Describes every metric of the worker (the webhook's are in `webhook::metrics`), once per
+/// process, after the recorder is installed.
 pub fn describe_metrics() {
     // Jobs (worker).
     describe_counter!(
@@ -91,11 +96,6 @@ pub fn describe_metrics() {
     describe_counter!(
         "wxpush_queue_poll_errors_total",
         "Failed polls of the queue lengths (RabbitMQ unreachable or not answering), by kind. A missing queue is no failure: it reads as empty."
-    );
-    // Webhook.
-    describe_counter!(
-        "wxpush_webhook_pushes_total",
-        "Event pushes from WeChat handled by the webhook, by account and outcome (published, duplicate, dead_lettered, bad_signature, stale, bad_request, unavailable)."
     );
     export_build_and_process();
 }

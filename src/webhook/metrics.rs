@@ -4,12 +4,12 @@
 //! Labels take bounded values only: `account` is a configured account name (or `unknown` for a
 //! URL that names none), `outcome` and `reason` come from the fixed lists below.
 
-use std::{sync::OnceLock, time::Duration};
+use std::time::Duration;
 
 use metrics::{Label, Unit, describe_counter, describe_gauge, describe_histogram};
-use metrics_exporter_prometheus::{BuildError, PrometheusBuilder, PrometheusHandle};
 
-/// Histogram buckets (seconds): a push is answered in milliseconds; WeChat hangs up at 5 s.
+/// Buckets of the webhook's histograms (seconds): a push is answered in milliseconds; WeChat
+/// hangs up at 5 s. The recorder is `telemetry::install_metrics`.
 pub const BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
 
 /// How a push was answered.
@@ -80,38 +80,6 @@ pub fn accept_error(port: &'static str, kind: &'static str) {
     metrics::counter!("wxpush_webhook_accept_errors_total", "port" => port, "kind" => kind).increment(1);
 }
 
-/// The exporter as the webhook configures it: every histogram with [`BUCKETS`], so dashboards
-/// can aggregate quantiles across replicas.
-pub fn builder() -> Result<PrometheusBuilder, BuildError> {
-    PrometheusBuilder::new().set_buckets(BUCKETS)
-}
-
-/// Installs the process-wide recorder with the webhook's buckets and `# HELP` texts. Later
-/// calls (tests start several webhooks in one process) return the same handle; `None` when
-/// another recorder was installed first.
-pub fn install() -> Option<PrometheusHandle> {
-    static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
-    HANDLE
-        .get_or_init(|| {
-            let handle = builder().ok()?.install_recorder().ok()?;
-            describe();
-            // Histogram samples wait in the recorder until upkeep folds them into buckets; do it
-            // every second so that they never pile up, scraped or not.
-            let upkeep = handle.clone();
-            std::thread::Builder::new()
-                .name("metrics-upkeep".into())
-                .spawn(move || {
-                    loop {
-                        std::thread::sleep(Duration::from_secs(1));
-                        upkeep.run_upkeep();
-                    }
-                })
-                .ok()?;
-            Some(handle)
-        })
-        .clone()
-}
-
 /// The `# HELP` text of every webhook metric.
 pub fn describe() {
     describe_counter!(
@@ -148,11 +116,13 @@ pub fn describe() {
 
 #[cfg(test)]
 mod tests {
+    use metrics_exporter_prometheus::PrometheusBuilder;
+
     use super::*;
 
     #[test]
     fn every_metric_has_help_and_histograms_have_buckets() {
-        let recorder = builder().unwrap().build_recorder();
+        let recorder = PrometheusBuilder::new().set_buckets(BUCKETS).unwrap().build_recorder();
         let handle = recorder.handle();
         metrics::with_local_recorder(&recorder, || {
             describe();

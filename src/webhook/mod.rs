@@ -31,7 +31,7 @@ use std::{
     net::SocketAddr,
     panic::AssertUnwindSafe,
     sync::{
-        Arc,
+        Arc, RwLock,
         atomic::{AtomicBool, Ordering},
     },
     time::{Duration, Instant},
@@ -55,23 +55,12 @@ use crate::{
     amqp::{AmqpError, Broker},
     config::{Config, QueueType},
     domain::job::DEFAULT_ACCOUNT,
+    health::Readiness,
     store::{Redis, StoreError},
 };
 use metrics::Outcome;
 use server::ConnLimits;
 use verify::{AccountKeys, KeyError, PushQuery};
-
-/// Environment variable: how far (seconds) a push's `timestamp` may be from the server's clock;
-/// `0` turns the check off. Default 300.
-pub const ENV_TIMESTAMP_WINDOW: &str = "WXPUSH_WEBHOOK_TIMESTAMP_WINDOW_SECS";
-/// Environment variable: how long (ms) a receipt waits for the worker's msgid record. Default 1500.
-pub const ENV_MSGID_WAIT: &str = "WXPUSH_WEBHOOK_MSGID_WAIT_MS";
-/// Environment variable: how long (seconds) a published event is remembered. Default 86400.
-pub const ENV_DEDUPE_TTL: &str = "WXPUSH_WEBHOOK_DEDUPE_TTL_SECS";
-/// Environment variable: open connections on the public port at most. Default 2048.
-pub const ENV_MAX_CONNECTIONS: &str = "WXPUSH_WEBHOOK_MAX_CONNECTIONS";
-/// Environment variable: seconds a connection gets to send a whole request head. Default 10.
-pub const ENV_HEADER_TIMEOUT: &str = "WXPUSH_WEBHOOK_HEADER_TIMEOUT_SECS";
 
 /// Open connections on the admin port at most: probes and a scraper need a handful.
 const ADMIN_MAX_CONNECTIONS: usize = 64;
@@ -87,8 +76,6 @@ pub const MAX_BODY_BYTES: usize = 64 * 1024;
 /// Why the webhook cannot start.
 #[derive(Debug, thiserror::Error)]
 pub enum WebhookError {
-    #[error("environment variable {var}={value:?} is not valid: {message}")]
-    Env { var: &'static str, value: String, message: String },
     #[error(
         "no account has a callback_token, so no push could be verified: set WXPUSH_CALLBACK_TOKEN (and WXPUSH_APPID) or callback_token in an [[accounts]] entry"
     )]
@@ -133,57 +120,24 @@ pub struct WebhookSettings {
 }
 
 impl WebhookSettings {
-    /// The settings for `config`, with the webhook's own knobs read from the environment.
-    pub fn from_config(config: &Config) -> Result<Self, WebhookError> {
-        Self::from_sources(config, |var| std::env::var(var).ok())
-    }
-
-    /// As [`from_config`](Self::from_config), with an environment lookup tests can pass.
-    pub fn from_sources(config: &Config, env: impl Fn(&str) -> Option<String>) -> Result<Self, WebhookError> {
-        let number = |var: &'static str, default: u64| -> Result<u64, WebhookError> {
-            match env(var).filter(|v| !v.trim().is_empty()) {
-                None => Ok(default),
-                Some(v) => v.trim().parse().map_err(|e: std::num::ParseIntError| WebhookError::Env {
-                    var,
-                    value: v.clone(),
-                    message: e.to_string(),
-                }),
-            }
-        };
-        let window = number(ENV_TIMESTAMP_WINDOW, 300)?;
-        let msgid_wait = number(ENV_MSGID_WAIT, 1_500)?;
-        if msgid_wait > 3_000 {
-            return Err(WebhookError::Env {
-                var: ENV_MSGID_WAIT,
-                value: msgid_wait.to_string(),
-                message: "at most 3000: WeChat hangs up after 5 s".into(),
-            });
-        }
-        let done_ttl = number(ENV_DEDUPE_TTL, 86_400)?.max(60);
-        let max_connections = number(ENV_MAX_CONNECTIONS, 2_048)?.max(1);
-        let header_timeout = number(ENV_HEADER_TIMEOUT, 10)?;
-        if !(1..=60).contains(&header_timeout) {
-            return Err(WebhookError::Env {
-                var: ENV_HEADER_TIMEOUT,
-                value: header_timeout.to_string(),
-                message: "1 to 60 seconds: WeChat sends its request at once and hangs up after 5 s".into(),
-            });
-        }
-        Ok(WebhookSettings {
+    /// The settings `config` gives (its `[webhook]` section, names and grace period).
+    pub fn from_config(config: &Config) -> WebhookSettings {
+        let knobs = &config.webhook;
+        WebhookSettings {
             results_exchange: config.results_exchange.clone(),
             dead_letter_queue: config.dead_letter_queue.clone(),
             queue_type: config.queue_type,
-            timestamp_window: (window > 0).then(|| Duration::from_secs(window)),
-            msgid_wait: Duration::from_millis(msgid_wait),
+            timestamp_window: knobs.timestamp_window,
+            msgid_wait: knobs.msgid_wait,
             pending_ttl: Duration::from_secs(30),
-            done_ttl: Duration::from_secs(done_ttl),
+            done_ttl: knobs.dedupe_ttl.max(Duration::from_secs(60)),
             pending_wait: Duration::from_secs(2),
             publish_timeout: Duration::from_secs(10),
             max_body_bytes: MAX_BODY_BYTES,
-            max_connections: usize::try_from(max_connections).unwrap_or(usize::MAX),
-            header_timeout: Duration::from_secs(header_timeout),
-            shutdown_grace: config.shutdown_grace(),
-        })
+            max_connections: knobs.max_connections.max(1),
+            header_timeout: knobs.header_timeout,
+            shutdown_grace: config.shutdown_grace,
+        }
     }
 }
 
@@ -195,8 +149,11 @@ pub struct Inner {
     settings: WebhookSettings,
     tracker: TaskTracker,
     topology_declared: AtomicBool,
-    metrics: Option<Arc<dyn Fn() -> String + Send + Sync>>,
+    metrics: RwLock<Option<MetricsPage>>,
 }
+
+/// What renders the `/metrics` page.
+type MetricsPage = Arc<dyn Fn() -> String + Send + Sync>;
 
 /// The webhook: cheap to clone, handed to axum as its state.
 #[derive(Clone)]
@@ -234,21 +191,16 @@ impl Webhook {
                 settings,
                 tracker: TaskTracker::new(),
                 topology_declared: AtomicBool::new(false),
-                metrics: None,
+                metrics: RwLock::new(None),
             }),
         })
     }
 
-    /// Serves `/metrics` from `render` (e.g. a Prometheus handle's `render`).
-    pub fn with_metrics(self, render: Arc<dyn Fn() -> String + Send + Sync>) -> Webhook {
-        match Arc::try_unwrap(self.inner) {
-            Ok(mut inner) => {
-                inner.metrics = Some(render);
-                Webhook { inner: Arc::new(inner) }
-            }
-            // Already shared (routers built): keep it as it is.
-            Err(inner) => Webhook { inner },
-        }
+    /// Serves `/metrics` from `render` (e.g. `telemetry::render_metrics` of the recorder's
+    /// handle), also after the routers were built.
+    pub fn with_metrics(self, render: MetricsPage) -> Webhook {
+        *self.inner.metrics.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(render);
+        self
     }
 
     /// The names of the accounts that take pushes.
@@ -333,17 +285,6 @@ impl Listeners {
     }
 }
 
-/// Runs the webhook on `listeners` until `shutdown` resolves, then lets pushes in flight finish.
-pub async fn serve(
-    config: &Config,
-    listeners: Listeners,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), WebhookError> {
-    let settings = WebhookSettings::from_config(config)?;
-    let redis = Redis::connect(&config.redis_url, &config.redis_prefix).await?;
-    serve_with(Webhook::new(config, settings, broker(config), redis)?, listeners, shutdown).await
-}
-
 /// The webhook's RabbitMQ publisher, asking for small frames ([`AMQP_FRAME_MAX`]) unless
 /// `WXPUSH_AMQP_URL` sets `frame_max` itself.
 pub fn broker(config: &Config) -> Arc<Broker> {
@@ -366,7 +307,7 @@ fn with_frame_max(urls: &str, frame_max: u32) -> String {
         .join(",")
 }
 
-/// As [`serve`], with a webhook built by the caller.
+/// Runs `webhook` on `listeners` until `shutdown` resolves, then lets pushes in flight finish.
 pub async fn serve_with(
     webhook: Webhook,
     listeners: Listeners,
@@ -506,22 +447,19 @@ async fn post(State(webhook): State<Webhook>, account: String, RawQuery(query): 
     }
 }
 
-async fn readyz(State(webhook): State<Webhook>) -> (StatusCode, String) {
+async fn readyz(State(webhook): State<Webhook>) -> Readiness {
     let inner = &webhook.inner;
     let limit = Duration::from_secs(2);
     let (redis, amqp) = tokio::join!(
         tokio::time::timeout(limit, inner.redis.ping()),
         tokio::time::timeout(limit, inner.broker.is_connected()),
     );
-    let redis_ok = matches!(redis, Ok(Ok(())));
-    let amqp_ok = matches!(amqp, Ok(true));
-    let word = |ok: bool| if ok { "up" } else { "down" };
-    let text = format!("rabbitmq {}\nredis {}\n", word(amqp_ok), word(redis_ok));
-    if redis_ok && amqp_ok { (StatusCode::OK, text) } else { (StatusCode::SERVICE_UNAVAILABLE, text) }
+    Readiness { rabbitmq: matches!(amqp, Ok(true)), redis: matches!(redis, Ok(Ok(()))) }
 }
 
 async fn metrics_text(State(webhook): State<Webhook>) -> impl IntoResponse {
-    let body = webhook.inner.metrics.as_ref().map(|render| render()).unwrap_or_default();
+    let render = webhook.inner.metrics.read().unwrap_or_else(|poisoned| poisoned.into_inner()).clone();
+    let body = render.map(|render| render()).unwrap_or_default();
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body)
 }
 
@@ -529,28 +467,27 @@ async fn metrics_text(State(webhook): State<Webhook>) -> impl IntoResponse {
 mod tests {
     use super::*;
 
-    fn settings(env: &[(&str, &str)]) -> Result<WebhookSettings, WebhookError> {
-        let config = Config::from_sources("t", "", |_| None).unwrap();
-        let env: HashMap<String, String> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        WebhookSettings::from_sources(&config, |k| env.get(k).cloned())
-    }
-
     #[test]
-    fn knobs_default_and_read_from_the_environment() {
-        let s = settings(&[]).unwrap();
+    fn knobs_come_from_the_webhook_section() {
+        let s = WebhookSettings::from_config(&Config::default());
         assert_eq!(s.timestamp_window, Some(Duration::from_secs(300)));
         assert_eq!(s.msgid_wait, Duration::from_millis(1500));
         assert_eq!(s.done_ttl, Duration::from_secs(86_400));
         assert_eq!((s.results_exchange.as_str(), s.dead_letter_queue.as_str()), ("wxpush.results", "wxpush.jobs.dead"));
         assert_eq!(s.max_body_bytes, 64 * 1024);
         assert_eq!((s.max_connections, s.header_timeout), (2_048, Duration::from_secs(10)));
-        let s = settings(&[(ENV_TIMESTAMP_WINDOW, "0"), (ENV_MSGID_WAIT, "0"), (ENV_DEDUPE_TTL, "3600")]).unwrap();
+        let env = |var: &str| match var {
+            "WXPUSH_WEBHOOK_TIMESTAMP_WINDOW_SECS" | "WXPUSH_WEBHOOK_MSGID_WAIT_MS" => Some("0".to_owned()),
+            "WXPUSH_WEBHOOK_DEDUPE_TTL_SECS" => Some("3600".to_owned()),
+            "WXPUSH_WEBHOOK_MAX_CONNECTIONS" => Some("100".to_owned()),
+            "WXPUSH_WEBHOOK_HEADER_TIMEOUT_SECS" => Some("3".to_owned()),
+            _ => None,
+        };
+        let s = WebhookSettings::from_config(&Config::from_sources("t", "", env).unwrap());
         assert_eq!((s.timestamp_window, s.msgid_wait, s.done_ttl), (None, Duration::ZERO, Duration::from_secs(3600)));
-        assert!(settings(&[(ENV_TIMESTAMP_WINDOW, "5m")]).unwrap_err().to_string().contains(ENV_TIMESTAMP_WINDOW));
-        assert!(settings(&[(ENV_MSGID_WAIT, "10000")]).unwrap_err().to_string().contains("5 s"));
-        let s = settings(&[(ENV_MAX_CONNECTIONS, "100"), (ENV_HEADER_TIMEOUT, "3")]).unwrap();
         assert_eq!((s.max_connections, s.header_timeout), (100, Duration::from_secs(3)));
-        assert!(settings(&[(ENV_HEADER_TIMEOUT, "0")]).unwrap_err().to_string().contains(ENV_HEADER_TIMEOUT));
+        let e = Config::from_sources("t", "", |v| (v == "WXPUSH_WEBHOOK_TIMESTAMP_WINDOW_SECS").then(|| "5m".into()));
+        assert!(e.unwrap_err().to_string().contains("WXPUSH_WEBHOOK_TIMESTAMP_WINDOW_SECS=\"5m\""));
     }
 
     #[test]

@@ -173,11 +173,6 @@ impl AccountKeys {
         }))
     }
 
-    /// Whether safe-mode pushes can be decrypted.
-    pub fn has_aes_key(&self) -> bool {
-        !self.ciphers.is_empty()
-    }
-
     /// The server-verification GET: the `echostr` to answer when the signature holds.
     pub fn verify_echo(&self, q: &PushQuery, now: i64, window: Option<Duration>) -> Result<String, VerifyError> {
         let echostr = q.get(&q.echostr, "echostr")?;
@@ -190,7 +185,8 @@ impl AccountKeys {
     /// with an AES key refuses plaintext pushes outright (WeChat's compatible and safe modes both
     /// send encrypted ones), unless it is switching modes (`accept_plaintext`).
     pub fn verify_plain(&self, q: &PushQuery, now: i64, window: Option<Duration>) -> Result<(), VerifyError> {
-        if self.has_aes_key() && !self.accept_plaintext {
+        let has_aes_key = !self.ciphers.is_empty();
+        if has_aes_key && !self.accept_plaintext {
             return Err(VerifyError::PlaintextRefused);
         }
         self.verify_signature(q, now, window)

@@ -57,7 +57,7 @@ impl RateGate {
         Self {
             redis,
             metrics,
-            quota_day: QuotaDay::with_length(config.quota_day_secs),
+            quota_day: QuotaDay::with_length(config.quota_day.as_secs()),
             budgets: config.accounts.iter().map(|a| (a.name.clone(), budget(a))).collect(),
             waiting: config.accounts.iter().map(|a| (a.name.clone(), AtomicUsize::new(0))).collect(),
             waiting_cap,

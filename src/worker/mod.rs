@@ -48,11 +48,13 @@ pub enum WorkerError {
 /// `shutdown_grace` to finish, and whatever is still unfinished goes back to the queue.
 pub async fn run(config: Config, shutdown: CancellationToken, health: Arc<Health>) -> Result<(), WorkerError> {
     let redis = Redis::connect(&config.redis_url, &config.redis_prefix).await?;
-    let wechat = WechatClient::new(&config.wechat_api_base, config.http_timeout())?;
+    let wechat = WechatClient::new(&config.wechat_api_base, config.http_timeout)?;
     let tokens = TokenManager::new(redis.clone(), wechat.clone(), config.token.clone(), &config.accounts);
+    // Token refreshers and the Redis watch: stopped after the jobs have drained.
     let background = shutdown.child_token();
-    tokens.spawn_refreshers(background.clone());
-    health.watch_redis(redis.clone(), background.clone());
+    let background_tasks = TaskTracker::new();
+    tokens.spawn_refreshers(&background_tasks, background.clone());
+    background_tasks.spawn(health.clone().watch_redis(redis.clone(), background.clone()));
     let shared = Shared {
         pipeline: Arc::new(Pipeline::new(config.clone(), redis, tokens, wechat)),
         health,
@@ -60,8 +62,11 @@ pub async fn run(config: Config, shutdown: CancellationToken, health: Arc<Health
         hard_stop: CancellationToken::new(),
     };
     let last_session = consume(&config, &shared, &shutdown).await;
-    drain(&shared, config.shutdown_grace()).await;
+    drain(&shared, config.shutdown_grace).await;
     background.cancel();
+    background_tasks.close();
+    // A token fetch under way is not cut short; it ends within the HTTP timeout.
+    let _ = tokio::time::timeout(config.http_timeout, background_tasks.wait()).await;
     if let Some(session) = last_session {
         session.close().await;
     }

@@ -101,18 +101,18 @@ impl Pipeline {
         let metrics = Metrics::new(config.accounts.iter().map(|a| a.name.as_str()));
         let policy = Policy {
             max_attempts: config.max_attempts,
-            retry_min: Duration::from_millis(config.retry.min_delay_ms),
-            retry_max: Duration::from_millis(config.retry.max_delay_ms),
-            minute_pause: (config.minute_pause_secs > 0).then(|| Duration::from_secs(config.minute_pause_secs)),
-            quota_day: QuotaDay::with_length(config.quota_day_secs),
+            retry_min: config.retry.min_delay,
+            retry_max: config.retry.max_delay,
+            minute_pause: config.minute_pause,
+            quota_day: QuotaDay::with_length(config.quota_day.as_secs()),
         };
         let timing = Timing {
-            lease: Duration::from_millis(config.job_lease_ms),
-            in_process_max: Duration::from_millis(config.retry.in_process_max_ms),
-            token_wait: Duration::from_millis(config.token.wait_ms),
-            ledger_ttl: Duration::from_secs(config.ledger_ttl_secs),
-            msgid_ttl: Duration::from_secs(config.msgid_ttl_secs),
-            jitter_minute_pause: config.minute_pause_secs == 0,
+            lease: config.job_lease,
+            in_process_max: config.retry.in_process_max,
+            token_wait: config.token.wait,
+            ledger_ttl: config.ledger_ttl,
+            msgid_ttl: config.msgid_ttl,
+            jitter_minute_pause: config.minute_pause.is_none(),
         };
         Self {
             policy,

@@ -29,10 +29,10 @@ impl CapturedWorker {
         let mut toml = format!(
             "http_timeout_ms = {}\nshutdown_grace_secs = {}\n\
              [retry]\nmin_delay_ms = {}\nin_process_max_ms = {}\ndelay_tiers_secs = {:?}\n",
-            cfg.http_timeout_ms,
-            cfg.shutdown_grace_secs,
-            cfg.retry.min_delay_ms,
-            cfg.retry.in_process_max_ms,
+            cfg.http_timeout.as_millis(),
+            cfg.shutdown_grace.as_secs(),
+            cfg.retry.min_delay.as_millis(),
+            cfg.retry.in_process_max.as_millis(),
             cfg.retry.delay_tiers_secs,
         );
         for a in &cfg.accounts {

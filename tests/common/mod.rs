@@ -61,18 +61,7 @@ pub fn job(job_id: &str, touser: &str) -> Value {
 }
 
 pub fn account(name: &str, appid: &str, secret: &str) -> Account {
-    Account {
-        name: name.into(),
-        appid: appid.into(),
-        secret: SecretString::from(secret),
-        token_api: TokenApi::Stable,
-        callback_token: None,
-        encoding_aes_key: None,
-        previous_encoding_aes_key: None,
-        accept_plaintext: false,
-        rate_limit: None,
-        daily_quota: None,
-    }
+    Account { secret: SecretString::from(secret), token_api: TokenApi::Stable, ..Account::new(name, appid) }
 }
 
 /// A configuration in this test's namespace, pointing at `api_base`.
@@ -85,17 +74,17 @@ pub fn config(ns: &str, api_base: &str) -> Config {
         jobs_queue: format!("{ns}.jobs"),
         results_exchange: format!("{ns}.results"),
         dead_letter_queue: format!("{ns}.jobs.dead"),
-        http_timeout_ms: 1_000,
-        shutdown_grace_secs: 5,
+        http_timeout: Duration::from_millis(1_000),
+        shutdown_grace: Duration::from_secs(5),
         accounts: vec![account("default", APPID, SECRET)],
         ..Config::default()
     };
-    c.retry.min_delay_ms = 20;
-    c.retry.max_delay_ms = 2_000;
-    c.retry.in_process_max_ms = 300;
+    c.retry.min_delay = Duration::from_millis(20);
+    c.retry.max_delay = Duration::from_millis(2_000);
+    c.retry.in_process_max = Duration::from_millis(300);
     c.retry.delay_tiers_secs = vec![1, 2, 5];
-    c.token.refresh_ahead_secs = 0.3;
-    c.token.failure_backoff_ms = 200;
+    c.token.refresh_ahead = Duration::from_secs_f64(0.3);
+    c.token.failure_backoff = Duration::from_millis(200);
     c
 }
 
@@ -395,7 +384,10 @@ impl WorkerProcess {
         let toml = format!(
             "job_lease_ms = {}\nhttp_timeout_ms = {}\nshutdown_grace_secs = {}\nmetrics_listen = \"127.0.0.1:0\"\n\
              [token]\nrefresh_ahead_secs = {}\n[retry]\nmin_delay_ms = 20\nin_process_max_ms = 300\ndelay_tiers_secs = [1, 2, 5]\n",
-            cfg.job_lease_ms, cfg.http_timeout_ms, cfg.shutdown_grace_secs, cfg.token.refresh_ahead_secs
+            cfg.job_lease.as_millis(),
+            cfg.http_timeout.as_millis(),
+            cfg.shutdown_grace.as_secs(),
+            cfg.token.refresh_ahead.as_secs_f64()
         );
         std::fs::write(&path, toml).expect("write the worker's config file");
         let child = captured::worker_command(cfg, &path)
@@ -454,7 +446,7 @@ pub fn config_env(cfg: &Config) -> Vec<(&'static str, String)> {
         ("WXPUSH_JOBS_QUEUE", cfg.jobs_queue.clone()),
         ("WXPUSH_RESULTS_EXCHANGE", cfg.results_exchange.clone()),
         ("WXPUSH_DEAD_LETTER_QUEUE", cfg.dead_letter_queue.clone()),
-        ("WXPUSH_HTTP_TIMEOUT_MS", cfg.http_timeout_ms.to_string()),
+        ("WXPUSH_HTTP_TIMEOUT_MS", cfg.http_timeout.as_millis().to_string()),
     ];
     if let Some(a) = cfg.account("default") {
         vars.push(("WXPUSH_APPID", a.appid.clone()));
