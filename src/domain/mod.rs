@@ -11,3 +11,4 @@ pub mod job;
 pub mod outcome;
 pub mod receipt;
 pub mod result;
+pub mod subscribe;
