@@ -8,7 +8,7 @@ use std::time::Duration;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
-use crate::config::TokenApi;
+use crate::{config::TokenApi, domain::job::JobKind};
 
 /// A request that got no usable answer. All of these are worth retrying: the message may or
 /// may not have been sent, and the job's client_msg_id makes a retry safe.
@@ -85,7 +85,8 @@ struct TokenAnswer {
 #[derive(Clone)]
 pub struct WechatClient {
     http: reqwest::Client,
-    send_url: String,
+    /// Each job kind's send URL, up to `access_token=`, in [`JobKind::ALL`]'s order.
+    send_urls: [String; 3],
     token_url: String,
     stable_token_url: String,
 }
@@ -103,16 +104,17 @@ impl WechatClient {
             .map_err(|e| HttpError::Connect(format!("cannot build the HTTP client: {e}")))?;
         Ok(Self {
             http,
-            send_url: format!("{base}/cgi-bin/message/template/send?access_token="),
+            send_urls: JobKind::ALL.map(|kind| format!("{base}{}?access_token=", kind.endpoint())),
             token_url: format!("{base}/cgi-bin/token"),
             stable_token_url: format!("{base}/cgi-bin/stable_token"),
         })
     }
 
-    /// `POST /cgi-bin/message/template/send` with a body made by `Job::template_message_body`.
-    pub async fn send_template(&self, token: &SecretString, body: bytes::Bytes) -> Result<SendAnswer, HttpError> {
-        let mut url = String::with_capacity(self.send_url.len() + 200);
-        url.push_str(&self.send_url);
+    /// Sends a message of `kind` (its endpoint) with a body made by `Job::message_body`.
+    pub async fn send(&self, kind: JobKind, token: &SecretString, body: bytes::Bytes) -> Result<SendAnswer, HttpError> {
+        let send_url = &self.send_urls[kind as usize];
+        let mut url = String::with_capacity(send_url.len() + 200);
+        url.push_str(send_url);
         url.push_str(token.expose_secret());
         let response = self
             .http

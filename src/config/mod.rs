@@ -44,6 +44,35 @@ pub enum TokenApi {
     Classic,
 }
 
+/// What an account's appid is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum AccountKind {
+    /// A service or subscription account: template messages and 订阅通知 (`subscribe`).
+    #[default]
+    OfficialAccount,
+    /// A mini program: subscription messages only (`miniprogram_subscribe`).
+    Miniprogram,
+}
+
+impl AccountKind {
+    /// Whether the account can send jobs of `kind`.
+    pub fn sends(self, kind: crate::domain::job::JobKind) -> bool {
+        use crate::domain::job::JobKind::*;
+        matches!(
+            (self, kind),
+            (AccountKind::OfficialAccount, Template | Subscribe) | (AccountKind::Miniprogram, MiniprogramSubscribe)
+        )
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AccountKind::OfficialAccount => "official_account",
+            AccountKind::Miniprogram => "miniprogram",
+        }
+    }
+}
+
 /// The kind of RabbitMQ queue wxpush declares for its jobs, delay and dead-letter queues.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase", try_from = "String")]
@@ -110,6 +139,10 @@ pub struct Account {
     pub secret: SecretString,
     #[serde(default)]
     pub token_api: TokenApi,
+    /// What the appid is: an official account (the default) or a mini program. It decides
+    /// which job kinds the account sends.
+    #[serde(default)]
+    pub kind: AccountKind,
     /// The server-config Token that signs pushes (webhook).
     #[serde(default, serialize_with = "redacted_option")]
     pub callback_token: Option<SecretString>,
@@ -157,6 +190,7 @@ impl Account {
             appid: appid.into(),
             secret: empty_secret(),
             token_api: TokenApi::default(),
+            kind: AccountKind::default(),
             callback_token: None,
             encoding_aes_key: None,
             previous_encoding_aes_key: None,

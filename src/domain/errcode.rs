@@ -21,6 +21,9 @@ pub enum Action {
     QuotaExhausted,
     /// The message can never be sent as it is: fail the job at once.
     Permanent,
+    /// The recipient has no subscription consent left (43101): fail the job at once. An
+    /// expected answer for subscription messages, logged at info, not as a failure.
+    Declined,
     /// Not in the table: fail the job, naming the code, so that someone looks at it.
     Unknown,
 }
@@ -35,6 +38,7 @@ impl Action {
             Action::RefreshToken => "replace the token once, send once more",
             Action::QuotaExhausted => "park the account's jobs until midnight Beijing time",
             Action::Permanent => "permanent: `send.failed`",
+            Action::Declined => "declined by the recipient: `send.failed`, logged at info",
             Action::Unknown => "`send.failed`, logged as an error",
         }
     }
@@ -62,26 +66,11 @@ use Action::*;
 pub const TABLE: &[Entry] = &[
     entry(0, Accepted, "ok", "ok"),
     entry(-1, Retry, "system busy", "system error"),
-    entry(
-        43117,
-        Retry,
-        "too many messages to this openid",
-        "Sending messages to this openid too frequently, please try later",
-    ),
-    entry(
-        40001,
-        RefreshToken,
-        "access token invalid or not latest",
-        "invalid credential, access_token is invalid or not latest",
-    ),
+    entry(43117, Retry, "too many messages to this openid", "Sending messages to this openid too frequently, please try later"),
+    entry(40001, RefreshToken, "access token invalid or not latest", "invalid credential, access_token is invalid or not latest"),
     entry(40014, RefreshToken, "invalid access token", "invalid access_token"),
     entry(42001, RefreshToken, "access token expired", "access_token expired"),
-    entry(
-        45011,
-        WaitNextMinute,
-        "api minute-quota reached",
-        "api minute-quota reach limit must slower retry next minute",
-    ),
+    entry(45011, WaitNextMinute, "api minute-quota reached", "api minute-quota reach limit must slower retry next minute"),
     entry(45009, QuotaExhausted, "daily api quota reached", "reach max api daily quota limit"),
     entry(40003, Permanent, "invalid openid", "invalid openid"),
     entry(40013, Permanent, "invalid appid", "invalid appid"),
@@ -95,6 +84,14 @@ pub const TABLE: &[Entry] = &[
     entry(48001, Permanent, "api unauthorized", "api unauthorized"),
     entry(48002, Permanent, "user refuses messages from the account", "api forbidden for user"),
     entry(48004, Permanent, "api banned", "api forbidden for irregularities"),
+    // Subscription messages (docs/wechat-api.md, "Subscription errcodes"). WeChat documents
+    // 41030's and 43107's meaning but not their errmsg; these are the sandbox's.
+    entry(43101, Declined, "no subscription consent", "user refuse to accept the msg"),
+    entry(43108, Retry, "concurrent sends to this openid", "Cannot make concurrent calls to the same OpenID, please try again"),
+    entry(41030, Permanent, "invalid page", "invalid page"),
+    entry(43107, Permanent, "subscription messages banned", "subscribe message banned"),
+    entry(45168, Permanent, "blocked keyword in the message", "keyword in blacklist"),
+    entry(45103, Permanent, "api unsupported for this account", "This API has been unsupported"),
 ];
 
 /// The token endpoints' errcodes that no retry will cure (the account's configuration is
@@ -139,6 +136,24 @@ pub fn reason(errcode: i64) -> &'static str {
     lookup(errcode).map_or("unknown errcode", |e| e.reason)
 }
 
+/// The `reason` of a failed send, naming the field for 47003 (WeChat's errmsg says which:
+/// `argument invalid! data.thing3.value invalid` → `argument invalid: data.thing3.value`).
+pub fn failure_reason(errcode: i64, errmsg: &str) -> String {
+    let field = (errcode == 47003)
+        .then(|| {
+            errmsg
+                .split_whitespace()
+                .find(|w| w.starts_with("data.") || w.starts_with("touser") || w.starts_with("template_id"))
+        })
+        .flatten();
+    match field {
+        Some(field) => {
+            format!("{}: {}", reason(errcode), field.trim_end_matches(|c: char| !c.is_alphanumeric() && c != '_'))
+        }
+        None => reason(errcode).to_owned(),
+    }
+}
+
 /// WeChat's errmsg for an errcode of a send or token endpoint, if wxpush knows it.
 pub fn errmsg(errcode: i64) -> Option<&'static str> {
     lookup(errcode).map(|e| e.errmsg).or_else(|| TOKEN_TABLE.iter().find(|e| e.code == errcode).map(|e| e.errmsg))
@@ -162,6 +177,9 @@ mod tests {
             (&[40001, 40014, 42001], RefreshToken),
             (&[45009], QuotaExhausted),
             (&[40003, 43004, 40036, 40037, 47001, 47003, 48001, 48002, 48004, 43116, 40013, 41001], Permanent),
+            (&[41030, 43107, 45168, 45103], Permanent),
+            (&[43108], Retry),
+            (&[43101], Declined),
             (&[1, 45047, 99999, -1000], Unknown),
         ];
         for (codes, action) in cases {
@@ -183,6 +201,20 @@ mod tests {
         assert_eq!(errmsg(43004), Some("require subscribe"));
         assert_eq!(errmsg(40125), Some("invalid appsecret"));
         assert_eq!(errmsg(12345), None);
+    }
+
+    #[test]
+    fn argument_errors_name_the_field_wechat_complained_about() {
+        assert_eq!(
+            failure_reason(47003, "argument invalid! data.thing3.value invalid"),
+            "argument invalid: data.thing3.value"
+        );
+        assert_eq!(
+            failure_reason(47003, "argument invalid! hint: [abc] data.character_string13.value invalid rid: 1"),
+            "argument invalid: data.character_string13.value"
+        );
+        assert_eq!(failure_reason(47003, "argument invalid!"), "argument invalid");
+        assert_eq!(failure_reason(43101, "user refuse to accept the msg"), "no subscription consent");
     }
 
     #[test]

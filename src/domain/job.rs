@@ -24,16 +24,94 @@ const MAX_FIELD_CHARS: usize = 1024;
 /// The account a job names when it names none.
 pub const DEFAULT_ACCOUNT: &str = "default";
 
+/// Which WeChat message a job sends, and through which endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobKind {
+    /// 模板消息, `cgi-bin/message/template/send` (the default: jobs without `kind`).
+    #[default]
+    Template = 0,
+    /// An official account's 订阅通知, `cgi-bin/message/subscribe/bizsend`.
+    Subscribe = 1,
+    /// A mini program's subscription message, `cgi-bin/message/subscribe/send`.
+    MiniprogramSubscribe = 2,
+}
+
+impl JobKind {
+    /// Every kind, in discriminant order (`kind as usize` indexes arrays built from it).
+    pub const ALL: [JobKind; 3] = [JobKind::Template, JobKind::Subscribe, JobKind::MiniprogramSubscribe];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobKind::Template => "template",
+            JobKind::Subscribe => "subscribe",
+            JobKind::MiniprogramSubscribe => "miniprogram_subscribe",
+        }
+    }
+
+    /// The WeChat endpoint that sends it, below the API base.
+    pub fn endpoint(self) -> &'static str {
+        match self {
+            JobKind::Template => "/cgi-bin/message/template/send",
+            JobKind::Subscribe => "/cgi-bin/message/subscribe/bizsend",
+            JobKind::MiniprogramSubscribe => "/cgi-bin/message/subscribe/send",
+        }
+    }
+
+    /// Whether its data keys are typed (`thing1`, `number2`, …) and checked before sending.
+    pub fn is_subscription(self) -> bool {
+        self != JobKind::Template
+    }
+
+    fn parse(text: &str) -> Option<JobKind> {
+        JobKind::ALL.into_iter().find(|k| k.as_str() == text)
+    }
+}
+
+impl std::fmt::Display for JobKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Which version of a mini program a subscription message opens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MiniprogramState {
+    Developer,
+    Trial,
+    Formal,
+}
+
+/// The language of a mini program subscription message's "进入小程序查看".
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Lang {
+    #[serde(rename = "zh_CN")]
+    ZhCn,
+    #[serde(rename = "en_US")]
+    EnUs,
+    #[serde(rename = "zh_HK")]
+    ZhHk,
+    #[serde(rename = "zh_TW")]
+    ZhTw,
+}
+
 /// A valid notification job.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Job {
     pub job_id: String,
+    pub kind: JobKind,
     pub account: String,
     pub touser: String,
     pub template_id: String,
     pub url: Option<String>,
     pub miniprogram: Option<MiniProgram>,
     pub topcolor: Option<String>,
+    /// Subscription messages: the page the message opens (a web page for `subscribe`, a page
+    /// of the mini program for `miniprogram_subscribe`).
+    pub page: Option<String>,
+    pub miniprogram_state: Option<MiniprogramState>,
+    pub lang: Option<Lang>,
     pub data: BTreeMap<String, DataItem>,
     /// Always set: the job's own value, or one derived from `job_id`, so that every attempt
     /// and every redelivery of the job carries the same one and WeChat drops duplicates.
@@ -74,6 +152,10 @@ impl InvalidJob {
 #[derive(Deserialize)]
 struct RawJob {
     job_id: Option<Value>,
+    kind: Option<Value>,
+    page: Option<Value>,
+    miniprogram_state: Option<Value>,
+    lang: Option<Value>,
     account: Option<Value>,
     touser: Option<Value>,
     template_id: Option<Value>,
@@ -119,6 +201,12 @@ impl Job {
         let id = Some(job_id.as_str());
         let fail = |reason: String| InvalidJob::new(id, reason);
 
+        let kind = match optional_string(&raw.kind, "kind").map_err(&fail)? {
+            None => JobKind::Template,
+            Some(k) => JobKind::parse(&k).ok_or_else(|| {
+                fail(format!("kind {k:?} is not one of \"template\", \"subscribe\", \"miniprogram_subscribe\""))
+            })?,
+        };
         let account = optional_string(&raw.account, "account").map_err(&fail)?;
         let account = account.unwrap_or_else(|| DEFAULT_ACCOUNT.to_owned());
         if account.is_empty() {
@@ -139,7 +227,25 @@ impl Job {
                 Some(parse_time(&s).map_err(|e| fail(format!("expires_at {s:?} is not an RFC 3339 time: {e}")))?)
             }
         };
-        Ok(Job { job_id, account, touser, template_id, url, miniprogram, topcolor, data, client_msg_id, expires_at })
+        let extras = SubscriptionFields::read(&raw, kind).map_err(&fail)?;
+        let job = Job {
+            job_id,
+            kind,
+            account,
+            touser,
+            template_id,
+            url,
+            miniprogram,
+            topcolor,
+            page: extras.page,
+            miniprogram_state: extras.miniprogram_state,
+            lang: extras.lang,
+            data,
+            client_msg_id,
+            expires_at,
+        };
+        job.check_kind().map_err(|reason| InvalidJob::new(Some(&job.job_id), reason))?;
+        Ok(job)
     }
 
     /// Whether the job's `expires_at` has passed at `now`.
@@ -147,8 +253,16 @@ impl Job {
         self.expires_at.is_some_and(|at| at <= now)
     }
 
-    /// The body of `POST /cgi-bin/message/template/send`, serialized once.
-    pub fn template_message_body(&self) -> Vec<u8> {
+    /// The body of the job's send (its kind's endpoint), serialized once.
+    pub fn message_body(&self) -> Vec<u8> {
+        match self.kind {
+            JobKind::Template => self.template_message_body(),
+            JobKind::Subscribe | JobKind::MiniprogramSubscribe => self.subscribe_message_body(),
+        }
+    }
+
+    /// The body of `POST /cgi-bin/message/template/send`.
+    fn template_message_body(&self) -> Vec<u8> {
         #[derive(Serialize)]
         struct Body<'a> {
             touser: &'a str,
@@ -174,6 +288,63 @@ impl Job {
         // Serializing plain strings and maps of strings cannot fail.
         serde_json::to_vec(&body).unwrap_or_default()
     }
+
+    /// The body of `subscribe/bizsend` or `subscribe/send`: typed data values as text, no
+    /// colours, and each endpoint's own fields.
+    fn subscribe_message_body(&self) -> Vec<u8> {
+        #[derive(Serialize)]
+        struct Item {
+            value: String,
+        }
+        #[derive(Serialize)]
+        struct Body<'a> {
+            touser: &'a str,
+            template_id: &'a str,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            page: Option<&'a str>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            miniprogram: Option<&'a MiniProgram>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            miniprogram_state: Option<MiniprogramState>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            lang: Option<Lang>,
+            data: BTreeMap<&'a str, Item>,
+        }
+        let text = |v: &Value| match v {
+            Value::String(s) => s.clone(),
+            other => other.to_string(),
+        };
+        let body = Body {
+            touser: &self.touser,
+            template_id: &self.template_id,
+            page: self.page.as_deref(),
+            miniprogram: self.miniprogram.as_ref(),
+            miniprogram_state: self.miniprogram_state,
+            lang: self.lang,
+            data: self.data.iter().map(|(k, item)| (k.as_str(), Item { value: text(&item.value) })).collect(),
+        };
+        // Serializing plain strings and maps of strings cannot fail.
+        serde_json::to_vec(&body).unwrap_or_default()
+    }
+
+    /// The fields a kind does not take, and a subscription message's typed data.
+    fn check_kind(&self) -> Result<(), String> {
+        let not_for = |field: &str| Err(format!("{field} is not a field of kind {}", self.kind));
+        match self.kind {
+            JobKind::Template => return Ok(()),
+            JobKind::Subscribe if self.miniprogram_state.is_some() => return not_for("miniprogram_state"),
+            JobKind::Subscribe if self.lang.is_some() => return not_for("lang"),
+            JobKind::MiniprogramSubscribe if self.miniprogram.is_some() => return not_for("miniprogram"),
+            _ if self.url.is_some() => return not_for("url (a subscription message opens `page`)"),
+            _ if self.topcolor.is_some() => return not_for("topcolor"),
+            _ => {}
+        }
+        if let Some((key, _)) = self.data.iter().find(|(_, item)| item.color.is_some()) {
+            return Err(format!("data.{key}.color: subscription messages have no colours"));
+        }
+        let values: BTreeMap<String, &Value> = self.data.iter().map(|(k, item)| (k.clone(), &item.value)).collect();
+        crate::domain::subscribe::validate_data(&values).map_err(|e| e.to_string())
+    }
 }
 
 /// A job as [`parse_fast`] reads it: borrowed strings, typed fields.
@@ -181,6 +352,8 @@ impl Job {
 struct Fast<'a> {
     #[serde(borrow, default)]
     job_id: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    kind: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
     account: Option<Cow<'a, str>>,
     #[serde(borrow)]
@@ -216,6 +389,10 @@ fn parse_fast(text: &str, message_id: Option<&str>) -> Option<Job> {
     let optional = |s: &Option<Cow<str>>| s.as_deref().is_none_or(fits);
 
     let f: Fast = serde_json::from_str(text).ok()?;
+    // Subscription messages take the slow path, which checks their typed data.
+    if f.kind.as_deref().is_some_and(|k| k != "template") {
+        return None;
+    }
     let job_id = match f.job_id {
         Some(id) if is_valid_job_id(&id) => id.into_owned(),
         Some(_) => return None,
@@ -247,9 +424,13 @@ fn parse_fast(text: &str, message_id: Option<&str>) -> Option<Job> {
         account,
         touser: f.touser.into_owned(),
         template_id: f.template_id.into_owned(),
+        kind: JobKind::Template,
         url: f.url.map(Cow::into_owned),
         miniprogram: f.miniprogram,
         topcolor: f.topcolor.map(Cow::into_owned),
+        page: None,
+        miniprogram_state: None,
+        lang: None,
         data,
         client_msg_id,
         expires_at,
@@ -331,6 +512,41 @@ pub fn derive_client_msg_id(job_id: &str) -> String {
 
 fn hashed_client_msg_id(id: &str) -> String {
     format!("wxpush-{}", hex::encode(Sha1::digest(id.as_bytes())))
+}
+
+/// The fields only subscription messages take, read from the wire form.
+struct SubscriptionFields {
+    page: Option<String>,
+    miniprogram_state: Option<MiniprogramState>,
+    lang: Option<Lang>,
+}
+
+impl SubscriptionFields {
+    fn read(raw: &RawJob, kind: JobKind) -> Result<Self, String> {
+        // Template jobs ignore them, as they ignored every unknown field before kinds existed.
+        if kind == JobKind::Template {
+            return Ok(Self { page: None, miniprogram_state: None, lang: None });
+        }
+        let one_of_states = "\"developer\", \"trial\" or \"formal\"";
+        let one_of_langs = "\"zh_CN\", \"en_US\", \"zh_HK\" or \"zh_TW\"";
+        Ok(Self {
+            page: optional_string(&raw.page, "page")?,
+            miniprogram_state: optional_enum(&raw.miniprogram_state, "miniprogram_state", one_of_states)?,
+            lang: optional_enum(&raw.lang, "lang", one_of_langs)?,
+        })
+    }
+}
+
+/// A string field that must be one of an enum's names.
+fn optional_enum<T: serde::de::DeserializeOwned>(
+    v: &Option<Value>,
+    field: &str,
+    one_of: &str,
+) -> Result<Option<T>, String> {
+    let Some(text) = optional_string(v, field)? else { return Ok(None) };
+    serde_json::from_value(Value::String(text.clone()))
+        .map(Some)
+        .map_err(|_| format!("{field} {text:?} is not one of {one_of}"))
 }
 
 fn required_string(v: &Option<Value>, field: &str) -> Result<String, String> {
@@ -424,6 +640,86 @@ mod tests {
         (e.job_id, e.reason)
     }
 
+    fn subscription(kind: &str, extra: Value) -> Value {
+        let mut v = json!({
+            "job_id": "sub-1",
+            "kind": kind,
+            "touser": "o1",
+            "template_id": "t1",
+            "data": {"thing1": {"value": "订单已发货"}, "amount2": {"value": "¥26.00"}, "number3": {"value": 12}}
+        });
+        v.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        v
+    }
+
+    #[test]
+    fn subscription_jobs_build_their_endpoints_bodies() {
+        let job = parse(&subscription(
+            "subscribe",
+            json!({"page": "https://example.com/o/1", "miniprogram": {"appid": "wxmp"}}),
+        ))
+        .unwrap();
+        assert_eq!((job.kind, job.kind.endpoint()), (JobKind::Subscribe, "/cgi-bin/message/subscribe/bizsend"));
+        let body: Value = serde_json::from_slice(&job.message_body()).unwrap();
+        assert_eq!(
+            body,
+            json!({
+                "touser": "o1", "template_id": "t1", "page": "https://example.com/o/1", "miniprogram": {"appid": "wxmp"},
+                "data": {"thing1": {"value": "订单已发货"}, "amount2": {"value": "¥26.00"}, "number3": {"value": "12"}}
+            })
+        );
+        let mp = parse(&subscription(
+            "miniprogram_subscribe",
+            json!({"page": "index", "miniprogram_state": "trial", "lang": "en_US"}),
+        ))
+        .unwrap();
+        let body: Value = serde_json::from_slice(&mp.message_body()).unwrap();
+        assert_eq!((body["miniprogram_state"].as_str(), body["lang"].as_str()), (Some("trial"), Some("en_US")));
+        assert_eq!(mp.kind.endpoint(), "/cgi-bin/message/subscribe/send");
+        assert!(body.get("client_msg_id").is_none());
+    }
+
+    #[test]
+    fn subscription_jobs_are_checked_before_sending() {
+        let long = json!({"data": {"thing1": {"value": "这是一条超过二十个字符长度限制的订阅消息内容文"}}});
+        let (id, reason) = reason_of(subscription("subscribe", long));
+        assert_eq!((id.as_deref(), reason.as_str()), (Some("sub-1"), "thing1 is 23 characters, at most 20"));
+        let cases = [
+            (
+                subscription("subscribe", json!({"url": "https://x"})),
+                "url (a subscription message opens `page`) is not a field of kind subscribe",
+            ),
+            (subscription("subscribe", json!({"lang": "en_US"})), "lang is not a field of kind subscribe"),
+            (
+                subscription("miniprogram_subscribe", json!({"miniprogram": {"appid": "wx"}})),
+                "miniprogram is not a field of kind miniprogram_subscribe",
+            ),
+            (
+                subscription("miniprogram_subscribe", json!({"lang": "fr"})),
+                "lang \"fr\" is not one of \"zh_CN\", \"en_US\", \"zh_HK\" or \"zh_TW\"",
+            ),
+            (subscription("subscribe", json!({"data": {"keyword1": {"value": "x"}}})), "keyword1 is not a typed key"),
+            (
+                subscription("subscribe", json!({"data": {"thing1": {"value": "x", "color": "#000"}}})),
+                "data.thing1.color: subscription messages have no colours",
+            ),
+            (subscription("sms", json!({})), "kind \"sms\" is not one of"),
+        ];
+        for (job, want) in cases {
+            let (_, reason) = reason_of(job);
+            assert!(reason.starts_with(want), "{reason}");
+        }
+    }
+
+    #[test]
+    fn template_jobs_ignore_subscription_fields_on_both_paths() {
+        let v = json!({"job_id": "j", "kind": "template", "touser": "o", "template_id": "t", "data": {"k": {"value": "v"}}, "page": "p", "lang": "fr"});
+        let job = parse(&v).unwrap();
+        assert_eq!((job.kind, job.page.as_deref(), job.lang), (JobKind::Template, None, None));
+        let slow = Job::parse_slow(&v.to_string(), None, None).unwrap();
+        assert_eq!(slow, job);
+    }
+
     #[test]
     fn every_field_of_the_contract_example_is_read() {
         let job = parse(&full()).unwrap();
@@ -445,7 +741,7 @@ mod tests {
     #[test]
     fn the_template_body_carries_every_field_wechat_takes() {
         let job = parse(&full()).unwrap();
-        let body: Value = serde_json::from_slice(&job.template_message_body()).unwrap();
+        let body: Value = serde_json::from_slice(&job.message_body()).unwrap();
         // The job less what is wxpush's own (job_id, account, expires_at).
         let mut expected = full();
         let fields = expected.as_object_mut().unwrap();
@@ -465,7 +761,7 @@ mod tests {
         assert_eq!(a.client_msg_id, b.client_msg_id);
         assert_eq!(a.data["k"].value, json!(3));
         assert!(a.url.is_none() && a.miniprogram.is_none() && a.topcolor.is_none() && a.expires_at.is_none());
-        let body: Value = serde_json::from_slice(&a.template_message_body()).unwrap();
+        let body: Value = serde_json::from_slice(&a.message_body()).unwrap();
         assert!(body.get("url").is_none() && body.get("miniprogram").is_none());
     }
 

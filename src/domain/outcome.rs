@@ -111,7 +111,7 @@ fn judge(errcode: i64, errmsg: &str, msgid: Option<u64>, policy: &Policy, now: D
             let why = "45009: WeChat's daily quota reached; jobs parked until it resets".into();
             Outcome::Park { until: later(now, policy.quota_day.until_reset(now)), why }
         }
-        Action::Permanent => failed(errcode::reason(errcode).to_owned()),
+        Action::Permanent | Action::Declined => failed(errcode::failure_reason(errcode, errmsg)),
         Action::Unknown => failed(format!("unknown errcode {errcode}: {errmsg}")),
     })
 }
@@ -167,7 +167,7 @@ mod tests {
                 Action::QuotaExhausted => {
                     matches!(&outcome, Outcome::Park { until, .. } if *until == now() + chrono::Duration::seconds(30))
                 }
-                Action::Permanent => {
+                Action::Permanent | Action::Declined => {
                     matches!(&outcome, Outcome::Failed { reason, errcode: Some(c), errmsg: Some(_) } if reason == entry.reason && *c == entry.code)
                 }
                 Action::Unknown => false,

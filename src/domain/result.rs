@@ -3,7 +3,7 @@
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Deserialize, Serialize};
 
-use super::job::Job;
+use super::job::{Job, JobKind};
 
 /// Outcome of a job, published as `send.succeeded` or `send.failed`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -11,6 +11,10 @@ pub struct SendResult {
     #[serde(rename = "type")]
     pub kind: String,
     pub job_id: Option<String>,
+    /// The job's kind (template or subscription message); absent for a job that could not be
+    /// read, and in records of older versions.
+    #[serde(rename = "kind", default, skip_serializing_if = "Option::is_none")]
+    pub job_kind: Option<JobKind>,
     pub account: Option<String>,
     pub touser: Option<String>,
     pub template_id: Option<String>,
@@ -61,6 +65,7 @@ impl SendResult {
         Self {
             kind: "send".into(),
             job_id: Some(job_id),
+            job_kind: None,
             account,
             touser: None,
             template_id: None,
@@ -78,6 +83,7 @@ impl SendResult {
         Self {
             kind: "send".into(),
             job_id: Some(job.job_id.clone()),
+            job_kind: Some(job.kind),
             account: Some(job.account.clone()),
             touser: Some(job.touser.clone()),
             template_id: Some(job.template_id.clone()),
@@ -197,6 +203,7 @@ mod tests {
             json!({
                 "type": "send",
                 "job_id": "order-42-paid",
+                "kind": "template",
                 "account": "default",
                 "touser": "oia2TjuEGTNoeX76QEjQNrcURxG8",
                 "template_id": "ngqIpbwh8bUfcSsECmogfXcV14J0tQlEpBO27izEYtY",

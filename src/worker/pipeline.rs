@@ -43,7 +43,7 @@ use crate::{
     domain::{
         calendar::QuotaDay,
         errcode::{self, Action},
-        job::{self, Job, MAX_JOB_BYTES},
+        job::{self, Job, JobKind, MAX_JOB_BYTES},
         outcome::{Answer, Outcome, Policy, decide},
         result::SendResult,
     },
@@ -200,6 +200,16 @@ impl Pipeline {
             warn!(job_id = %job.job_id, %reason, "job refused, dead-lettering it");
             return refuse(&job, reason);
         };
+        if !account.kind.sends(job.kind) {
+            let reason = format!(
+                "invalid job: kind {} cannot be sent by account {:?}, a {}",
+                job.kind,
+                account.name,
+                account.kind.as_str()
+            );
+            warn!(job_id = %job.job_id, %reason, "job refused, dead-lettering it");
+            return refuse(&job, reason);
+        }
         if job.is_expired(Utc::now()) {
             info!(job_id = %job.job_id, "job expired before it could be sent");
             return refuse(&job, "expired".into());
@@ -247,7 +257,7 @@ impl Pipeline {
     /// Sends until [`decide`] says stop; short backoffs are waited here, longer ones end as a
     /// [`Outcome::Retry`] for a delay queue. `spent`: attempts before this delivery.
     async fn send(&self, job: &Job, account: &Account, mut spent: u32, cancel: &CancellationToken) -> Ended {
-        let body = bytes::Bytes::from(job.template_message_body());
+        let body = bytes::Bytes::from(job.message_body());
         loop {
             let token = match self.token(account, cancel).await {
                 Ok(token) => token,
@@ -262,7 +272,7 @@ impl Pipeline {
                 Gate::Abandoned => return Ended::Abandoned,
             }
             let attempt = spent.saturating_add(1);
-            let answer = match self.send_once(account, &token, &body).await {
+            let answer = match self.send_once(account, job.kind, &token, &body).await {
                 Ok(answer) => answer,
                 Err(wait) => return Ended::Decided(wait, spent),
             };
@@ -305,15 +315,21 @@ impl Pipeline {
 
     /// One send, and if WeChat refuses the token, one more with a fresh token. `Err`: no token
     /// to send again with; the job waits without spending an attempt.
-    async fn send_once(&self, account: &Account, token: &Token, body: &bytes::Bytes) -> Result<Answer, Outcome> {
+    async fn send_once(
+        &self,
+        account: &Account,
+        kind: JobKind,
+        token: &Token,
+        body: &bytes::Bytes,
+    ) -> Result<Answer, Outcome> {
         let started = Instant::now();
-        let mut answer = self.wechat.send_template(token, body.clone()).await;
+        let mut answer = self.wechat.send(kind, token, body.clone()).await;
         if let Ok(refused) = &answer
             && errcode::classify(refused.errcode) == Action::RefreshToken
         {
             // A second refusal counts as a transient failure, never as a reason to refresh again.
             match self.tokens.replace(&account.name, token).await {
-                Ok(fresh) => answer = self.wechat.send_template(&fresh, body.clone()).await,
+                Ok(fresh) => answer = self.wechat.send(kind, &fresh, body.clone()).await,
                 Err(e @ TokenError::Refused { .. }) => {
                     let retry_after = e.retry_after().unwrap_or(self.timing.token_wait);
                     let (errcode, errmsg) = (Some(refused.errcode), Some(refused.errmsg.clone()));
@@ -355,10 +371,14 @@ impl Pipeline {
                 settlement
             }
             Outcome::Failed { reason, errcode, errmsg } => {
-                if errcode.is_some_and(|c| errcode::classify(c) == Action::Unknown) {
-                    error!(errcode, errmsg = errmsg.as_deref(), "WeChat answered an errcode wxpush does not know");
+                match errcode.map(errcode::classify) {
+                    Some(Action::Unknown) => {
+                        error!(errcode, errmsg = errmsg.as_deref(), "WeChat answered an errcode wxpush does not know");
+                        warn!(errcode, %reason, attempts, "job failed");
+                    }
+                    Some(Action::Declined) => info!(errcode, %reason, "the recipient declined the message"),
+                    _ => warn!(errcode, %reason, attempts, "job failed"),
                 }
-                warn!(errcode, %reason, attempts, "job failed");
                 Settlement::publish(SendResult::failed(job, errcode, errmsg, reason, attempts))
             }
             Outcome::Retry { after, why } => Settlement::Delay { after, attempts, why },
