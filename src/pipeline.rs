@@ -46,7 +46,7 @@ use crate::{
     store::{
         Redis,
         ledger::Claim,
-        limits::{Admission, Budget},
+        limits::{Admission, Budget, Pause},
     },
     token::{TokenError, TokenManager},
     wechat::WechatClient,
@@ -105,29 +105,6 @@ struct Pauses {
 
 /// When the pause of an account was last read, and until when it runs.
 type PauseSeen = (Instant, Option<(Instant, Pause)>);
-
-/// An account-wide pause. `parked` pauses (a spent daily quota) last until the quota resets and
-/// are announced to downstream; the others (45011) last a minute.
-#[derive(Debug, Clone)]
-struct Pause {
-    why: String,
-    parked: bool,
-}
-
-impl Pause {
-    /// As stored in Redis: `park|why` or `wait|why`.
-    fn encode(&self) -> String {
-        format!("{}|{}", if self.parked { "park" } else { "wait" }, self.why)
-    }
-
-    fn decode(raw: &str) -> Pause {
-        match raw.split_once('|') {
-            Some(("park", why)) => Pause { why: why.to_owned(), parked: true },
-            Some((_, why)) => Pause { why: why.to_owned(), parked: false },
-            None => Pause { why: raw.to_owned(), parked: false },
-        }
-    }
-}
 
 const PAUSE_RECHECK: Duration = Duration::from_millis(250);
 
@@ -670,7 +647,7 @@ impl Pipeline {
             }
         }
         let pause = match self.redis.account_pause(&account.appid).await {
-            Ok(p) => p.map(|(left, raw)| (left, Pause::decode(&raw))),
+            Ok(p) => p,
             // Redis trouble shows up at the claim right after; don't block on it here.
             Err(_) => return None,
         };
@@ -685,7 +662,7 @@ impl Pipeline {
         self.metrics_of(&account.name).pauses.increment(1);
         let now = Instant::now();
         let pause = Pause { why: why.to_owned(), parked };
-        if let Err(e) = self.redis.pause_account(&account.appid, for_, &pause.encode()).await {
+        if let Err(e) = self.redis.pause_account(&account.appid, for_, &pause).await {
             warn!(error = %e, "could not share the account's pause with the pool");
         }
         self.pauses

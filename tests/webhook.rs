@@ -29,8 +29,8 @@ use wxpush::{
     amqp::Broker,
     config::Config,
     domain::crypto::{self, Cipher},
-    store::Redis,
-    webhook::{Listeners, Webhook, WebhookSettings, dedupe, metrics, serve_with},
+    store::{Redis, ledger::Claim},
+    webhook::{Listeners, Webhook, WebhookSettings, metrics, serve_with},
 };
 
 #[path = "common/services.rs"]
@@ -1032,15 +1032,15 @@ async fn a_push_task_that_panics_or_is_dropped_releases_its_pending_mark() {
     let h = Harness::start(Options::default()).await;
     let (ttl, wait) = (Duration::from_secs(30), Duration::from_millis(100));
     for how in ["panics", "is dropped"] {
-        let key = h.redis.keys().push_seen(DEFAULT_APPID, &format!("receipt:1:{how}"));
-        let owner = match dedupe::claim(&h.redis, &key, None, ttl, wait).await.expect("claim") {
-            dedupe::Claim::Owned { owner, .. } => owner,
+        let event = format!("receipt:1:{how}");
+        let mut mark = h.redis.push_mark(DEFAULT_APPID, &event);
+        match mark.claim(None, ttl, wait).await.expect("claim") {
+            (Claim::Claimed, _) => {}
             other => panic!("a fresh event is ours: {other:?}"),
-        };
-        let (redis, k) = (h.redis.clone(), key.clone());
+        }
         let (holding, held) = tokio::sync::oneshot::channel();
         let task = tokio::spawn(async move {
-            let _mark = dedupe::PendingMark::new(redis, k, owner);
+            let _mark = mark;
             let _ = holding.send(());
             if how == "panics" {
                 panic!("the push task fails half-way");
@@ -1055,8 +1055,8 @@ async fn a_push_task_that_panics_or_is_dropped_releases_its_pending_mark() {
         // The re-push can claim the event again: the mark was released, not left to run out.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         loop {
-            match dedupe::claim(&h.redis, &key, None, ttl, wait).await.expect("claim") {
-                dedupe::Claim::Owned { .. } => break,
+            match h.redis.push_mark(DEFAULT_APPID, &event).claim(None, ttl, wait).await.expect("claim") {
+                (Claim::Claimed, _) => break,
                 other => assert!(tokio::time::Instant::now() < deadline, "still {other:?} after the task {how}"),
             }
         }

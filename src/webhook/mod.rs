@@ -2,7 +2,7 @@
 //!
 //! - `GET /wechat[/{account}]`: server verification, `echostr` answered when `signature` holds;
 //! - `POST /wechat[/{account}]`: a push, plaintext or safe mode ([`verify`]), read by
-//!   [`crate::domain::receipt`], published once ([`dedupe`]) with publisher confirms ([`push`]);
+//!   [`crate::domain::receipt`], published once ([`crate::store::dedupe`]) with publisher confirms ([`push`]);
 //!   answered `success` only after the broker confirmed;
 //!
 //! Nothing else is served on that port. `/healthz`, `/readyz` (RabbitMQ and Redis reachable) and
@@ -19,7 +19,6 @@
 //! for up to `msgid_wait` (1.5 s by default); after that the event goes out with `job_id` null,
 //! and a consumer ties it through `msgid`, which the job's `send.succeeded` result also carries.
 
-pub mod dedupe;
 pub mod metrics;
 pub mod push;
 pub mod server;
