@@ -17,7 +17,7 @@ use std::time::Duration;
 use backon::BackoffBuilder;
 
 /// An exponential schedule: `min` after the first failure, then `factor` times the previous
-/// wait, never more than `max`; each wait [`jittered`] unless built [`without_jitter`]. `max`
+/// wait, never more than `max` (which wins over `min`); each wait [`jittered`] unless built [`without_jitter`]. `max`
 /// bounds the schedule before jitter, so a jittered wait may reach twice `max`.
 ///
 /// [`without_jitter`]: Backoff::without_jitter
@@ -55,7 +55,7 @@ impl Backoff {
 
     /// The wait after the `failures`-th failure in a row (1 = the first; 0 counts as 1).
     pub fn after(&self, failures: u32) -> Duration {
-        let mut wait = self.min;
+        let mut wait = self.first();
         for _ in 1..failures {
             if wait >= self.max {
                 break;
@@ -65,11 +65,16 @@ impl Backoff {
         self.spread(wait)
     }
 
+    /// The un-jittered first wait.
+    fn first(&self) -> Duration {
+        self.min.min(self.max)
+    }
+
     /// The un-jittered wait after `wait`.
     fn following(&self, wait: Duration) -> Duration {
         let next = (wait.as_nanos() as f64 * f64::from(self.factor)).round();
         // `as` saturates; u64 nanoseconds are over 500 years.
-        Duration::from_nanos(next as u64).min(self.max.max(self.min))
+        Duration::from_nanos(next as u64).min(self.max)
     }
 
     fn spread(&self, wait: Duration) -> Duration {
@@ -90,7 +95,7 @@ impl Delays {
     /// The next wait.
     pub fn next_delay(&mut self) -> Duration {
         let wait = match self.last {
-            None => self.backoff.min,
+            None => self.backoff.first(),
             Some(last) => self.backoff.following(last),
         };
         self.last = Some(wait);
@@ -155,8 +160,9 @@ mod tests {
         assert_eq!(slow, [100, 150, 225, 337]);
         // A factor below 1 would shrink the waits: it is taken as 1.
         assert_eq!(exact.with_factor(0.5).after(5), 100 * MS);
-        // A bound below the start: the start holds.
-        assert_eq!(Backoff::new(50 * MS, 10 * MS).without_jitter().after(3), 50 * MS);
+        // A bound below the start: the bound holds.
+        assert_eq!(Backoff::new(50 * MS, 10 * MS).without_jitter().after(1), 10 * MS);
+        assert_eq!(Backoff::new(50 * MS, 10 * MS).without_jitter().delays().next(), Some(10 * MS));
     }
 
     #[test]

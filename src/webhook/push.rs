@@ -44,16 +44,16 @@ const MSGID_LOOKS: Backoff = Backoff::new(Duration::from_millis(50), Duration::f
 /// Why a push could not be carried through now; WeChat is answered 503 and pushes again.
 #[derive(Debug, thiserror::Error)]
 pub enum DeliverError {
-    #[error("Redis is unavailable, so the push cannot be de-duplicated: {0}")]
+    #[error("Redis is unavailable, so the push cannot be de-duplicated")]
     Redis(#[from] StoreError),
     #[error("the same event is still being published by an earlier push")]
     Busy,
-    #[error("{0}")]
+    #[error(transparent)]
     Publish(#[from] PublishError),
     #[error("RabbitMQ did not confirm within {0:?}; the outcome is unknown")]
     Unconfirmed(Duration),
-    #[error("cannot encode the event as JSON: {0}")]
-    Encode(serde_json::Error),
+    #[error("cannot encode the event as JSON")]
+    Encode(#[source] serde_json::Error),
 }
 
 impl DeliverError {
@@ -363,7 +363,7 @@ impl Inner {
     }
 
     fn unavailable(&self, account: &AccountKeys, event: &str, e: DeliverError) -> (Reply, Outcome) {
-        error!(account = %account.name, %event, error = %e, "push not carried through; answering 503 so WeChat pushes again");
+        error!(account = %account.name, %event, error = &e as &dyn Error, "push not carried through; answering 503 so WeChat pushes again");
         (Reply::Refused(StatusCode::SERVICE_UNAVAILABLE, e.to_string()), Outcome::Unavailable(e.reason()))
     }
 }
