@@ -16,7 +16,7 @@ use tracing::{error, info, warn};
 
 use crate::{
     acks::Acknowledger,
-    amqp::{AmqpError, Brokers, Publisher, Topology},
+    amqp::{AmqpError, Nodes, Publisher, Topology},
     config::Config,
     health::Health,
     pipeline::{Disposition, Pipeline},
@@ -49,7 +49,7 @@ struct Session {
 }
 
 impl Session {
-    async fn open(config: &Config, topology: &Topology, brokers: &Brokers) -> Result<Session, AmqpError> {
+    async fn open(config: &Config, topology: &Topology, brokers: &Nodes) -> Result<Session, AmqpError> {
         let name = format!("wxpush-worker {} pid {}", hostname(), std::process::id());
         // The first node that answers, starting after the one the last connection used.
         let connection = brokers.connect(&name).await?;
@@ -93,7 +93,7 @@ pub async fn run(config: Config, shutdown: CancellationToken, health: Arc<Health
         .without_max_times();
     let mut delays = reconnect.build();
     let mut last_session: Option<Session> = None;
-    let brokers = Brokers::new(&config.amqp_url);
+    let brokers = Nodes::new(&config.amqp_url);
 
     'connect: while !shutdown.is_cancelled() {
         let mut session = match Session::open(&config, &topology, &brokers).await {

@@ -24,7 +24,7 @@ use secrecy::{ExposeSecret, SecretString};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use wxpush::{
-    amqp::{AmqpError, Broker, Topology, declare_queue, json_properties},
+    amqp::{AmqpError, ReconnectingPublisher, Topology, declare_queue, json_properties},
     config::QueueType,
     ctl::check::{Level, check},
     health::Health,
@@ -339,7 +339,7 @@ async fn a_list_of_brokers_is_tried_in_turn_and_a_lost_node_is_replaced() {
     assert_eq!(result.routing_key, "send.succeeded", "{:?}", result.body);
     assert_eq!((a.connections(), b.connections()), (1, 0), "the worker skipped the dead node and took the next");
 
-    let broker = Broker::new(&env.config.amqp_url, "wxpush-test-webhook");
+    let broker = ReconnectingPublisher::new(&env.config.amqp_url, "wxpush-test-webhook");
     broker
         .publish(&env.config.results_exchange, "delivery.success", b"{}", json_properties(Some("via-list")), false)
         .await

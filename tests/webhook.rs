@@ -26,7 +26,7 @@ use serde_json::Value;
 use tokio::{net::TcpListener, sync::Mutex};
 use tokio_util::sync::CancellationToken;
 use wxpush::{
-    amqp::Broker,
+    amqp::ReconnectingPublisher,
     config::Config,
     domain::crypto::{self, Cipher},
     store::{Redis, ledger::Claim},
@@ -198,7 +198,7 @@ impl Harness {
         let dead = consume(dlq.clone()).await;
 
         let redis = Redis::connect(redis_url(), &prefix).await.expect("Redis is up");
-        let broker = Broker::new(&opts.amqp_url, "wxpush-webhook-test");
+        let broker = ReconnectingPublisher::new(&opts.amqp_url, "wxpush-webhook-test");
         let webhook_redis = Redis::connect(&opts.redis_url, &prefix).await.expect("webhook's Redis");
         let mut webhook = Webhook::new(&config, settings, broker, webhook_redis).expect("webhook");
         // One recorder for the whole test process: series are shared between tests, so tests

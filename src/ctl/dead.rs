@@ -30,6 +30,7 @@ use super::{
     broker::{self, call, fresh_properties, get, header_text, job_id_of, preview, requeue_all},
 };
 use crate::{
+    amqp::{NotTaken, taken},
     config::Config,
     pipeline::{REASON_HEADER, SOURCE_HEADER},
 };
@@ -265,16 +266,16 @@ async fn settle(
     report: &mut ReplayReport,
     kept: &mut Option<DeliveryTag>,
 ) -> Result<(), CtlError> {
-    let why = match confirmation {
-        Ok(Confirmation::Ack(None)) => {
+    let why = match confirmation.map(taken) {
+        Ok(Ok(())) => {
             call("remove a replayed job from the dead-letter queue", getter.basic_ack(tag, BasicAckOptions::default()))
                 .await?;
             report.moved.push(label);
             return Ok(());
         }
-        Ok(Confirmation::Ack(Some(_))) => "RabbitMQ could not route it to the jobs queue".to_owned(),
-        Ok(Confirmation::Nack(_)) => "RabbitMQ refused the copy (nack)".to_owned(),
-        Ok(Confirmation::NotRequested) => "the copy was not confirmed".to_owned(),
+        Ok(Err(NotTaken::Unroutable)) => "RabbitMQ could not route it to the jobs queue".to_owned(),
+        Ok(Err(NotTaken::Nacked)) => "RabbitMQ refused the copy (nack)".to_owned(),
+        Ok(Err(NotTaken::Unconfirmed)) => "the copy was not confirmed".to_owned(),
         Err(e) => format!("no confirm for the copy: {e}"),
     };
     keep(kept, tag);

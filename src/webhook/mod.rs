@@ -51,7 +51,7 @@ use tower_http::{limit::RequestBodyLimitLayer, timeout::RequestBodyDeadlineLayer
 use tracing::{error, info, warn};
 
 use crate::{
-    amqp::{AmqpError, Broker},
+    amqp::{AmqpError, ReconnectingPublisher},
     config::{Config, QueueType},
     domain::job::DEFAULT_ACCOUNT,
     store::{Redis, StoreError},
@@ -189,7 +189,7 @@ impl WebhookSettings {
 /// What the webhook shares between requests and push tasks.
 pub struct Inner {
     accounts: HashMap<String, Arc<AccountKeys>>,
-    broker: Arc<Broker>,
+    broker: Arc<ReconnectingPublisher>,
     redis: Redis,
     settings: WebhookSettings,
     tracker: TaskTracker,
@@ -208,7 +208,7 @@ impl Webhook {
     pub fn new(
         config: &Config,
         settings: WebhookSettings,
-        broker: Arc<Broker>,
+        broker: Arc<ReconnectingPublisher>,
         redis: Redis,
     ) -> Result<Webhook, WebhookError> {
         let mut accounts = HashMap::new();
@@ -345,8 +345,8 @@ pub async fn serve(
 
 /// The webhook's RabbitMQ publisher, asking for small frames ([`AMQP_FRAME_MAX`]) unless
 /// `WXPUSH_AMQP_URL` sets `frame_max` itself.
-pub fn broker(config: &Config) -> Arc<Broker> {
-    Broker::new(&with_frame_max(&config.amqp_url, AMQP_FRAME_MAX), "wxpush-webhook")
+pub fn broker(config: &Config) -> Arc<ReconnectingPublisher> {
+    ReconnectingPublisher::new(&with_frame_max(&config.amqp_url, AMQP_FRAME_MAX), "wxpush-webhook")
 }
 
 /// Each URL of a comma-separated list with `frame_max=<n>` added to its query, unless it has one.
@@ -372,7 +372,10 @@ pub async fn serve_with(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), WebhookError> {
     if let Err(e) = webhook.declare_topology().await {
-        warn!(error = %e, "cannot declare the results exchange and dead-letter queue yet; will retry on the first push");
+        warn!(
+            error = &e as &dyn std::error::Error,
+            "cannot declare the results exchange and dead-letter queue yet; will retry on the first push"
+        );
     }
     info!(
         addr = ?listeners.public.local_addr().ok(),
@@ -510,10 +513,12 @@ async fn readyz(State(webhook): State<Webhook>) -> (StatusCode, String) {
     let limit = Duration::from_secs(2);
     let (redis, amqp) = tokio::join!(
         tokio::time::timeout(limit, inner.redis.ping()),
-        tokio::time::timeout(limit, inner.broker.is_connected()),
+        // Reachable, as README promises: with no connection (none yet, or lost in an outage and
+        // no push since), the probe opens one, as the next push would.
+        tokio::time::timeout(limit, inner.broker.connect()),
     );
     let redis_ok = matches!(redis, Ok(Ok(())));
-    let amqp_ok = matches!(amqp, Ok(true));
+    let amqp_ok = matches!(amqp, Ok(Ok(())));
     let word = |ok: bool| if ok { "up" } else { "down" };
     let text = format!("rabbitmq {}\nredis {}\n", word(amqp_ok), word(redis_ok));
     if redis_ok && amqp_ok { (StatusCode::OK, text) } else { (StatusCode::SERVICE_UNAVAILABLE, text) }
