@@ -93,7 +93,13 @@ impl Health {
             loop {
                 let failure = match tokio::time::timeout(Duration::from_secs(2), redis.ping()).await {
                     Ok(Ok(())) => None,
-                    Ok(Err(e)) => Some(e.to_string()),
+                    // The whole chain: the cause (refused, a TLS certificate) is what to act on.
+                    Ok(Err(e)) => Some(
+                        std::iter::successors(Some(&e as &dyn std::error::Error), |e| e.source())
+                            .map(ToString::to_string)
+                            .collect::<Vec<_>>()
+                            .join(": "),
+                    ),
                     Err(_) => Some("no answer to PING within 2 s".to_owned()),
                 };
                 health.redis.store(failure.is_none(), Ordering::Relaxed);

@@ -103,9 +103,17 @@ pub async fn run(config: Config, shutdown: CancellationToken, health: Arc<Health
                 let delay = delays.next().unwrap_or(Duration::from_secs(10));
                 if let AmqpError::QueueMismatch { .. } = e {
                     // An operator has to act; keep asking (with backoff) so the worker resumes once they have.
-                    error!(error = %e, retry_in_secs = delay.as_secs_f64(), "cannot declare the queues; no jobs are consumed until this is fixed");
+                    error!(
+                        error = &e as &dyn std::error::Error,
+                        retry_in_secs = delay.as_secs_f64(),
+                        "cannot declare the queues; no jobs are consumed until this is fixed"
+                    );
                 } else {
-                    error!(error = %e, retry_in_secs = delay.as_secs_f64(), "RabbitMQ unavailable; jobs wait until it is back");
+                    error!(
+                        error = &e as &dyn std::error::Error,
+                        retry_in_secs = delay.as_secs_f64(),
+                        "RabbitMQ unavailable; jobs wait until it is back"
+                    );
                 }
                 tokio::select! {
                     _ = shutdown.cancelled() => break 'connect,
