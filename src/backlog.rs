@@ -10,7 +10,6 @@
 
 use std::time::Duration;
 
-use backon::{BackoffBuilder, ExponentialBuilder};
 use lapin::{
     Connection, ErrorKind,
     options::QueueDeclareOptions,
@@ -21,7 +20,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::{
-    amqp::{Brokers, Topology},
+    amqp::{Nodes, Topology},
+    backoff::Backoff,
     config::Config,
 };
 
@@ -31,6 +31,9 @@ pub const POLL_EVERY: Duration = Duration::from_secs(5);
 /// A missing queue is looked up again every this many rounds only: each look-up closes a
 /// channel, which the AMQP client logs as an error.
 const MISSING_EVERY: u64 = 12;
+
+/// Waits between attempts to reach RabbitMQ.
+const RECONNECT: Backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
 
 /// How long one passive declare may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
@@ -60,9 +63,9 @@ pub fn watched(config: &Config) -> Vec<Watched> {
 
 /// Polls the backlog of `config`'s queues until `cancel`, reconnecting as needed.
 pub fn spawn(config: &Config, cancel: CancellationToken) -> JoinHandle<()> {
-    let brokers = Brokers::new(&config.amqp_url);
+    let nodes = Nodes::new(&config.amqp_url);
     let queues = watched(config);
-    tokio::spawn(async move { run(brokers, queues, cancel).await })
+    tokio::spawn(async move { run(nodes, queues, cancel).await })
 }
 
 /// What the last poll of a queue found, to log only changes.
@@ -81,7 +84,7 @@ struct Gauges {
     seen: Seen,
 }
 
-async fn run(brokers: Brokers, queues: Vec<Watched>, cancel: CancellationToken) {
+async fn run(nodes: Nodes, queues: Vec<Watched>, cancel: CancellationToken) {
     let mut gauges: Vec<Gauges> = queues
         .into_iter()
         .map(|w| Gauges {
@@ -92,31 +95,26 @@ async fn run(brokers: Brokers, queues: Vec<Watched>, cancel: CancellationToken) 
             seen: Seen::Unknown,
         })
         .collect();
-    let reconnect = ExponentialBuilder::default()
-        .with_min_delay(Duration::from_secs(1))
-        .with_max_delay(Duration::from_secs(30))
-        .with_jitter()
-        .without_max_times();
-    let mut delays = reconnect.build();
+    let mut delays = RECONNECT.delays();
     let name = format!("wxpush-worker backlog pid {}", std::process::id());
     while !cancel.is_cancelled() {
         let connection = tokio::select! {
             _ = cancel.cancelled() => return,
-            c = brokers.connect(&name) => c,
+            c = nodes.connect(&name) => c,
         };
         let connection = match connection {
             Ok(c) => c,
             Err(e) => {
-                debug!(error = %e, "backlog poller cannot reach RabbitMQ");
+                debug!(error = &e as &dyn std::error::Error, "backlog poller cannot reach RabbitMQ");
                 gauges.iter().for_each(|g| g.errors.increment(1));
-                let delay = delays.next().unwrap_or(Duration::from_secs(30));
+                let delay = delays.next_delay();
                 tokio::select! {
                     _ = cancel.cancelled() => return,
                     _ = tokio::time::sleep(delay) => continue,
                 }
             }
         };
-        delays = reconnect.build();
+        delays.reset();
         // The first round waits too: by then the worker has declared its queues.
         let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + POLL_EVERY, POLL_EVERY);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -13,6 +13,7 @@
 pub mod acks;
 pub mod amqp;
 pub mod backlog;
+pub mod backoff;
 pub mod config;
 pub mod ctl;
 pub mod domain;

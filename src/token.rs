@@ -23,6 +23,7 @@
 
 use std::{
     collections::HashMap,
+    error::Error,
     sync::{Arc, RwLock},
     time::{Duration, Instant},
 };
@@ -32,6 +33,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{debug, error, info, warn};
 
 use crate::{
+    backoff::{Backoff, jittered},
     config::{Account, TokenSettings},
     domain::{calendar, errcode::token_error_advice},
     store::{
@@ -178,13 +180,6 @@ impl TokenManager {
         self.obtain(entry, Some(failed)).await
     }
 
-    /// The token in Redis and what is left of it, for tools and metrics.
-    pub async fn inspect(&self, account: &str) -> Result<Option<StoredToken>, TokenError> {
-        let entry = self.entry(account)?;
-        let snapshot = self.redis.read_token(&entry.account.appid).await.map_err(|source| entry.store_error(source))?;
-        Ok(snapshot.token)
-    }
-
     /// Gets a token through Redis, fetching under the pool-wide lock when there is none.
     /// `stale` is a token known to be bad: it is never returned.
     async fn obtain(&self, entry: &AccountTokens, stale: Option<&Token>) -> Result<Token, TokenError> {
@@ -227,7 +222,7 @@ impl TokenManager {
             if self.redis.try_lock_token(appid, &self.owner, lease).await.map_err(|s| entry.store_error(s))? {
                 let result = self.fetch_locked(entry, need).await;
                 if let Err(e) = self.redis.unlock_token(appid, &self.owner).await {
-                    warn!(account = %entry.account.name, error = %e, "could not release the token lock; it expires by itself");
+                    warn!(account = %entry.account.name, error = &e as &dyn Error, "could not release the token lock; it expires by itself");
                 }
                 return result;
             }
@@ -238,7 +233,7 @@ impl TokenManager {
                     reason: "timed out waiting for another worker to fetch a token".into(),
                 });
             }
-            tokio::time::sleep(jitter(Duration::from_millis(40))).await;
+            tokio::time::sleep(jittered(Duration::from_millis(40))).await;
         }
     }
 
@@ -309,8 +304,9 @@ impl TokenManager {
             }
             Err(e) => {
                 let streak = streak.saturating_add(1);
+                // Not jittered: it is stored once for the whole pool.
                 let backoff =
-                    (self.settings.failure_backoff * 2u32.saturating_pow(streak - 1)).min(MAX_FAILURE_BACKOFF);
+                    Backoff::new(self.settings.failure_backoff, MAX_FAILURE_BACKOFF).without_jitter().after(streak);
                 let advice = match &e {
                     TokenFetchError::Refused { errcode, .. } => token_error_advice(*errcode),
                     TokenFetchError::Http(_) => None,
@@ -328,7 +324,7 @@ impl TokenManager {
                 let message = e.to_string();
                 entry.set_healthy(false, &message);
                 if let Err(store) = self.redis.store_token_failure(&account.appid, streak, &message, backoff).await {
-                    warn!(account = %account.name, error = %store, "could not record the failed token fetch");
+                    warn!(account = %account.name, error = &store as &dyn Error, "could not record the failed token fetch");
                 }
                 Err(TokenError::Unavailable { account: account.name.clone(), reason: message })
             }
@@ -387,7 +383,7 @@ impl TokenManager {
             self.redis.mark_token_refused(appid, bad, &why, mark).await
         };
         if let Err(e) = stored.await {
-            warn!(account = %entry.account.name, error = %e, "could not share the token refusal with the pool");
+            warn!(account = %entry.account.name, error = &e as &dyn Error, "could not share the token refusal with the pool");
         }
         error!(account = %entry.account.name, %why, retry_in_secs = mark.as_secs_f64(), "WeChat refuses the access token and no new one can be had yet; jobs wait");
         entry.set_healthy(false, &why);
@@ -420,20 +416,20 @@ impl TokenManager {
         let snapshot = match self.redis.read_token(appid).await {
             Ok(s) => s,
             Err(e) => {
-                warn!(account = %entry.account.name, error = %e, "token refresher cannot read Redis; retrying");
-                return jitter(Duration::from_secs(1));
+                warn!(account = %entry.account.name, error = &e as &dyn Error, "token refresher cannot read Redis; retrying");
+                return jittered(Duration::from_secs(1));
             }
         };
         if let Some(failure) = &snapshot.failure
             && !failure.remaining.is_zero()
         {
             entry.set_healthy(false, &failure.message);
-            return failure.remaining + jitter(Duration::from_millis(50));
+            return failure.remaining + jittered(Duration::from_millis(50));
         }
         if let Some(refusal) = &snapshot.refusal {
             entry.set_healthy(false, &refusal.why);
             // Refreshing now would hand the refused token back; the mark says when to look again.
-            return refusal.remaining + jitter(Duration::from_millis(50));
+            return refusal.remaining + jittered(Duration::from_millis(50));
         }
         let seen = match &snapshot.token {
             Some(t) => {
@@ -442,7 +438,7 @@ impl TokenManager {
                 let ahead = self.refresh_point(t.lifetime);
                 if t.remaining > ahead {
                     // Wake up when it enters the refresh window; jitter spreads the pool's wake-ups.
-                    return (t.remaining - ahead + jitter(Duration::from_millis(20))).min(Duration::from_secs(60));
+                    return (t.remaining - ahead + jittered(Duration::from_millis(20))).min(Duration::from_secs(60));
                 }
                 Some(t.fetched_at_ms)
             }
@@ -461,10 +457,10 @@ impl TokenManager {
                 }
             }
             // Someone else is refreshing: the next round sees what they stored.
-            Ok(false) => jitter(Duration::from_millis(100)),
+            Ok(false) => jittered(Duration::from_millis(100)),
             Err(e) => {
-                warn!(account = %entry.account.name, error = %e, "token refresher cannot reach Redis; retrying");
-                jitter(Duration::from_secs(1))
+                warn!(account = %entry.account.name, error = &e as &dyn Error, "token refresher cannot reach Redis; retrying");
+                jittered(Duration::from_secs(1))
             }
         }
     }
@@ -535,9 +531,4 @@ fn same(a: Option<&Token>, b: Option<&Token>) -> bool {
 
 fn usable(t: &StoredToken, stale: Option<&Token>) -> bool {
     t.remaining > MIN_USABLE.min(t.lifetime / 10) && stale.is_none_or(|s| s.expose_secret() != t.value.expose_secret())
-}
-
-/// `base` plus up to 100 % random extra, so a pool's processes do not move in lockstep.
-fn jitter(base: Duration) -> Duration {
-    base + base.mul_f64(rand::random::<f64>())
 }

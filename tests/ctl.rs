@@ -34,7 +34,7 @@ use wxpush::{
         status::{self, QueueRole},
     },
     sandbox::SandboxConfig,
-    store::Redis,
+    store::{Redis, limits::Pause},
 };
 
 /// A config whose WeChat is nowhere: for tests that run no worker.
@@ -373,7 +373,8 @@ async fn status_shows_the_token_age_and_never_a_secret() {
         .unwrap();
     let day = wxpush::domain::calendar::QuotaDay::with_length(env.config.quota_day.as_secs()).key(chrono::Utc::now());
     let _: () = redis::cmd("SET").arg(redis.keys().quota(APPID, &day)).arg(17).query_async(&mut conn).await.unwrap();
-    redis.pause_account(APPID, Duration::from_secs(50), "45011: minute quota reached").await.unwrap();
+    let pause = Pause { why: "45011: minute quota reached".into(), parked: false };
+    redis.pause_account(APPID, Duration::from_secs(50), &pause).await.unwrap();
     redis
         .store_token_failure(
             APPID,

@@ -24,7 +24,7 @@ use secrecy::{ExposeSecret, SecretString};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use wxpush::{
-    amqp::{AmqpError, Broker, Topology, declare_queue, json_properties},
+    amqp::{AmqpError, ReconnectingPublisher, Topology, declare_queue, json_properties},
     config::QueueType,
     ctl::check::{Level, check},
     health::Health,
@@ -32,9 +32,8 @@ use wxpush::{
     store::{
         Redis,
         ledger::Claim,
-        limits::{Admission, Budget},
+        limits::{Admission, Budget, Pause},
     },
-    webhook::dedupe,
 };
 
 /// The token and rate tests measure what the sandbox sees per second: one at a time, so that
@@ -340,7 +339,7 @@ async fn a_list_of_brokers_is_tried_in_turn_and_a_lost_node_is_replaced() {
     assert_eq!(result.routing_key, "send.succeeded", "{:?}", result.body);
     assert_eq!((a.connections(), b.connections()), (1, 0), "the worker skipped the dead node and took the next");
 
-    let broker = Broker::new(&env.config.amqp_url, "wxpush-test-webhook");
+    let broker = ReconnectingPublisher::new(&env.config.amqp_url, "wxpush-test-webhook");
     broker
         .publish(&env.config.results_exchange, "delivery.success", b"{}", json_properties(Some("via-list")), false)
         .await
@@ -402,9 +401,10 @@ async fn every_store_operation_works_on_a_redis_cluster() {
         }
     }
     assert!((1..=3).contains(&granted), "the rate and quota script ran: {granted} granted");
-    redis.pause_account(APPID, Duration::from_secs(5), "wait|test").await.expect("pause");
-    let (left, why) = redis.account_pause(APPID).await.expect("pause read").expect("paused");
-    assert!(left > Duration::from_secs(3) && why == "wait|test", "{left:?} {why}");
+    let pause = Pause { why: "test".into(), parked: false };
+    redis.pause_account(APPID, Duration::from_secs(5), &pause).await.expect("pause");
+    let (left, read) = redis.account_pause(APPID).await.expect("pause read").expect("paused");
+    assert!(left > Duration::from_secs(3) && read == pause, "{left:?} {read:?}");
 
     assert!(redis.try_lock_token(APPID, "me", lease).await.expect("lock"));
     assert!(!redis.try_lock_token(APPID, "other", lease).await.expect("lock"));
@@ -418,14 +418,15 @@ async fn every_store_operation_works_on_a_redis_cluster() {
     assert!(redis.invalidate_token(APPID, &token).await.expect("invalidate"));
 
     // The webhook's claim reads the msgid record in the same round trip.
-    let seen = keys.push_seen(APPID, "42:success");
     let wait = Duration::from_millis(200);
-    match dedupe::claim(&redis, &seen, Some(&keys.msgid(APPID, 42)), lease, wait).await.expect("claim a push") {
-        dedupe::Claim::Owned { lookup, .. } => assert_eq!(lookup.as_deref(), Some("job-1")),
+    let mut mark = redis.push_mark(APPID, "42:success");
+    match mark.claim(Some(42), lease, wait).await.expect("claim a push") {
+        (Claim::Claimed, job_id) => assert_eq!(job_id.as_deref(), Some("job-1")),
         other => panic!("the first push owns its event: {other:?}"),
     }
-    dedupe::mark_done(&redis, &seen, lease).await.expect("mark done");
-    assert_eq!(dedupe::claim(&redis, &seen, None, lease, wait).await.expect("claim again"), dedupe::Claim::Done);
+    mark.done(lease).await.expect("mark done");
+    let again = redis.push_mark(APPID, "42:success").claim(None, lease, wait).await.expect("claim again");
+    assert_eq!(again, (Claim::Done(Vec::new()), None));
 }
 
 /// The idempotency ledger on a cluster: a job published twice, and once more later, is sent

@@ -28,7 +28,7 @@ use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
 };
 use wxpush::{
-    amqp::Brokers,
+    amqp::Nodes,
     store::conn,
     tls::{Tls, TlsSettings},
 };
@@ -244,10 +244,13 @@ async fn redis_ping(url: &str, tls: &Tls) -> Result<(), String> {
     }
 }
 
-/// A channel through wxpush's RabbitMQ connection made with `tls`; the error text when it fails.
+/// A channel through wxpush's RabbitMQ connection made with `tls`; the error and its causes
+/// when it fails.
 async fn amqp_channel(url: &str, tls: Tls) -> Result<(lapin::Connection, lapin::Channel), String> {
-    let connection =
-        Brokers::new(url).with_tls(Arc::new(tls)).connect("wxpush tls test").await.map_err(|e| e.to_string())?;
+    let connection = Nodes::new(url).with_tls(Arc::new(tls)).connect("wxpush tls test").await.map_err(|e| {
+        let causes = std::iter::successors(Some(&e as &dyn std::error::Error), |e| e.source());
+        causes.map(ToString::to_string).collect::<Vec<_>>().join(": ")
+    })?;
     let channel = connection.create_channel().await.map_err(|e| e.to_string())?;
     Ok((connection, channel))
 }

@@ -26,11 +26,11 @@ use serde_json::Value;
 use tokio::{net::TcpListener, sync::Mutex};
 use tokio_util::sync::CancellationToken;
 use wxpush::{
-    amqp::Broker,
+    amqp::ReconnectingPublisher,
     config::Config,
     domain::crypto::{self, Cipher},
-    store::Redis,
-    webhook::{Listeners, Webhook, WebhookSettings, dedupe, serve_with},
+    store::{Redis, ledger::Claim},
+    webhook::{Listeners, Webhook, WebhookSettings, serve_with},
 };
 
 #[path = "common/services.rs"]
@@ -198,7 +198,7 @@ impl Harness {
         let dead = consume(dlq.clone()).await;
 
         let redis = Redis::connect(redis_url(), &prefix).await.expect("Redis is up");
-        let broker = Broker::new(&opts.amqp_url, "wxpush-webhook-test");
+        let broker = ReconnectingPublisher::new(&opts.amqp_url, "wxpush-webhook-test");
         let webhook_redis = Redis::connect(&opts.redis_url, &prefix).await.expect("webhook's Redis");
         let mut webhook = Webhook::new(&config, settings, broker, webhook_redis).expect("webhook");
         // One recorder for the whole test process: series are shared between tests, so tests
@@ -1032,15 +1032,15 @@ async fn a_push_task_that_panics_or_is_dropped_releases_its_pending_mark() {
     let h = Harness::start(Options::default()).await;
     let (ttl, wait) = (Duration::from_secs(30), Duration::from_millis(100));
     for how in ["panics", "is dropped"] {
-        let key = h.redis.keys().push_seen(DEFAULT_APPID, &format!("receipt:1:{how}"));
-        let owner = match dedupe::claim(&h.redis, &key, None, ttl, wait).await.expect("claim") {
-            dedupe::Claim::Owned { owner, .. } => owner,
+        let event = format!("receipt:1:{how}");
+        let mut mark = h.redis.push_mark(DEFAULT_APPID, &event);
+        match mark.claim(None, ttl, wait).await.expect("claim") {
+            (Claim::Claimed, _) => {}
             other => panic!("a fresh event is ours: {other:?}"),
-        };
-        let (redis, k) = (h.redis.clone(), key.clone());
+        }
         let (holding, held) = tokio::sync::oneshot::channel();
         let task = tokio::spawn(async move {
-            let _mark = dedupe::PendingMark::new(redis, k, owner);
+            let _mark = mark;
             let _ = holding.send(());
             if how == "panics" {
                 panic!("the push task fails half-way");
@@ -1055,8 +1055,8 @@ async fn a_push_task_that_panics_or_is_dropped_releases_its_pending_mark() {
         // The re-push can claim the event again: the mark was released, not left to run out.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         loop {
-            match dedupe::claim(&h.redis, &key, None, ttl, wait).await.expect("claim") {
-                dedupe::Claim::Owned { .. } => break,
+            match h.redis.push_mark(DEFAULT_APPID, &event).claim(None, ttl, wait).await.expect("claim") {
+                (Claim::Claimed, _) => break,
                 other => assert!(tokio::time::Instant::now() < deadline, "still {other:?} after the task {how}"),
             }
         }

@@ -39,7 +39,7 @@ fn redact_one(url: &str) -> String {
 /// Opens a connection to the first node of `urls` (one URL, or several separated by commas)
 /// that answers, naming it so operators can tell the pool's connections apart.
 pub async fn connect(urls: &str, name: &str) -> Result<Connection, AmqpError> {
-    Brokers::new(urls).connect(name).await
+    Nodes::new(urls).connect(name).await
 }
 
 /// Opens a connection to one node.
@@ -58,7 +58,7 @@ async fn connect_one(url: &str, name: &str, tls: &Tls) -> Result<Connection, Amq
 /// to the first that answers; the next connection (after this one broke) starts with the node
 /// after it, so a node that went away is tried last and the pool spreads over the nodes.
 #[derive(Debug)]
-pub struct Brokers {
+pub struct Nodes {
     urls: Vec<String>,
     /// Index of the node the next connection tries first.
     next: AtomicUsize,
@@ -66,19 +66,19 @@ pub struct Brokers {
     tls: Option<Arc<Tls>>,
 }
 
-impl Brokers {
-    pub fn new(list: &str) -> Brokers {
+impl Nodes {
+    pub fn new(list: &str) -> Nodes {
         let mut urls: Vec<String> =
             list.split(',').map(str::trim).filter(|u| !u.is_empty()).map(str::to_owned).collect();
         if urls.is_empty() {
             // Config validation refuses an empty list; keep the error at connect time otherwise.
             urls.push(list.to_owned());
         }
-        Brokers { urls, next: AtomicUsize::new(0), tls: None }
+        Nodes { urls, next: AtomicUsize::new(0), tls: None }
     }
 
     /// Uses `tls` instead of the process's TLS setting.
-    pub fn with_tls(mut self, tls: Arc<Tls>) -> Brokers {
+    pub fn with_tls(mut self, tls: Arc<Tls>) -> Nodes {
         self.tls = Some(tls);
         self
     }
@@ -115,7 +115,10 @@ impl Brokers {
                 }
                 Err(e) => {
                     if self.urls.len() > 1 {
-                        tracing::warn!(error = %e, "RabbitMQ node unavailable; trying the next");
+                        tracing::warn!(
+                            error = &e as &dyn std::error::Error,
+                            "RabbitMQ node unavailable; trying the next"
+                        );
                     }
                     last = Some(e);
                 }
@@ -143,12 +146,12 @@ mod tests {
 
     #[test]
     fn each_connection_starts_with_the_node_after_the_last_one_used() {
-        let b = Brokers::new("amqp://a, amqp://b ,amqp://c,");
+        let b = Nodes::new("amqp://a, amqp://b ,amqp://c,");
         assert_eq!(b.len(), 3);
         assert_eq!(b.order().collect::<Vec<_>>(), [0, 1, 2]);
         // Connected to b: when that connection breaks, c is tried first and b last.
         b.next.store(2, Ordering::Relaxed);
         assert_eq!(b.order().collect::<Vec<_>>(), [2, 0, 1]);
-        assert_eq!(Brokers::new("amqp://only").order().collect::<Vec<_>>(), [0]);
+        assert_eq!(Nodes::new("amqp://only").order().collect::<Vec<_>>(), [0]);
     }
 }

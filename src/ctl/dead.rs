@@ -31,7 +31,11 @@ use super::{
 };
 use crate::telemetry::chain;
 use crate::{
-    amqp::headers::{REASON as REASON_HEADER, SOURCE_QUEUE as SOURCE_HEADER},
+    amqp::{
+        NotTaken,
+        headers::{REASON as REASON_HEADER, SOURCE_QUEUE as SOURCE_HEADER},
+        taken,
+    },
     config::Config,
 };
 
@@ -266,16 +270,16 @@ async fn settle(
     report: &mut ReplayReport,
     kept: &mut Option<DeliveryTag>,
 ) -> Result<(), CtlError> {
-    let why = match confirmation {
-        Ok(Confirmation::Ack(None)) => {
+    let why = match confirmation.map(taken) {
+        Ok(Ok(())) => {
             call("remove a replayed job from the dead-letter queue", getter.basic_ack(tag, BasicAckOptions::default()))
                 .await?;
             report.moved.push(label);
             return Ok(());
         }
-        Ok(Confirmation::Ack(Some(_))) => "RabbitMQ could not route it to the jobs queue".to_owned(),
-        Ok(Confirmation::Nack(_)) => "RabbitMQ refused the copy (nack)".to_owned(),
-        Ok(Confirmation::NotRequested) => "the copy was not confirmed".to_owned(),
+        Ok(Err(NotTaken::Unroutable)) => "RabbitMQ could not route it to the jobs queue".to_owned(),
+        Ok(Err(NotTaken::Nacked)) => "RabbitMQ refused the copy (nack)".to_owned(),
+        Ok(Err(NotTaken::Unconfirmed)) => "the copy was not confirmed".to_owned(),
         Err(e) => format!("no confirm for the copy: {}", chain(&e)),
     };
     keep(kept, tag);

@@ -300,47 +300,13 @@ async fn clean_up(connection: &Connection, config: &Config) -> Vec<String> {
     leftovers
 }
 
-/// Deletes every key under `prefix:` (SCAN, not KEYS, so a big Redis is not blocked).
+/// Deletes every key under `prefix:`.
 async fn delete_redis_keys(url: &str, prefix: &str) -> Result<(), CtlError> {
     let redis = Redis::connect(url, prefix).await?;
-    let mut conn = redis.conn();
-    let pattern = format!("{}:*", glob_escape(prefix));
-    let work = async {
-        let mut cursor: u64 = 0;
-        loop {
-            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(&pattern)
-                .arg("COUNT")
-                .arg(500)
-                .query_async(&mut conn)
-                .await?;
-            for key in &keys {
-                // One key at a time: keys of different hash tags may live on different nodes.
-                let _: i64 = redis::cmd("DEL").arg(key).query_async(&mut conn).await?;
-            }
-            if next == 0 {
-                return Ok::<(), redis::RedisError>(());
-            }
-            cursor = next;
-        }
-    };
-    match tokio::time::timeout(RPC_TIMEOUT, work).await {
-        Ok(r) => Ok(r.map_err(crate::store::StoreError::from)?),
+    match tokio::time::timeout(RPC_TIMEOUT, redis.delete_all()).await {
+        Ok(deleted) => Ok(deleted?),
         Err(_) => Err(CtlError::RedisTimeout { secs: RPC_TIMEOUT.as_secs() }),
     }
-}
-
-fn glob_escape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
-            out.push('\\');
-        }
-        out.push(c);
-    }
-    out
 }
 
 /// Re-indents JSON text without reordering it: containers down to `expand_depth` levels get
@@ -464,7 +430,6 @@ mod tests {
         for name in [&c.jobs_queue, &c.results_exchange, &c.dead_letter_queue, &c.redis_prefix] {
             assert!(name.starts_with(&options.namespace), "{name}");
         }
-        assert_eq!(glob_escape("a*b[c]"), "a\\*b\\[c\\]");
     }
 
     #[test]

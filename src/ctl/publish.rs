@@ -33,7 +33,12 @@ use super::{
     progress::Progress,
     results::ResultWatcher,
 };
-use crate::{amqp::json_properties, config::Config, domain::job::Job, telemetry::chain};
+use crate::{
+    amqp::{NotTaken, json_properties, taken},
+    config::Config,
+    domain::job::Job,
+    telemetry::chain,
+};
 
 /// Confirms kept in flight while publishing.
 pub const DEFAULT_IN_FLIGHT: usize = 256;
@@ -277,16 +282,16 @@ async fn publish_on<R: AsyncBufRead + Unpin>(
 type Settled = (u64, Option<String>, Result<Confirmation, lapin::Error>);
 
 fn settle((line, job_id, confirmation): Settled, report: &mut PublishReport, tracker: &Mutex<Tracker>) {
-    let problem = match confirmation {
-        Ok(Confirmation::Ack(None)) => {
+    let problem = match confirmation.map(taken) {
+        Ok(Ok(())) => {
             report.published += 1;
             return;
         }
-        Ok(Confirmation::Ack(Some(_))) => {
+        Ok(Err(NotTaken::Unroutable)) => {
             "RabbitMQ could not route it to the jobs queue (was the queue deleted?)".into()
         }
-        Ok(Confirmation::Nack(_)) => "RabbitMQ refused it (nack): the broker may be out of disk or memory".into(),
-        Ok(Confirmation::NotRequested) => "not confirmed by RabbitMQ".into(),
+        Ok(Err(NotTaken::Nacked)) => "RabbitMQ refused it (nack): the broker may be out of disk or memory".into(),
+        Ok(Err(NotTaken::Unconfirmed)) => "not confirmed by RabbitMQ".into(),
         Err(e) => format!("no confirm from RabbitMQ: {}", chain(&e)),
     };
     if let Some(id) = &job_id {

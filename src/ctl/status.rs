@@ -205,7 +205,8 @@ async fn account_status(redis: &Redis, account: &Account, quota_day: QuotaDay) -
             streak: f.streak,
         });
         status.sent_today = redis.quota_used(&account.appid, &status.day).await?;
-        status.pause = redis.account_pause(&account.appid).await?.map(|(left, why)| (left, scrub(&why, &secrets)));
+        status.pause =
+            redis.account_pause(&account.appid).await?.map(|(left, pause)| (left, scrub(&pause.why, &secrets)));
         Ok::<(), crate::store::StoreError>(())
     };
     let outcome = tokio::time::timeout(RPC_TIMEOUT, read).await;

@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
+use crate::backoff::Backoff;
+
 use super::{
     calendar::{self, QuotaDay},
     errcode::{self, Action},
@@ -60,8 +62,7 @@ pub struct Policy {
 impl Policy {
     /// The backoff after the `attempt`-th failed attempt (1-based), before jitter.
     pub fn backoff(&self, attempt: u32) -> Duration {
-        let doublings = attempt.saturating_sub(1).min(32);
-        self.retry_min.saturating_mul(1 << doublings.min(31)).min(self.retry_max)
+        Backoff::new(self.retry_min, self.retry_max).without_jitter().after(attempt.max(1))
     }
 }
 

@@ -1,107 +1,99 @@
-//! The idempotency ledger: one record per job_id, either an in-progress lease held by the
-//! worker sending it, or the job's recorded result. And the msgid records that tie WeChat's
-//! receipts back to jobs.
+//! The lease/done protocol, and the idempotency ledger built on it: one record per job_id,
+//! either an in-progress lease held by the worker sending it, or the job's recorded result.
+//! And the msgid records that tie WeChat's receipts back to jobs.
 //!
 //! A job is sent only by the worker that holds its lease. Once sent, its result is recorded
 //! before it is published, so a redelivery (a crash between publish and ack) or a duplicate
-//! publish finds the result and publishes it again instead of sending a second message.
+//! publish finds the result and publishes it again instead of sending a second message. The
+//! webhook publishes each pushed event once by the same protocol ([`super::dedupe`]).
 
-use std::{sync::LazyLock, time::Duration};
+use std::time::Duration;
 
-use redis::Script;
+use super::{Redis, StoreError, millis, scripts};
 
-use super::{Redis, StoreError};
-
-/// What a worker finds when it asks for a job.
+/// What a claim on a record of the lease/done protocol finds. The record holds `P<owner>`
+/// while someone holds its lease and `D<payload>` once the work is done.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Claim {
-    /// The lease is ours: send the job.
+    /// The lease is ours: do the work.
     Claimed,
-    /// The job already has a result (the recorded result JSON): publish it again, send nothing.
+    /// The work is done: what was recorded with it (a job's result JSON; nothing for a pushed
+    /// event). Do nothing but answer with it.
     Done(Vec<u8>),
-    /// Another worker holds the lease (a duplicate in flight, or a crashed worker whose lease has
+    /// Someone else holds the lease (a duplicate in flight, or a crashed holder whose lease has
     /// not yet run out): look again after `retry_after`.
     Busy { retry_after: Duration },
 }
 
-/// Values are `P<owner>` (a lease) or `D<result json>` (done).
-static CLAIM: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
-        local v = redis.call('GET', KEYS[1])
-        if not v then
-            redis.call('SET', KEYS[1], 'P' .. ARGV[1], 'PX', ARGV[2])
-            return {0, ''}
-        end
-        local kind = string.sub(v, 1, 1)
-        if kind == 'D' then return {1, string.sub(v, 2)} end
-        if v == 'P' .. ARGV[1] then
-            redis.call('PEXPIRE', KEYS[1], ARGV[2])
-            return {0, ''}
-        end
-        return {2, tostring(redis.call('PTTL', KEYS[1]))}
-        ",
-    )
-});
-
-/// Drops a lease only if it is still ours.
-static RELEASE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
-        if redis.call('GET', KEYS[1]) == 'P' .. ARGV[1] then return redis.call('DEL', KEYS[1]) end
-        return 0
-        ",
-    )
-});
-
-/// Extends a lease only if it is still ours.
-static RENEW: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
-        if redis.call('GET', KEYS[1]) == 'P' .. ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-        return 0
-        ",
-    )
-});
+/// A busy record is looked at again after what is left of its lease, within these bounds.
+const BUSY_RETRY_MIN_MS: i64 = 50;
+const BUSY_RETRY_MAX_MS: i64 = 60_000;
 
 impl Redis {
-    /// Asks for the lease on `job_id` for `lease`.
-    pub async fn claim_job(&self, job_id: &str, owner: &str, lease: Duration) -> Result<Claim, StoreError> {
-        // Nearly every job is new: a plain SET NX settles it, cheaper for Redis than the script,
-        // which only runs when the key exists (a duplicate, a redelivery, a retry of ours).
-        let fresh: Option<String> = redis::cmd("SET")
-            .arg(self.keys().job(job_id))
-            .arg(format!("P{owner}"))
-            .arg("NX")
-            .arg("PX")
-            .arg(lease.as_millis().max(1) as u64)
-            .query_async(&mut self.conn())
-            .await?;
-        if fresh.is_some() {
-            return Ok(Claim::Claimed);
-        }
-        let (code, payload): (i64, Vec<u8>) = CLAIM
-            .key(self.keys().job(job_id))
-            .arg(owner)
-            .arg(lease.as_millis().max(1) as u64)
-            .invoke_async(&mut self.conn())
-            .await?;
+    /// Claims the record `key` for `owner` for `lease`, reading the key `also` (when given) in
+    /// the same round trip.
+    pub(super) async fn claim(
+        &self,
+        key: &str,
+        owner: &str,
+        lease: Duration,
+        also: Option<&str>,
+    ) -> Result<(Claim, Option<String>), StoreError> {
+        // Nearly every record is new: a plain SET NX settles it, cheaper for Redis than the
+        // script, which only runs when the record exists (a duplicate, a redelivery, a retry).
+        let mut pipe = redis::pipe();
+        pipe.cmd("SET").arg(key).arg(format!("P{owner}")).arg("NX").arg("PX").arg(millis(lease));
+        let (fresh, found): (Option<String>, Option<String>) = match also {
+            Some(also) => pipe.cmd("GET").arg(also).query_async(&mut self.conn()).await?,
+            None => {
+                let (fresh,): (Option<String>,) = pipe.query_async(&mut self.conn()).await?;
+                (fresh, None)
+            }
+        };
+        let claim = if fresh.is_some() { Claim::Claimed } else { self.claim_existing(key, owner, lease).await? };
+        Ok((claim, found))
+    }
+
+    /// [`claim`](Self::claim) of a record that exists, or did a moment ago.
+    pub(super) async fn claim_existing(&self, key: &str, owner: &str, lease: Duration) -> Result<Claim, StoreError> {
+        let (code, payload): (i64, Vec<u8>) =
+            scripts::CLAIM.key(key).arg(owner).arg(millis(lease)).invoke_async(&mut self.conn()).await?;
         Ok(match code {
             0 => Claim::Claimed,
             1 => Claim::Done(payload),
             _ => {
-                let ttl: i64 = std::str::from_utf8(&payload).ok().and_then(|s| s.parse().ok()).unwrap_or(1000);
-                Claim::Busy { retry_after: Duration::from_millis(ttl.clamp(50, 60_000) as u64) }
+                let ttl = std::str::from_utf8(&payload).ok().and_then(|s| s.parse().ok()).unwrap_or(1000);
+                Claim::Busy {
+                    retry_after: Duration::from_millis(ttl.clamp(BUSY_RETRY_MIN_MS, BUSY_RETRY_MAX_MS) as u64),
+                }
             }
         })
     }
 
+    /// Gives up `owner`'s lease on `key`, if it is still theirs.
+    pub(super) async fn release_lease(&self, key: &str, owner: &str) -> Result<(), StoreError> {
+        self.compare_and_delete(key, &format!("P{owner}")).await.map(drop)
+    }
+
+    /// Records the work on `key` done, with `payload`, for `ttl`, in `pipe`.
+    pub(super) fn record_done(pipe: &mut redis::Pipeline, key: &str, payload: &[u8], ttl: Duration) {
+        let mut value = Vec::with_capacity(payload.len() + 1);
+        value.push(b'D');
+        value.extend_from_slice(payload);
+        pipe.cmd("SET").arg(key).arg(value).arg("PX").arg(millis(ttl)).ignore();
+    }
+
+    /// Asks for the lease on `job_id` for `lease`.
+    pub async fn claim_job(&self, job_id: &str, owner: &str, lease: Duration) -> Result<Claim, StoreError> {
+        Ok(self.claim(&self.keys().job(job_id), owner, lease, None).await?.0)
+    }
+
     /// Extends our lease on `job_id` to `lease` from now; false when it is no longer ours.
     pub async fn renew_job(&self, job_id: &str, owner: &str, lease: Duration) -> Result<bool, StoreError> {
-        let renewed: i64 = RENEW
+        let renewed: i64 = scripts::RENEW
             .key(self.keys().job(job_id))
             .arg(owner)
-            .arg(lease.as_millis().max(1) as u64)
+            .arg(millis(lease))
             .invoke_async(&mut self.conn())
             .await?;
         Ok(renewed == 1)
@@ -119,32 +111,17 @@ impl Redis {
         msgid: u64,
         msgid_ttl: Duration,
     ) -> Result<(), StoreError> {
-        let mut value = Vec::with_capacity(result_json.len() + 1);
-        value.push(b'D');
-        value.extend_from_slice(result_json);
-        let _: () = redis::pipe()
-            .cmd("SET")
-            .arg(self.keys().job(job_id))
-            .arg(value)
-            .arg("PX")
-            .arg(result_ttl.as_millis() as u64)
-            .ignore()
-            .cmd("SET")
-            .arg(self.keys().msgid(appid, msgid))
-            .arg(job_id)
-            .arg("PX")
-            .arg(msgid_ttl.as_millis() as u64)
-            .ignore()
-            .query_async(&mut self.conn())
-            .await?;
+        let mut pipe = redis::pipe();
+        Self::record_done(&mut pipe, &self.keys().job(job_id), result_json, result_ttl);
+        pipe.cmd("SET").arg(self.keys().msgid(appid, msgid)).arg(job_id).arg("PX").arg(millis(msgid_ttl)).ignore();
+        let _: () = pipe.query_async(&mut self.conn()).await?;
         Ok(())
     }
 
     /// Gives up our lease (the job failed, or waits for a later attempt), so that the next
     /// delivery of the job may claim it at once.
     pub async fn release_job(&self, job_id: &str, owner: &str) -> Result<(), StoreError> {
-        let _: i64 = RELEASE.key(self.keys().job(job_id)).arg(owner).invoke_async(&mut self.conn()).await?;
-        Ok(())
+        self.release_lease(&self.keys().job(job_id), owner).await
     }
 
     /// The job_id that WeChat's `msgid` belongs to, if the worker recorded it.

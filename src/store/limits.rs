@@ -2,42 +2,59 @@
 //! account-wide pauses (after 45011 until the next minute, after 45009 or a spent daily quota
 //! until midnight Beijing time).
 
-use std::{sync::LazyLock, time::Duration};
+use std::time::Duration;
 
-use redis::Script;
+use super::{Redis, StoreError, millis, scripts};
 
-use super::{Redis, StoreError};
+/// An account-wide pause, as stored under [`Keys::pause`](super::Keys::pause).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pause {
+    /// Why, for logs, results and `wxpush-ctl status`.
+    pub why: String,
+    /// Parked pauses (a spent daily quota, 45009) last until the quota resets and their jobs
+    /// are announced to downstream; the others (45011) last a minute and their jobs just wait.
+    pub parked: bool,
+}
 
-/// Sets the pause unless a longer one is already set: a 45011 must not shorten a 45009 parking.
-static PAUSE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
-        local ttl = redis.call('PTTL', KEYS[1])
-        if ttl < tonumber(ARGV[1]) then redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[1]) return 1 end
-        return 0
-        ",
-    )
-});
+impl Pause {
+    /// As stored: `park|why` or `wait|why`.
+    fn encode(&self) -> String {
+        format!("{}|{}", if self.parked { "park" } else { "wait" }, self.why)
+    }
+
+    /// A stored value without the `park|`/`wait|` mark (an older wxpush's) is a wait.
+    fn decode(raw: &str) -> Pause {
+        match raw.split_once('|') {
+            Some(("park", why)) => Pause { why: why.to_owned(), parked: true },
+            Some((_, why)) => Pause { why: why.to_owned(), parked: false },
+            None => Pause { why: raw.to_owned(), parked: false },
+        }
+    }
+}
 
 impl Redis {
     /// Pauses the account for `for_`, unless it is already paused for longer.
-    pub async fn pause_account(&self, appid: &str, for_: Duration, reason: &str) -> Result<(), StoreError> {
-        let ms = for_.as_millis().max(1) as u64;
-        let _: i64 = PAUSE.key(self.keys().pause(appid)).arg(ms).arg(reason).invoke_async(&mut self.conn()).await?;
+    pub async fn pause_account(&self, appid: &str, for_: Duration, pause: &Pause) -> Result<(), StoreError> {
+        let _: i64 = scripts::PAUSE
+            .key(self.keys().pause(appid))
+            .arg(millis(for_))
+            .arg(pause.encode())
+            .invoke_async(&mut self.conn())
+            .await?;
         Ok(())
     }
 
     /// The account's pause, if any: what is left of it and why.
-    pub async fn account_pause(&self, appid: &str) -> Result<Option<(Duration, String)>, StoreError> {
-        let (reason, ttl): (Option<String>, i64) = redis::pipe()
+    pub async fn account_pause(&self, appid: &str) -> Result<Option<(Duration, Pause)>, StoreError> {
+        let (raw, ttl): (Option<String>, i64) = redis::pipe()
             .cmd("GET")
             .arg(self.keys().pause(appid))
             .cmd("PTTL")
             .arg(self.keys().pause(appid))
             .query_async(&mut self.conn())
             .await?;
-        Ok(match reason {
-            Some(r) if ttl > 0 => Some((Duration::from_millis(ttl as u64), r)),
+        Ok(match raw {
+            Some(raw) if ttl > 0 => Some((Duration::from_millis(ttl as u64), Pause::decode(&raw))),
             _ => None,
         })
     }
@@ -77,44 +94,12 @@ pub enum Admission {
     QuotaSpent { used: u64 },
 }
 
-/// GCRA (one stored number per account: the theoretical arrival time, in µs of Redis' clock, so
-/// worker clocks do not matter) and the daily count, in one round trip. KEYS: rate, quota.
-/// ARGV: emission interval µs (0 = no rate), burst tolerance µs, quota (0 = none), quota TTL s.
-static ADMIT: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
-        local t = redis.call('TIME')
-        local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-        local quota = tonumber(ARGV[3])
-        if quota > 0 then
-            local used = tonumber(redis.call('GET', KEYS[2]) or '0')
-            if used >= quota then return {2, used} end
-        end
-        local interval = tonumber(ARGV[1])
-        if interval > 0 then
-            local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
-            if tat < now then tat = now end
-            local new_tat = tat + interval
-            local allow_at = new_tat - tonumber(ARGV[2])
-            if now < allow_at then return {1, allow_at - now} end
-            -- %.0f keeps all digits; tostring would round a 16-digit number.
-            redis.call('SET', KEYS[1], string.format('%.0f', new_tat), 'PX', math.ceil((new_tat - now) / 1000) + 1000)
-        end
-        if quota > 0 then
-            redis.call('INCR', KEYS[2])
-            redis.call('EXPIRE', KEYS[2], ARGV[4])
-        end
-        return {0, 0}
-        ",
-    )
-});
-
 impl Redis {
     /// Asks for one send of `appid` under `budget`, counting it in the quota day `day`.
     pub async fn admit(&self, appid: &str, budget: &Budget, day: &str) -> Result<Admission, StoreError> {
         let interval_us = if budget.rate == 0 { 0 } else { 1_000_000 / budget.rate as u64 };
         let tolerance_us = interval_us * budget.burst as u64;
-        let (code, value): (i64, i64) = ADMIT
+        let (code, value): (i64, i64) = scripts::ADMIT
             .key(self.keys().rate(appid))
             .key(self.keys().quota(appid, day))
             .arg(interval_us)
@@ -135,5 +120,20 @@ impl Redis {
         let used: Option<u64> =
             redis::cmd("GET").arg(self.keys().quota(appid, day)).query_async(&mut self.conn()).await?;
         Ok(used.unwrap_or(0))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pause_is_stored_with_its_kind() {
+        for parked in [true, false] {
+            let pause = Pause { why: "45009: a|b".into(), parked };
+            assert_eq!(Pause::decode(&pause.encode()), pause);
+        }
+        assert_eq!(Pause { why: "x".into(), parked: true }.encode(), "park|x");
+        assert_eq!(Pause::decode("quota spent"), Pause { why: "quota spent".into(), parked: false });
     }
 }

@@ -1,23 +1,31 @@
-//! Redis: the pool's shared memory. The access token ([`token`]), the idempotency ledger and
-//! the msgid records ([`ledger`]) live here, under `WXPUSH_REDIS_PREFIX`.
+//! Redis: the pool's shared memory, and the one adapter that knows its keys ([`keys`]), scripts
+//! ([`scripts`]) and protocols: the access token ([`token`]), the idempotency ledger and the
+//! msgid records ([`ledger`]), the send budget and pauses ([`limits`]), and the webhook's
+//! de-duplication ([`dedupe`]), all under `WXPUSH_REDIS_PREFIX`.
 //!
 //! Keys that one script touches together share a hash tag (`{appid}`), so every script runs on
 //! Redis Cluster too. A job's record (`prefix:job:<id>`) is only ever used alone; the one
 //! pipeline that spans slots (a job's record with its msgid record) is split on a cluster.
 
 pub mod conn;
+pub mod dedupe;
+pub mod keys;
 pub mod ledger;
 pub mod limits;
+mod scripts;
 pub mod token;
 
+use std::time::Duration;
+
 pub use conn::Conn;
+pub use keys::Keys;
 
 /// A failure to reach or use Redis.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("Redis URL {0:?} is not valid (WXPUSH_REDIS_URL): {1}")]
+    #[error("Redis URL {0:?} is not valid (WXPUSH_REDIS_URL)")]
     Url(String, #[source] redis::RedisError),
-    #[error("Redis is unavailable: {0} (is it up and WXPUSH_REDIS_URL right?)")]
+    #[error("Redis is unavailable (is it up and WXPUSH_REDIS_URL right?)")]
     Redis(#[from] redis::RedisError),
     #[error("Redis holds an unexpected value under {key}: {what}")]
     Corrupt { key: String, what: String },
@@ -52,99 +60,41 @@ impl Redis {
         let _: String = redis::cmd("PING").query_async(&mut self.conn()).await?;
         Ok(())
     }
-}
 
-/// Every key name the programs use, in one place.
-#[derive(Debug, Clone)]
-pub struct Keys {
-    prefix: String,
-}
-
-impl Keys {
-    pub fn new(prefix: &str) -> Self {
-        Self { prefix: prefix.to_owned() }
-    }
-
-    pub fn prefix(&self) -> &str {
-        &self.prefix
-    }
-
-    /// The cached access token of an appid.
-    pub fn token(&self, appid: &str) -> String {
-        format!("{}:{{{appid}}}:token", self.prefix)
-    }
-
-    /// The pool-wide lock held by whoever is fetching a new token.
-    pub fn token_lock(&self, appid: &str) -> String {
-        format!("{}:{{{appid}}}:token:lock", self.prefix)
-    }
-
-    /// Set after a failed token fetch: the pool waits this long before fetching again.
-    pub fn token_failure(&self, appid: &str) -> String {
-        format!("{}:{{{appid}}}:token:failure", self.prefix)
-    }
-
-    /// Set while WeChat refuses a token and no new one can be had: its fingerprint and why.
-    pub fn token_refused(&self, appid: &str) -> String {
-        format!("{}:{{{appid}}}:token:refused", self.prefix)
-    }
-
-    /// Lives one forced-refresh interval after each forced refresh, pool-wide.
-    pub fn token_forced(&self, appid: &str) -> String {
-        format!("{}:{{{appid}}}:token:forced", self.prefix)
-    }
-
-    /// Forced refreshes counted on one Beijing day (`yyyymmdd`).
-    pub fn token_forced_day(&self, appid: &str, day: &str) -> String {
-        format!("{}:{{{appid}}}:token:forced:{day}", self.prefix)
-    }
-
-    /// A job's idempotency record: in progress (a lease) or done (its result).
-    pub fn job(&self, job_id: &str) -> String {
-        format!("{}:job:{job_id}", self.prefix)
-    }
-
-    /// msgid → job_id, for the webhook to tie receipts to jobs.
-    pub fn msgid(&self, appid: &str, msgid: u64) -> String {
-        format!("{}:{{{appid}}}:msgid:{msgid}", self.prefix)
-    }
-
-    /// The rate limiter's state of an appid.
-    pub fn rate(&self, appid: &str) -> String {
-        format!("{}:{{{appid}}}:rate", self.prefix)
-    }
-
-    /// Sends counted on one Beijing day (`yyyymmdd`).
-    pub fn quota(&self, appid: &str, day: &str) -> String {
-        format!("{}:{{{appid}}}:quota:{day}", self.prefix)
-    }
-
-    /// Set while an account is paused (45011, 45009, quota spent): until when, in Unix ms.
-    pub fn pause(&self, appid: &str) -> String {
-        format!("{}:{{{appid}}}:pause", self.prefix)
-    }
-
-    /// Webhook de-duplication of one pushed event.
-    pub fn push_seen(&self, appid: &str, event_key: &str) -> String {
-        format!("{}:{{{appid}}}:push:{event_key}", self.prefix)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn keys_of_one_account_share_a_hash_tag() {
-        let k = Keys::new("wxpush");
-        assert_eq!(k.token("wx1"), "wxpush:{wx1}:token");
-        assert_eq!(k.token_lock("wx1"), "wxpush:{wx1}:token:lock");
-        assert_eq!(k.msgid("wx1", 42), "wxpush:{wx1}:msgid:42");
-        assert_eq!(k.job("order-1"), "wxpush:job:order-1");
-        for key in
-            [k.token("wx1"), k.token_lock("wx1"), k.token_failure("wx1"), k.rate("wx1"), k.quota("wx1", "20261129")]
-        {
-            assert!(key.contains("{wx1}"), "{key}");
+    /// Deletes every key under the prefix (SCAN, not KEYS, so a big Redis is not blocked): for
+    /// a namespace of its own, such as the demo's.
+    pub async fn delete_all(&self) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let pattern = self.keys.all();
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(500)
+                .query_async(&mut conn)
+                .await?;
+            for key in &keys {
+                // One key at a time: keys of different hash tags may live on different nodes.
+                let _: i64 = redis::cmd("DEL").arg(key).query_async(&mut conn).await?;
+            }
+            if next == 0 {
+                return Ok(());
+            }
+            cursor = next;
         }
     }
+
+    /// Deletes `key` only if it still holds `value`; true when deleted.
+    async fn compare_and_delete(&self, key: &str, value: &str) -> Result<bool, StoreError> {
+        let deleted: i64 = scripts::COMPARE_AND_DELETE.key(key).arg(value).invoke_async(&mut self.conn()).await?;
+        Ok(deleted == 1)
+    }
+}
+
+/// `d` as a TTL for `PX`: whole milliseconds, at least 1 (Redis refuses 0).
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
 }

@@ -1,12 +1,11 @@
 //! The shared access token in Redis: the cached value, the refresh lock, and the failure
 //! back-off. The protocol that uses these is in [`crate::token`].
 
-use std::{sync::LazyLock, time::Duration};
+use std::time::Duration;
 
-use redis::Script;
 use secrecy::{ExposeSecret, SecretString};
 
-use super::{Redis, StoreError};
+use super::{Redis, StoreError, millis, scripts};
 
 /// A token as cached in Redis, with what is left of its life by Redis' clock.
 #[derive(Debug, Clone)]
@@ -55,87 +54,7 @@ pub struct StoredFailure {
     pub streak: u32,
 }
 
-/// Reads the token, the failure mark and the refusal mark in one round trip.
-static READ: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
-        local t = redis.call('TIME')
-        return {redis.call('GET', KEYS[1]), redis.call('PTTL', KEYS[1]), redis.call('GET', KEYS[2]),
-                t[1] * 1000 + math.floor(t[2] / 1000), redis.call('GET', KEYS[3]), redis.call('PTTL', KEYS[3])}
-        ",
-    )
-});
-
-/// Stores a token as `fetched_at_ms:token` by Redis' clock (one clock for the whole pool), and
-/// clears the failure and refusal marks.
-static STORE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
-        local t = redis.call('TIME')
-        local now = t[1] * 1000 + math.floor(t[2] / 1000)
-        redis.call('SET', KEYS[1], now .. ':' .. ARGV[1], 'PX', ARGV[2])
-        redis.call('DEL', KEYS[2], KEYS[3])
-        return now
-        ",
-    )
-});
-
-/// The pool-wide gate of forced refreshes: at most one per interval (KEYS[1] lives that long)
-/// and at most ARGV[2] a day (KEYS[2] counts them). Returns {granted, retry_after_ms, used}.
-static FORCE_GATE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
-        local used = tonumber(redis.call('GET', KEYS[2]) or '0')
-        local wait = redis.call('PTTL', KEYS[1])
-        if wait > 0 then return {0, wait, used} end
-        if used >= tonumber(ARGV[2]) then return {0, tonumber(ARGV[3]), used} end
-        redis.call('SET', KEYS[1], '1', 'PX', ARGV[1])
-        used = redis.call('INCR', KEYS[2])
-        redis.call('PEXPIRE', KEYS[2], ARGV[3])
-        return {1, 0, used}
-        ",
-    )
-});
-
-/// Deletes a key only if it still holds the given value: releasing our own lock, or dropping
-/// the token only if it is still the one that failed.
-static COMPARE_AND_DELETE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
-        if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-        return 0
-        ",
-    )
-});
-
-/// Deletes the token only if its value part is the failed token (the stored value is
-/// `fetched_at_ms:token`).
-static INVALIDATE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
-        local v = redis.call('GET', KEYS[1])
-        if v and string.sub(v, string.find(v, ':', 1, true) + 1) == ARGV[1] then
-            return redis.call('DEL', KEYS[1])
-        end
-        return 0
-        ",
-    )
-});
-
-/// Records a failed fetch by Redis' clock; kept 10 minutes past its back-off for the streak.
-static STORE_FAILURE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
-        local t = redis.call('TIME')
-        local now = t[1] * 1000 + math.floor(t[2] / 1000)
-        local backoff = tonumber(ARGV[2])
-        redis.call('SET', KEYS[1], ARGV[1] .. ':' .. (now + backoff) .. ':' .. ARGV[3], 'PX', backoff + 600000)
-        return 1
-        ",
-    )
-});
-
-/// What `read` finds.
+/// What [`Redis::read_token`] finds.
 pub struct Snapshot {
     pub token: Option<StoredToken>,
     pub failure: Option<StoredFailure>,
@@ -147,7 +66,7 @@ impl Redis {
     pub async fn read_token(&self, appid: &str) -> Result<Snapshot, StoreError> {
         let keys = self.keys();
         type Reply = (Option<String>, i64, Option<String>, i64, Option<String>, i64);
-        let (token, token_ttl, failure, now_ms, refusal, refusal_ttl): Reply = READ
+        let (token, token_ttl, failure, now_ms, refusal, refusal_ttl): Reply = scripts::READ_TOKEN
             .key(keys.token(appid))
             .key(keys.token_failure(appid))
             .key(keys.token_refused(appid))
@@ -193,12 +112,12 @@ impl Redis {
     /// Returns its fetch time (Unix ms, Redis' clock).
     pub async fn store_token(&self, appid: &str, token: &SecretString, lifetime: Duration) -> Result<i64, StoreError> {
         let keys = self.keys();
-        let fetched_at: i64 = STORE
+        let fetched_at: i64 = scripts::STORE_TOKEN
             .key(keys.token(appid))
             .key(keys.token_failure(appid))
             .key(keys.token_refused(appid))
             .arg(token.expose_secret())
-            .arg(lifetime.as_millis().max(1) as u64)
+            .arg(millis(lifetime))
             .invoke_async(&mut self.conn())
             .await?;
         Ok(fetched_at)
@@ -217,7 +136,7 @@ impl Redis {
             .arg(self.keys().token_refused(appid))
             .arg(format!("{}:{why}", fingerprint(token)))
             .arg("PX")
-            .arg(for_.as_millis().max(1) as u64)
+            .arg(millis(for_))
             .query_async(&mut self.conn())
             .await?;
         Ok(())
@@ -234,12 +153,12 @@ impl Redis {
         day_left: Duration,
     ) -> Result<ForcedRefresh, StoreError> {
         let keys = self.keys();
-        let (granted, retry_ms, used): (i64, i64, u64) = FORCE_GATE
+        let (granted, retry_ms, used): (i64, i64, u64) = scripts::FORCE_GATE
             .key(keys.token_forced(appid))
             .key(keys.token_forced_day(appid, day))
-            .arg(interval.as_millis().max(1) as u64)
+            .arg(millis(interval))
             .arg(budget)
-            .arg(day_left.as_millis().max(1) as u64)
+            .arg(millis(day_left))
             .invoke_async(&mut self.conn())
             .await?;
         Ok(if granted == 1 {
@@ -256,7 +175,7 @@ impl Redis {
             .arg(owner)
             .arg("NX")
             .arg("PX")
-            .arg(lease.as_millis() as u64)
+            .arg(millis(lease))
             .query_async(&mut self.conn())
             .await?;
         Ok(set.is_some())
@@ -264,15 +183,16 @@ impl Redis {
 
     /// Releases the refresh lock if we still hold it.
     pub async fn unlock_token(&self, appid: &str, owner: &str) -> Result<(), StoreError> {
-        let _: i64 =
-            COMPARE_AND_DELETE.key(self.keys().token_lock(appid)).arg(owner).invoke_async(&mut self.conn()).await?;
-        Ok(())
+        self.compare_and_delete(&self.keys().token_lock(appid), owner).await.map(drop)
     }
 
     /// Drops the cached token only if it is still `failed`; returns whether it was dropped.
     pub async fn invalidate_token(&self, appid: &str, failed: &SecretString) -> Result<bool, StoreError> {
-        let n: i64 =
-            INVALIDATE.key(self.keys().token(appid)).arg(failed.expose_secret()).invoke_async(&mut self.conn()).await?;
+        let n: i64 = scripts::INVALIDATE_TOKEN
+            .key(self.keys().token(appid))
+            .arg(failed.expose_secret())
+            .invoke_async(&mut self.conn())
+            .await?;
         Ok(n == 1)
     }
 
@@ -284,7 +204,7 @@ impl Redis {
         message: &str,
         backoff: Duration,
     ) -> Result<(), StoreError> {
-        let _: () = STORE_FAILURE
+        let _: () = scripts::STORE_TOKEN_FAILURE
             .key(self.keys().token_failure(appid))
             .arg(streak)
             .arg(backoff.as_millis() as u64)

@@ -2,7 +2,7 @@
 //!
 //! - `GET /wechat[/{account}]`: server verification, `echostr` answered when `signature` holds;
 //! - `POST /wechat[/{account}]`: a push, plaintext or safe mode ([`verify`]), read by
-//!   [`crate::domain::receipt`], published once ([`dedupe`]) with publisher confirms ([`push`]);
+//!   [`crate::domain::receipt`], published once ([`crate::store::dedupe`]) with publisher confirms ([`push`]);
 //!   answered `success` only after the broker confirmed;
 //!
 //! Nothing else is served on that port. `/healthz`, `/readyz` (RabbitMQ and Redis reachable) and
@@ -19,7 +19,6 @@
 //! for up to `msgid_wait` (1.5 s by default); after that the event goes out with `job_id` null,
 //! and a consumer ties it through `msgid`, which the job's `send.succeeded` result also carries.
 
-pub mod dedupe;
 pub mod metrics;
 pub mod push;
 pub mod server;
@@ -52,7 +51,7 @@ use tower_http::{limit::RequestBodyLimitLayer, timeout::RequestBodyDeadlineLayer
 use tracing::{error, info, warn};
 
 use crate::{
-    amqp::{AmqpError, Broker},
+    amqp::{AmqpError, ReconnectingPublisher},
     config::{Config, QueueType},
     domain::job::DEFAULT_ACCOUNT,
     health::Readiness,
@@ -144,7 +143,7 @@ impl WebhookSettings {
 /// What the webhook shares between requests and push tasks.
 pub struct Inner {
     accounts: HashMap<String, Arc<AccountKeys>>,
-    broker: Arc<Broker>,
+    broker: Arc<ReconnectingPublisher>,
     redis: Redis,
     settings: WebhookSettings,
     tracker: TaskTracker,
@@ -166,7 +165,7 @@ impl Webhook {
     pub fn new(
         config: &Config,
         settings: WebhookSettings,
-        broker: Arc<Broker>,
+        broker: Arc<ReconnectingPublisher>,
         redis: Redis,
     ) -> Result<Webhook, WebhookError> {
         let mut accounts = HashMap::new();
@@ -287,8 +286,8 @@ impl Listeners {
 
 /// The webhook's RabbitMQ publisher, asking for small frames ([`AMQP_FRAME_MAX`]) unless
 /// `WXPUSH_AMQP_URL` sets `frame_max` itself.
-pub fn broker(config: &Config) -> Arc<Broker> {
-    Broker::new(&with_frame_max(&config.amqp_url, AMQP_FRAME_MAX), "wxpush-webhook")
+pub fn broker(config: &Config) -> Arc<ReconnectingPublisher> {
+    ReconnectingPublisher::new(&with_frame_max(&config.amqp_url, AMQP_FRAME_MAX), "wxpush-webhook")
 }
 
 /// Each URL of a comma-separated list with `frame_max=<n>` added to its query, unless it has one.
@@ -314,7 +313,10 @@ pub async fn serve_with(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), WebhookError> {
     if let Err(e) = webhook.declare_topology().await {
-        warn!(error = %e, "cannot declare the results exchange and dead-letter queue yet; will retry on the first push");
+        warn!(
+            error = &e as &dyn std::error::Error,
+            "cannot declare the results exchange and dead-letter queue yet; will retry on the first push"
+        );
     }
     info!(
         addr = ?listeners.public.local_addr().ok(),
@@ -452,9 +454,11 @@ async fn readyz(State(webhook): State<Webhook>) -> Readiness {
     let limit = Duration::from_secs(2);
     let (redis, amqp) = tokio::join!(
         tokio::time::timeout(limit, inner.redis.ping()),
-        tokio::time::timeout(limit, inner.broker.is_connected()),
+        // Reachable, as README promises: with no connection (none yet, or lost in an outage and
+        // no push since), the probe opens one, as the next push would.
+        tokio::time::timeout(limit, inner.broker.connect()),
     );
-    Readiness { rabbitmq: matches!(amqp, Ok(true)), redis: matches!(redis, Ok(Ok(()))) }
+    Readiness { rabbitmq: matches!(amqp, Ok(Ok(()))), redis: matches!(redis, Ok(Ok(()))) }
 }
 
 async fn metrics_text(State(webhook): State<Webhook>) -> impl IntoResponse {

@@ -7,6 +7,7 @@
 
 use std::{
     borrow::Cow,
+    error::Error,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -24,32 +25,35 @@ use tracing::{debug, error, warn};
 
 use super::{
     Inner, Reply,
-    dedupe::{self, Claim, PendingMark},
     metrics::{self, Outcome},
     verify::{AccountKeys, Mode, PushQuery, VerifyError},
 };
 use crate::{
     amqp::{PublishError, Short, header_str, json_properties},
+    backoff::Backoff,
     domain::{
         receipt::{self, Push, TemplateReceipt},
         result::DeliveryEvent,
     },
-    store::StoreError,
+    store::{StoreError, ledger::Claim},
 };
+
+/// How often a receipt looks for its msgid record while it waits for the worker to write it.
+const MSGID_LOOKS: Backoff = Backoff::new(Duration::from_millis(50), Duration::from_millis(500)).without_jitter();
 
 /// Why a push could not be carried through now; WeChat is answered 503 and pushes again.
 #[derive(Debug, thiserror::Error)]
 pub enum DeliverError {
-    #[error("Redis is unavailable, so the push cannot be de-duplicated: {0}")]
+    #[error("Redis is unavailable, so the push cannot be de-duplicated")]
     Redis(#[from] StoreError),
     #[error("the same event is still being published by an earlier push")]
     Busy,
-    #[error("{0}")]
+    #[error(transparent)]
     Publish(#[from] PublishError),
     #[error("RabbitMQ did not confirm within {0:?}; the outcome is unknown")]
     Unconfirmed(Duration),
-    #[error("cannot encode the event as JSON: {0}")]
-    Encode(serde_json::Error),
+    #[error("cannot encode the event as JSON")]
+    Encode(#[source] serde_json::Error),
 }
 
 impl DeliverError {
@@ -145,14 +149,11 @@ impl Inner {
         r: &TemplateReceipt,
         received_at: DateTime<Utc>,
     ) -> Result<Delivered, DeliverError> {
-        let keys = self.redis.keys();
-        let seen = keys.push_seen(&account.appid, &push.dedupe_key());
-        let record = keys.msgid(&account.appid, r.msgid);
-        let record = record.as_str();
-        self.publish_once(&seen, Some(record), |found| async move {
+        let appid = account.appid.as_str();
+        self.publish_once(appid, &push.dedupe_key(), Some(r.msgid), |found| async move {
             let job_id = match found {
                 Some(job) => Some(job),
-                None => self.wait_for_msgid_record(record).await,
+                None => self.wait_for_msgid_record(appid, r.msgid).await,
             };
             let event = DeliveryEvent {
                 kind: "delivery".into(),
@@ -181,7 +182,6 @@ impl Inner {
         push: &Push,
         received_at: DateTime<Utc>,
     ) -> Result<Delivered, DeliverError> {
-        let seen = self.redis.keys().push_seen(&account.appid, &push.dedupe_key());
         let mut body = push.fields.clone();
         body.insert("type".into(), Value::from(if push.event.is_some() { "event" } else { "message" }));
         body.insert("account".into(), Value::from(account.name.clone()));
@@ -190,7 +190,7 @@ impl Inner {
         // `event.<Event>` / `message.<MsgType>` come from the push: a name too long for a routing
         // key is cut (the body keeps it whole) rather than refused, or WeChat would push forever.
         let routing_key = Short::truncated(&push.routing_key());
-        self.publish_once(&seen, None, |_| async {
+        self.publish_once(&account.appid, &push.dedupe_key(), None, |_| async {
             self.publish_confirmed(
                 &self.settings.results_exchange,
                 routing_key.as_str(),
@@ -213,8 +213,7 @@ impl Inner {
         reason: String,
     ) -> (Reply, Outcome) {
         warn!(account = %account.name, %reason, bytes = body.len(), "push cannot be read; parking it in the dead-letter queue");
-        let digest = hex::encode(Sha1::digest(body));
-        let seen = self.redis.keys().push_seen(&account.appid, &format!("dead:{digest}"));
+        let event = format!("dead:{}", hex::encode(Sha1::digest(body)));
         let mut headers = FieldTable::default();
         headers.insert(ShortString::from("x-wxpush-reason"), header_str(&reason));
         headers.insert(ShortString::from("x-wxpush-source"), header_str("webhook"));
@@ -243,20 +242,24 @@ impl Inner {
             .with_headers(headers);
         let dlq = &self.settings.dead_letter_queue;
         let result = self
-            .publish_once(&seen, None, |_| async { self.publish_confirmed("", dlq, body, props, true).await })
+            .publish_once(&account.appid, &event, None, |_| async {
+                self.publish_confirmed("", dlq, body, props, true).await
+            })
             .await;
         match result {
             Ok(_) => (Reply::Refused(StatusCode::BAD_REQUEST, reason), Outcome::DeadLettered),
-            Err(e) => self.unavailable(account, &format!("dead:{digest}"), e),
+            Err(e) => self.unavailable(account, &event, e),
         }
     }
 
-    /// Claims the event, publishes it through `publish` (given the looked-up value), and marks
-    /// it done only after the broker's confirm.
+    /// Claims the event `event` of `appid`, publishes it through `publish` (given the job_id
+    /// recorded for `msgid`, when one is given), and marks it done only after the broker's
+    /// confirm.
     async fn publish_once<F, Fut>(
         &self,
-        seen: &str,
-        lookup: Option<&str>,
+        appid: &str,
+        event: &str,
+        msgid: Option<u64>,
         publish: F,
     ) -> Result<Delivered, DeliverError>
     where
@@ -264,18 +267,20 @@ impl Inner {
         Fut: Future<Output = Result<(), DeliverError>>,
     {
         let s = &self.settings;
-        let claim = dedupe::claim(&self.redis, seen, lookup, s.pending_ttl, s.pending_wait).await?;
-        let (mark, found) = match claim {
-            Claim::Done => return Ok(Delivered::AlreadyDone),
-            Claim::Pending => return Err(DeliverError::Busy),
-            // From here on the mark is released whatever happens, a panic included.
-            Claim::Owned { owner, lookup } => (PendingMark::new(self.redis.clone(), seen.to_owned(), owner), lookup),
-        };
+        // From the claim on, the mark is released whatever happens, a panic included.
+        let mut mark = self.redis.push_mark(appid, event);
+        let (claim, found) = mark.claim(msgid, s.pending_ttl, s.pending_wait).await?;
+        match claim {
+            Claim::Claimed => {}
+            Claim::Done(_) => return Ok(Delivered::AlreadyDone),
+            Claim::Busy { .. } => return Err(DeliverError::Busy),
+        }
+        let key = mark.key().to_owned();
         match publish(found).await {
             Ok(()) => {
                 if let Err(e) = mark.done(s.done_ttl).await {
                     // Published, but a re-push of this event would now publish it again.
-                    error!(key = %seen, error = %e, "event published but its done mark could not be written");
+                    error!(%key, error = &e as &dyn Error, "event published but its done mark could not be written");
                 }
                 Ok(Delivered::Published)
             }
@@ -287,7 +292,7 @@ impl Inner {
             }
             Err(e) => {
                 if let Err(release) = mark.release().await {
-                    warn!(key = %seen, error = %release, "could not release the pending mark; it expires by itself");
+                    warn!(%key, error = &release as &dyn Error, "could not release the pending mark; it expires by itself");
                 }
                 Err(e)
             }
@@ -326,25 +331,23 @@ impl Inner {
 
     /// A receipt may arrive before the worker has recorded its msgid (WeChat can be faster
     /// than the worker's Redis write). Looks again a few times within `msgid_wait`.
-    async fn wait_for_msgid_record(&self, key: &str) -> Option<String> {
+    async fn wait_for_msgid_record(&self, appid: &str, msgid: u64) -> Option<String> {
         let deadline = tokio::time::Instant::now() + self.settings.msgid_wait;
-        let mut delay = Duration::from_millis(50);
-        loop {
-            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            if left.is_zero() {
-                return None;
-            }
-            tokio::time::sleep(delay.min(left)).await;
-            delay = (delay * 2).min(Duration::from_millis(500));
-            match dedupe::get(&self.redis, key).await {
+        let mut looks = MSGID_LOOKS.delays();
+        while looks.sleep_within(deadline).await {
+            match self.redis.job_for_msgid(appid, msgid).await {
                 Ok(Some(job)) => return Some(job),
                 Ok(None) => {}
                 Err(e) => {
-                    warn!(error = %e, "msgid record look-up failed; publishing the receipt with job_id null");
+                    warn!(
+                        error = &e as &dyn Error,
+                        "msgid record look-up failed; publishing the receipt with job_id null"
+                    );
                     return None;
                 }
             }
         }
+        None
     }
 
     fn refuse(&self, account: &AccountKeys, e: VerifyError) -> (Reply, Outcome) {
@@ -360,7 +363,7 @@ impl Inner {
     }
 
     fn unavailable(&self, account: &AccountKeys, event: &str, e: DeliverError) -> (Reply, Outcome) {
-        error!(account = %account.name, %event, error = %e, "push not carried through; answering 503 so WeChat pushes again");
+        error!(account = %account.name, %event, error = &e as &dyn Error, "push not carried through; answering 503 so WeChat pushes again");
         (Reply::Refused(StatusCode::SERVICE_UNAVAILABLE, e.to_string()), Outcome::Unavailable(e.reason()))
     }
 }

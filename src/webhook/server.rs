@@ -31,6 +31,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use super::metrics;
+use crate::backoff::{Backoff, Delays};
 
 /// Largest buffer a connection reads into (hyper's minimum); a request head must fit in it.
 /// WeChat's heads are well under 1 KiB; a push body (64 KiB at most) streams through it.
@@ -209,16 +210,16 @@ fn release_free_memory() {}
 /// accept succeeds.
 struct AcceptBackoff {
     port: &'static str,
-    delay: Duration,
+    delays: Delays,
     failures: u64,
 }
 
 impl AcceptBackoff {
-    const FIRST: Duration = Duration::from_millis(10);
-    const MAX: Duration = Duration::from_secs(1);
+    /// Not jittered: one process waits for its own resources, with no pool to spread.
+    const SCHEDULE: Backoff = Backoff::new(Duration::from_millis(10), Duration::from_secs(1)).without_jitter();
 
     fn new(port: &'static str) -> Self {
-        AcceptBackoff { port, delay: Self::FIRST, failures: 0 }
+        AcceptBackoff { port, delays: Self::SCHEDULE.delays(), failures: 0 }
     }
 
     fn succeeded(&mut self) {
@@ -226,7 +227,7 @@ impl AcceptBackoff {
             info!(port = self.port, failures = self.failures, "accepting connections again");
         }
         self.failures = 0;
-        self.delay = Self::FIRST;
+        self.delays.reset();
     }
 
     /// Counts the failure; the time to wait before the next accept, if any.
@@ -248,9 +249,7 @@ impl AcceptBackoff {
             error!(port = self.port, error = %e, kind, "cannot accept connections; backing off until it works again");
         }
         self.failures += 1;
-        let delay = self.delay;
-        self.delay = (self.delay * 2).min(Self::MAX);
-        Some(delay)
+        Some(self.delays.next_delay())
     }
 }
 
@@ -268,8 +267,8 @@ mod tests {
         assert_eq!(waits, [10, 20, 40, 80, 160, 320, 640, 1_000, 1_000, 1_000]);
         assert_eq!(b.failures, 10);
         b.succeeded();
-        assert_eq!((b.failures, b.delay), (0, AcceptBackoff::FIRST));
-        assert_eq!(b.failed(&io::Error::from_raw_os_error(libc::ENFILE)), Some(AcceptBackoff::FIRST));
+        assert_eq!(b.failures, 0);
+        assert_eq!(b.failed(&io::Error::from_raw_os_error(libc::ENFILE)), Some(Duration::from_millis(10)));
     }
 
     #[test]

@@ -82,7 +82,7 @@ impl RateGate {
                     return Gate::Closed(Outcome::Park { until: later(now, self.quota_day.until_reset(now)), why });
                 }
                 Err(e) => {
-                    warn!(error = %e, "cannot reach the rate limiter; the job waits");
+                    warn!(error = &e as &dyn std::error::Error, "cannot reach the rate limiter; the job waits");
                     jittered(Duration::from_millis(500))
                 }
             };

@@ -17,7 +17,6 @@ pub mod settle;
 
 use std::{sync::Arc, time::Duration};
 
-use backon::{BackoffBuilder, ExponentialBuilder};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{error, info, warn};
 
@@ -27,7 +26,8 @@ pub use self::{
     settle::{Disposition, Settlement},
 };
 use crate::{
-    amqp::{AmqpError, Brokers},
+    amqp::{AmqpError, Nodes},
+    backoff::Backoff,
     config::Config,
     health::Health,
     store::{Redis, StoreError},
@@ -77,17 +77,13 @@ pub async fn run(config: Config, shutdown: CancellationToken, health: Arc<Health
 /// Connects, consumes, and reconnects with backoff until shutdown; returns the session that
 /// was open then, for its in-flight jobs to settle on.
 async fn consume(config: &Config, shared: &Shared, shutdown: &CancellationToken) -> Option<Session> {
-    let reconnect = ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(200))
-        .with_max_delay(Duration::from_secs(10))
-        .with_jitter()
-        .without_max_times();
-    let mut delays = reconnect.build();
-    let brokers = Brokers::new(&config.amqp_url);
+    const RECONNECT: Backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+    let mut delays = RECONNECT.delays();
+    let brokers = Nodes::new(&config.amqp_url);
     while !shutdown.is_cancelled() {
         let delay = match Session::open(config, &shared.pipeline, &brokers).await {
             Ok(mut session) => {
-                delays = reconnect.build();
+                delays.reset();
                 shared.health.set_amqp(true);
                 let queue = &shared.pipeline.topology().jobs_queue;
                 info!(%queue, concurrency = config.concurrency, "consuming jobs");
@@ -96,17 +92,23 @@ async fn consume(config: &Config, shared: &Shared, shutdown: &CancellationToken)
                 }
                 shared.health.set_amqp(false);
                 session.abandon(&shared.tracker).await;
-                delays.next().unwrap_or(Duration::from_secs(1))
+                delays.next_delay()
             }
             Err(e) => {
                 shared.health.set_amqp(false);
-                let delay = delays.next().unwrap_or(Duration::from_secs(10));
+                let delay = delays.next_delay();
                 let retry_in_secs = delay.as_secs_f64();
                 if let AmqpError::QueueMismatch { .. } = e {
                     // An operator has to act; keep asking (with backoff) so the worker resumes once they have.
-                    error!(error = %e, retry_in_secs, "cannot declare the queues; no jobs are consumed until this is fixed");
+                    error!(
+                        error = &e as &dyn std::error::Error,
+                        retry_in_secs, "cannot declare the queues; no jobs are consumed until this is fixed"
+                    );
                 } else {
-                    error!(error = %e, retry_in_secs, "RabbitMQ unavailable; jobs wait until it is back");
+                    error!(
+                        error = &e as &dyn std::error::Error,
+                        retry_in_secs, "RabbitMQ unavailable; jobs wait until it is back"
+                    );
                 }
                 delay
             }
@@ -130,15 +132,12 @@ async fn drain(shared: &Shared, grace: Duration) {
     }
 }
 
+pub(crate) use crate::backoff::jittered;
+
 /// Sleeps unless cancelled first; returns false when cancelled.
 pub(crate) async fn sleep_or_cancel(cancel: &CancellationToken, d: Duration) -> bool {
     tokio::select! {
         _ = cancel.cancelled() => false,
         _ = tokio::time::sleep(d) => true,
     }
-}
-
-/// `base` spread by ±50 %, so that waits of many jobs or workers do not line up.
-pub(crate) fn jittered(base: Duration) -> Duration {
-    base.mul_f64(0.5 + rand::random::<f64>())
 }

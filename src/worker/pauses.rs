@@ -11,32 +11,12 @@ use std::{
 use tracing::warn;
 
 use super::metrics::Metrics;
-use crate::{config::Account, store::Redis};
+use crate::{
+    config::Account,
+    store::{Redis, limits::Pause},
+};
 
 const RECHECK: Duration = Duration::from_millis(250);
-
-/// An account-wide pause. `parked` pauses (a spent daily quota) last until the quota resets and
-/// are announced to downstream; the others (45011) last a minute.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Pause {
-    pub why: String,
-    pub parked: bool,
-}
-
-impl Pause {
-    /// As stored in Redis: `park|why` or `wait|why`.
-    fn encode(&self) -> String {
-        format!("{}|{}", if self.parked { "park" } else { "wait" }, self.why)
-    }
-
-    fn decode(raw: &str) -> Pause {
-        match raw.split_once('|') {
-            Some(("park", why)) => Pause { why: why.to_owned(), parked: true },
-            Some((_, why)) => Pause { why: why.to_owned(), parked: false },
-            None => Pause { why: raw.to_owned(), parked: false },
-        }
-    }
-}
 
 /// When the pause of an account was last read, and until when it runs.
 type Seen = (Instant, Option<(Instant, Pause)>);
@@ -65,7 +45,7 @@ impl Pauses {
             }
         }
         let pause = match self.redis.account_pause(&account.appid).await {
-            Ok(p) => p.map(|(left, raw)| (left, Pause::decode(&raw))),
+            Ok(p) => p,
             // Redis trouble shows up at the claim right after; don't block on it here.
             Err(_) => return None,
         };
@@ -78,27 +58,13 @@ impl Pauses {
         warn!(account = %account.name, pause_secs = for_.as_secs_f64(), "{}", pause.why);
         self.metrics.of(&account.name).pauses.increment(1);
         let now = Instant::now();
-        if let Err(e) = self.redis.pause_account(&account.appid, for_, &pause.encode()).await {
-            warn!(error = %e, "could not share the account's pause with the pool");
+        if let Err(e) = self.redis.pause_account(&account.appid, for_, &pause).await {
+            warn!(error = &e as &dyn std::error::Error, "could not share the account's pause with the pool");
         }
         self.remember(&account.appid, now, Some((now + for_, pause)));
     }
 
     fn remember(&self, appid: &str, at: Instant, pause: Option<(Instant, Pause)>) {
         self.seen.lock().unwrap_or_else(|p| p.into_inner()).insert(appid.to_owned(), (at, pause));
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_stored_form_round_trips_and_old_values_read_as_waits() {
-        for parked in [true, false] {
-            let pause = Pause { why: "45011: a|b".into(), parked };
-            assert_eq!(Pause::decode(&pause.encode()), pause);
-        }
-        assert_eq!(Pause::decode("plain"), Pause { why: "plain".into(), parked: false });
     }
 }

@@ -33,7 +33,7 @@ use super::{
     admission::{Gate, RateGate},
     jittered,
     metrics::Metrics,
-    pauses::{Pause, Pauses},
+    pauses::Pauses,
     settle::{Disposition, Published, Settlement, Settler},
     sleep_or_cancel,
 };
@@ -47,7 +47,7 @@ use crate::{
         outcome::{Answer, Outcome, Policy, decide},
         result::SendResult,
     },
-    store::{Redis, ledger::Claim},
+    store::{Redis, ledger::Claim, limits::Pause},
     token::{Token, TokenError, TokenManager},
     wechat::WechatClient,
 };
@@ -244,7 +244,7 @@ impl Pipeline {
                 Ok(Claim::Busy { retry_after }) => retry_after,
                 Err(e) => {
                     // No send without the idempotency record: the job waits for Redis.
-                    warn!(error = %e, "cannot reach the idempotency ledger; the job waits");
+                    warn!(error = &e as &dyn std::error::Error, "cannot reach the idempotency ledger; the job waits");
                     jittered(Duration::from_millis(500))
                 }
             };
@@ -304,7 +304,7 @@ impl Pipeline {
                     return Err(Some(Outcome::Retry { after, why: e.to_string() }));
                 }
                 Err(e @ TokenError::Store { .. }) => {
-                    warn!(error = %e, "the job waits for Redis");
+                    warn!(error = &e as &dyn std::error::Error, "the job waits for Redis");
                     if !sleep_or_cancel(cancel, jittered(Duration::from_millis(500))).await {
                         return Err(None);
                     }
@@ -408,11 +408,15 @@ impl Pipeline {
             match self.redis.record_sent(&job.job_id, json, ttl, &account.appid, msgid, msgid_ttl).await {
                 Ok(()) => return,
                 Err(e) if Instant::now() < deadline && !cancel.is_cancelled() => {
-                    warn!(error = %e, "cannot record the sent job yet; retrying");
+                    warn!(error = &e as &dyn std::error::Error, "cannot record the sent job yet; retrying");
                     tokio::time::sleep(jittered(Duration::from_millis(300))).await;
                 }
                 Err(e) => {
-                    error!(error = %e, msgid, "could not record the sent job: a duplicate publish of it would be sent again, and its receipts will carry no job_id");
+                    error!(
+                        error = &e as &dyn std::error::Error,
+                        msgid,
+                        "could not record the sent job: a duplicate publish of it would be sent again, and its receipts will carry no job_id"
+                    );
                     return;
                 }
             }
@@ -431,7 +435,7 @@ impl Pipeline {
                 _ = tokio::time::sleep(lease / 3) => match self.redis.renew_job(job_id, owner, lease).await {
                     Ok(true) => {}
                     Ok(false) => error!("the job's lease ran out before it could be renewed; another worker may take the job"),
-                    Err(e) => warn!(error = %e, "could not renew the job's lease; retrying"),
+                    Err(e) => warn!(error = &e as &dyn std::error::Error, "could not renew the job's lease; retrying"),
                 },
             }
         }
@@ -440,7 +444,7 @@ impl Pipeline {
     async fn release(&self, job: &Job, owner: &str) {
         if let Err(e) = self.redis.release_job(&job.job_id, owner).await {
             // The lease runs out by itself; the next delivery waits for that.
-            warn!(error = %e, "could not release the job's lease");
+            warn!(error = &e as &dyn std::error::Error, "could not release the job's lease");
         }
     }
 
@@ -478,7 +482,7 @@ fn recorded_result(job: &Job, recorded: Vec<u8>) -> Settlement {
         Ok(result) => Settlement::Publish(Published { result, json: recorded }),
         Err(e) => {
             // Someone else's data under our key: say so, and answer from what we know.
-            error!(error = %e, "the ledger's record of this job is unreadable");
+            error!(error = &e as &dyn std::error::Error, "the ledger's record of this job is unreadable");
             Settlement::publish(SendResult::failed(job, None, None, "ledger record unreadable".into(), 0))
         }
     }

@@ -17,7 +17,7 @@ use tracing::{error, warn};
 use super::{pipeline::Pipeline, settle::Disposition};
 use crate::{
     acks::Acknowledger,
-    amqp::{AmqpError, Brokers, Publisher},
+    amqp::{AmqpError, Nodes, Publisher},
     config::Config,
     health::Health,
 };
@@ -53,7 +53,7 @@ pub struct Shared {
 }
 
 impl Session {
-    pub async fn open(config: &Config, pipeline: &Pipeline, brokers: &Brokers) -> Result<Session, AmqpError> {
+    pub async fn open(config: &Config, pipeline: &Pipeline, brokers: &Nodes) -> Result<Session, AmqpError> {
         let name = format!("wxpush-worker {} pid {}", hostname(), std::process::id());
         // The first node that answers, starting after the one the last connection used.
         let connection = brokers.connect(&name).await?;
@@ -91,7 +91,7 @@ impl Session {
                 next = self.consumer.next() => match next {
                     Some(Ok(delivery)) => self.dispatch(delivery, shared),
                     Some(Err(e)) => {
-                        warn!(error = %e, "lost the RabbitMQ connection; reconnecting");
+                        warn!(error = &e as &dyn std::error::Error, "lost the RabbitMQ connection; reconnecting");
                         return Ended::Lost;
                     }
                     None => {

@@ -67,7 +67,10 @@ impl Settlement {
             Ok(published) => Settlement::Publish(published),
             Err(e) => {
                 // Not reachable with SendResult's plain fields; never publish an empty body.
-                warn!(error = %e, "cannot serialize the result; the job goes back to the queue");
+                warn!(
+                    error = &e as &dyn std::error::Error,
+                    "cannot serialize the result; the job goes back to the queue"
+                );
                 Settlement::Requeue
             }
         }
@@ -153,7 +156,10 @@ impl Settler {
                 Disposition::Ack
             }
             Err(e) => {
-                warn!(error = %e, "result not confirmed by the broker; the job goes back to the queue");
+                warn!(
+                    error = &e as &dyn std::error::Error,
+                    "result not confirmed by the broker; the job goes back to the queue"
+                );
                 Disposition::Requeue
             }
         }
@@ -164,7 +170,7 @@ impl Settler {
     pub async fn dead_letter(&self, delivery: &Delivery, publisher: &Publisher, reason: &str) -> Disposition {
         let props = headers::dead_lettered(&delivery.properties, reason, &self.topology.jobs_queue, Utc::now());
         if let Err(e) = publisher.publish("", &self.topology.dead_letter_queue, &delivery.data, props, true).await {
-            warn!(error = %e, "cannot dead-letter the job; it goes back to the queue");
+            warn!(error = &e as &dyn std::error::Error, "cannot dead-letter the job; it goes back to the queue");
             return Disposition::Requeue;
         }
         metrics::counter!("wxpush_jobs_dead_lettered_total").increment(1);
@@ -189,7 +195,7 @@ impl Settler {
                 Disposition::Ack
             }
             Err(e) => {
-                warn!(error = %e, "cannot delay the job; it goes back to the queue");
+                warn!(error = &e as &dyn std::error::Error, "cannot delay the job; it goes back to the queue");
                 Disposition::Requeue
             }
         }
