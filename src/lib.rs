@@ -22,7 +22,6 @@ pub mod sandbox;
 pub mod store;
 pub mod telemetry;
 pub mod tls;
-pub mod token;
 pub mod webhook;
 pub mod wechat;
 pub mod worker;

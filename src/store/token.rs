@@ -1,5 +1,5 @@
 //! The shared access token in Redis: the cached value, the refresh lock, and the failure
-//! back-off. The protocol that uses these is in [`crate::token`].
+//! back-off. The protocol that uses these is in [`crate::worker::tokens`].
 
 use std::time::Duration;
 

@@ -6,6 +6,7 @@
 //! - [`settle`]: the confirmed publishes that end a delivery, and how it is acknowledged;
 //! - [`admission`], [`pauses`]: the pool-wide rate slot and account pauses;
 //! - [`session`]: one RabbitMQ connection's consumer, publisher and acknowledger;
+//! - [`tokens`]: the pool's shared access token per account (over [`crate::store::token`]);
 //! - [`metrics`]: per-account metric handles.
 
 pub mod admission;
@@ -14,16 +15,20 @@ pub mod pauses;
 pub mod pipeline;
 pub mod session;
 pub mod settle;
+pub mod tokens;
 
 use std::{sync::Arc, time::Duration};
 
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{error, info, warn};
 
-use self::session::{Session, Shared};
 pub use self::{
     pipeline::Pipeline,
     settle::{Disposition, Settlement},
+};
+use self::{
+    session::{Session, Shared},
+    tokens::TokenManager,
 };
 use crate::{
     amqp::{AmqpError, Nodes},
@@ -31,7 +36,6 @@ use crate::{
     config::Config,
     health::Health,
     store::{Redis, StoreError},
-    token::TokenManager,
     wechat::{HttpError, WechatClient},
 };
 

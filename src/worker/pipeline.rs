@@ -36,6 +36,7 @@ use super::{
     pauses::Pauses,
     settle::{Disposition, Published, Settlement, Settler},
     sleep_or_cancel,
+    tokens::{Token, TokenError, TokenManager},
 };
 use crate::{
     amqp::{Publisher, Topology, headers},
@@ -48,7 +49,6 @@ use crate::{
         result::SendResult,
     },
     store::{Redis, ledger::Claim, limits::Pause},
-    token::{Token, TokenError, TokenManager},
     wechat::WechatClient,
 };
 

@@ -40,7 +40,7 @@ use crate::{
         Redis, StoreError,
         token::{ForcedRefresh, StoredToken, fingerprint},
     },
-    wechat::{TokenFetchError, WechatClient},
+    wechat::{TokenFetchError, TokenGrant, WechatClient},
 };
 
 /// A token, cheap to hand to many concurrent sends.
@@ -263,72 +263,85 @@ impl TokenManager {
             return Err(entry.refused(refusal.why.clone(), refusal.remaining));
         }
         let streak = snapshot.failure.as_ref().map_or(0, |f| f.streak);
-        let mut grant = self.wechat.fetch_token(account.token_api, &account.appid, &account.secret, false).await;
-        // stable_token hands out the current token while it is valid; if that is the very token
-        // WeChat just refused, only a forced refresh gets a new one.
-        if let (Ok(g), Some(bad)) = (&grant, stale)
+        match self.fetch_replacing(entry, stale).await? {
+            Ok(grant) => self.keep_grant(entry, grant).await,
+            Err(e) => Err(self.fetch_failed(entry, e, streak).await),
+        }
+    }
+
+    /// Fetches a token; when it is `stale` (the very token WeChat just refused, which
+    /// stable_token hands out while it is valid), only a forced refresh gets a new one.
+    async fn fetch_replacing(
+        &self,
+        entry: &AccountTokens,
+        stale: Option<&Token>,
+    ) -> Result<Result<TokenGrant, TokenFetchError>, TokenError> {
+        let account = &entry.account;
+        let grant = self.wechat.fetch_token(account.token_api, &account.appid, &account.secret, false).await;
+        let (Ok(g), Some(bad)) = (&grant, stale) else { return Ok(grant) };
+        if g.access_token.expose_secret() != bad.expose_secret() {
+            return Ok(grant);
+        }
+        let lifetime = g.expires_in;
+        let forced = match self.force_refresh(entry).await? {
+            Ok(()) => self.wechat.fetch_token(account.token_api, &account.appid, &account.secret, true).await,
+            Err((why, retry_after)) => return Err(self.keep_refused(entry, bad, lifetime, why, retry_after).await),
+        };
+        if let Ok(g) = &forced
             && g.access_token.expose_secret() == bad.expose_secret()
         {
-            let lifetime = g.expires_in;
-            grant = match self.force_refresh(entry).await? {
-                Ok(()) => self.wechat.fetch_token(account.token_api, &account.appid, &account.secret, true).await,
-                Err((why, retry_after)) => return Err(self.keep_refused(entry, bad, lifetime, why, retry_after).await),
-            };
-            if let Ok(g) = &grant
-                && g.access_token.expose_secret() == bad.expose_secret()
-            {
-                // WeChat ignored the forced refresh (someone forced one less than 30 s ago).
-                let why = "WeChat ignored a forced refresh and handed the refused token back".to_owned();
-                let retry_after = self.settings.forced_refresh_interval;
-                return Err(self.keep_refused(entry, bad, g.expires_in, why, retry_after).await);
-            }
+            // WeChat ignored the forced refresh (someone forced one less than 30 s ago).
+            let why = "WeChat ignored a forced refresh and handed the refused token back".to_owned();
+            let retry_after = self.settings.forced_refresh_interval;
+            return Err(self.keep_refused(entry, bad, g.expires_in, why, retry_after).await);
         }
-        match grant {
-            Ok(g) => {
-                let fetched_at_ms = self
-                    .redis
-                    .store_token(&account.appid, &g.access_token, g.expires_in)
-                    .await
-                    .map_err(|source| entry.store_error(source))?;
-                info!(account = %account.name, expires_in_secs = g.expires_in.as_secs(), "fetched a new access token");
-                metrics::counter!("wxpush_token_fetches_total", "account" => account.name.clone(), "outcome" => "ok")
-                    .increment(1);
-                entry.set_healthy(true, "");
-                let stored = StoredToken {
-                    value: g.access_token,
-                    remaining: g.expires_in,
-                    fetched_at_ms,
-                    lifetime: g.expires_in,
-                };
-                Ok(entry.remember(&stored))
-            }
-            Err(e) => {
-                let streak = streak.saturating_add(1);
-                // Not jittered: it is stored once for the whole pool.
-                let backoff =
-                    Backoff::new(self.settings.failure_backoff, MAX_FAILURE_BACKOFF).without_jitter().after(streak);
-                let advice = match &e {
-                    TokenFetchError::Refused { errcode, .. } => token_error_advice(*errcode),
-                    TokenFetchError::Http(_) => None,
-                };
-                error!(
-                    account = %account.name,
-                    appid = %account.appid,
-                    error = %e,
-                    advice = advice.unwrap_or("WeChat is unreachable or failing; jobs wait and are retried"),
-                    retry_in_secs = backoff.as_secs_f64(),
-                    "cannot get an access token"
-                );
-                metrics::counter!("wxpush_token_fetches_total", "account" => account.name.clone(), "outcome" => "error")
-                    .increment(1);
-                let message = e.to_string();
-                entry.set_healthy(false, &message);
-                if let Err(store) = self.redis.store_token_failure(&account.appid, streak, &message, backoff).await {
-                    warn!(account = %account.name, error = &store as &dyn Error, "could not record the failed token fetch");
-                }
-                Err(TokenError::Unavailable { account: account.name.clone(), reason: message })
-            }
+        Ok(forced)
+    }
+
+    /// Stores a granted token for the pool and keeps it here.
+    async fn keep_grant(&self, entry: &AccountTokens, g: TokenGrant) -> Result<Token, TokenError> {
+        let account = &entry.account;
+        let fetched_at_ms = self
+            .redis
+            .store_token(&account.appid, &g.access_token, g.expires_in)
+            .await
+            .map_err(|source| entry.store_error(source))?;
+        info!(account = %account.name, expires_in_secs = g.expires_in.as_secs(), "fetched a new access token");
+        metrics::counter!("wxpush_token_fetches_total", "account" => account.name.clone(), "outcome" => "ok")
+            .increment(1);
+        entry.set_healthy(true, "");
+        let stored =
+            StoredToken { value: g.access_token, remaining: g.expires_in, fetched_at_ms, lifetime: g.expires_in };
+        Ok(entry.remember(&stored))
+    }
+
+    /// Records a failed fetch for the pool (with a back-off, so a wrong secret does not burn
+    /// the quota) and says what to fix.
+    async fn fetch_failed(&self, entry: &AccountTokens, e: TokenFetchError, streak: u32) -> TokenError {
+        let account = &entry.account;
+        let streak = streak.saturating_add(1);
+        // Not jittered: it is stored once for the whole pool.
+        let backoff = Backoff::new(self.settings.failure_backoff, MAX_FAILURE_BACKOFF).without_jitter().after(streak);
+        let advice = match &e {
+            TokenFetchError::Refused { errcode, .. } => token_error_advice(*errcode),
+            TokenFetchError::Http(_) => None,
+        };
+        error!(
+            account = %account.name,
+            appid = %account.appid,
+            error = %e,
+            advice = advice.unwrap_or("WeChat is unreachable or failing; jobs wait and are retried"),
+            retry_in_secs = backoff.as_secs_f64(),
+            "cannot get an access token"
+        );
+        metrics::counter!("wxpush_token_fetches_total", "account" => account.name.clone(), "outcome" => "error")
+            .increment(1);
+        let message = e.to_string();
+        entry.set_healthy(false, &message);
+        if let Err(store) = self.redis.store_token_failure(&account.appid, streak, &message, backoff).await {
+            warn!(account = %account.name, error = &store as &dyn Error, "could not record the failed token fetch");
         }
+        TokenError::Unavailable { account: account.name.clone(), reason: message }
     }
 
     /// Asks the pool-wide gate for a forced refresh: `Ok(Ok(()))` to go ahead, `Ok(Err((why,
