@@ -19,7 +19,7 @@ use std::{
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, BufReader};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use wxpush::{
@@ -29,7 +29,7 @@ use wxpush::{
         dead,
         demo::{self, DemoOptions},
         progress,
-        publish::{self, PublishOptions},
+        publish::{self, JobFlags, PublishOptions},
         results::{self, ReceivedResult, ShowOptions, Source},
         status::{self, StatusOptions},
     },
@@ -136,7 +136,7 @@ enum Command {
     },
     /// Publish jobs from a JSONL file (one JSON job object a line), or one job built from
     /// flags, to the jobs queue.
-    Publish(PublishArgs),
+    Publish(Box<PublishArgs>),
     /// Show results: those no binding took (kept in `<results_exchange>.unrouted`), or live ones.
     Results(ResultsArgs),
     /// Inspect, replay, delete or purge the dead-letter queue.
@@ -184,9 +184,22 @@ struct PublishArgs {
     /// One job from flags: the account (default `default`).
     #[arg(long, value_name = "NAME", requires = "touser")]
     account: Option<String>,
-    /// One job from flags: the URL the message opens.
+    /// One job from flags: the URL a template message opens.
     #[arg(long, value_name = "URL", requires = "touser")]
     url: Option<String>,
+    /// One job from flags: `template` (default), `subscribe` (an official account's 订阅通知)
+    /// or `miniprogram_subscribe`.
+    #[arg(long, value_name = "KIND", requires = "touser")]
+    kind: Option<String>,
+    /// One job from flags: the page a subscription message opens.
+    #[arg(long, value_name = "PAGE", requires = "touser")]
+    page: Option<String>,
+    /// One job from flags (miniprogram_subscribe): developer, trial or formal.
+    #[arg(long, value_name = "STATE", requires = "touser")]
+    miniprogram_state: Option<String>,
+    /// One job from flags (miniprogram_subscribe): zh_CN, en_US, zh_HK or zh_TW.
+    #[arg(long, value_name = "LANG", requires = "touser")]
+    lang: Option<String>,
 }
 
 #[derive(Args)]
@@ -324,7 +337,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Check { offline } => check_command(&ctx, offline, json).await,
         Command::Publish(_) if json => no_json("publish"),
-        Command::Publish(args) => publish_command(&ctx, args).await,
+        Command::Publish(args) => publish_command(&ctx, *args).await,
         Command::Results(args) => results_command(&ctx, args, json).await,
         Command::Dead(DeadCommand::List { limit }) => {
             let config = ctx.load()?;
@@ -456,30 +469,19 @@ async fn publish_command(ctx: &Ctx, args: PublishArgs) -> anyhow::Result<ExitCod
 /// One job line from `--touser --template-id --data k=v … [--job-id --account --url]`, and its
 /// job_id.
 fn job_from_flags(touser: &str, args: &PublishArgs) -> Result<(String, String), String> {
-    let mut data = Map::new();
-    for item in &args.data {
-        let Some((key, value)) = item.split_once('=').filter(|(k, _)| !k.trim().is_empty()) else {
-            return Err(format!("--data {item:?} is not KEY=VALUE (for example --data amount=260.00)"));
-        };
-        data.insert(key.trim().to_owned(), json!({ "value": value }));
-    }
-    let job_id =
-        args.job_id.clone().unwrap_or_else(|| format!("ctl-{}", &uuid::Uuid::new_v4().simple().to_string()[..16]));
-    let mut job = json!({
-        "job_id": job_id,
-        "touser": touser,
-        "template_id": args.template_id.clone().unwrap_or_default(),
-        "data": data,
-    });
-    if let Some(obj) = job.as_object_mut() {
-        if let Some(account) = &args.account {
-            obj.insert("account".into(), json!(account));
-        }
-        if let Some(url) = &args.url {
-            obj.insert("url".into(), json!(url));
-        }
-    }
-    Ok((job_id, format!("{job}\n")))
+    let flags = JobFlags {
+        touser: touser.to_owned(),
+        template_id: args.template_id.clone().unwrap_or_default(),
+        data: args.data.clone(),
+        job_id: args.job_id.clone(),
+        account: args.account.clone(),
+        kind: args.kind.clone(),
+        url: args.url.clone(),
+        page: args.page.clone(),
+        miniprogram_state: args.miniprogram_state.clone(),
+        lang: args.lang.clone(),
+    };
+    flags.to_line()
 }
 
 async fn results_command(ctx: &Ctx, args: ResultsArgs, json: bool) -> anyhow::Result<ExitCode> {

@@ -52,6 +52,58 @@ const NO_CONSUMER_GRACE: Duration = Duration::from_secs(3);
 /// Failed job ids shown per reason in the summary (all are kept in the report, up to 1000).
 const IDS_PER_REASON: usize = 10;
 
+/// One job described by `wxpush-ctl publish` flags; the worker's parser checks it like any
+/// other job.
+#[derive(Debug, Default, Clone)]
+pub struct JobFlags {
+    pub touser: String,
+    pub template_id: String,
+    /// `KEY=VALUE`, one per keyword.
+    pub data: Vec<String>,
+    /// Default: `ctl-` and a random id.
+    pub job_id: Option<String>,
+    pub account: Option<String>,
+    pub kind: Option<String>,
+    pub url: Option<String>,
+    pub page: Option<String>,
+    pub miniprogram_state: Option<String>,
+    pub lang: Option<String>,
+}
+
+impl JobFlags {
+    /// The job's id and its JSONL line.
+    pub fn to_line(&self) -> Result<(String, String), String> {
+        let mut data = serde_json::Map::new();
+        for item in &self.data {
+            let Some((key, value)) = item.split_once('=').filter(|(k, _)| !k.trim().is_empty()) else {
+                return Err(format!("--data {item:?} is not KEY=VALUE (for example --data amount=260.00)"));
+            };
+            data.insert(key.trim().to_owned(), serde_json::json!({ "value": value }));
+        }
+        let job_id =
+            self.job_id.clone().unwrap_or_else(|| format!("ctl-{}", &uuid::Uuid::new_v4().simple().to_string()[..16]));
+        let mut job = serde_json::Map::new();
+        job.insert("job_id".into(), job_id.clone().into());
+        job.insert("touser".into(), self.touser.clone().into());
+        job.insert("template_id".into(), self.template_id.clone().into());
+        job.insert("data".into(), data.into());
+        let optional = [
+            ("account", &self.account),
+            ("kind", &self.kind),
+            ("url", &self.url),
+            ("page", &self.page),
+            ("miniprogram_state", &self.miniprogram_state),
+            ("lang", &self.lang),
+        ];
+        for (key, value) in optional {
+            if let Some(value) = value {
+                job.insert(key.into(), value.clone().into());
+            }
+        }
+        Ok((job_id, format!("{}\n", Value::Object(job))))
+    }
+}
+
 /// How to publish.
 #[derive(Debug, Clone)]
 pub struct PublishOptions {
@@ -644,6 +696,34 @@ impl std::fmt::Display for PublishReport {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn flags_build_a_job_of_each_kind_the_worker_accepts() {
+        let flags = JobFlags {
+            touser: "o1".into(),
+            template_id: "t1".into(),
+            data: vec!["thing1=已发货".into(), "amount2=¥26.00".into()],
+            job_id: Some("j1".into()),
+            kind: Some("miniprogram_subscribe".into()),
+            page: Some("index".into()),
+            miniprogram_state: Some("trial".into()),
+            lang: Some("en_US".into()),
+            ..JobFlags::default()
+        };
+        let (id, line) = flags.to_line().unwrap();
+        let job = Job::parse(line.trim_end().as_bytes(), None).unwrap();
+        assert_eq!(
+            (id.as_str(), job.kind.as_str(), job.page.as_deref()),
+            ("j1", "miniprogram_subscribe", Some("index"))
+        );
+        let template = JobFlags { kind: None, page: None, miniprogram_state: None, lang: None, ..flags.clone() };
+        assert_eq!(
+            Job::parse(template.to_line().unwrap().1.trim_end().as_bytes(), None).unwrap().kind.as_str(),
+            "template"
+        );
+        let bad = JobFlags { data: vec!["novalue".into()], ..flags };
+        assert!(bad.to_line().unwrap_err().contains("KEY=VALUE"));
+    }
 
     #[test]
     fn lines_that_are_not_objects_say_why() {
