@@ -1,23 +1,36 @@
-//! wxpush: WeChat template messages from a RabbitMQ queue, for a pool of workers.
+//! wxpush: WeChat template and subscription messages from a RabbitMQ queue, for a pool of
+//! workers, with a receipt webhook, a local WeChat stand-in and an operations CLI.
 //!
-//! A job's life, start to end, is in [`worker::pipeline`]: a delivery from the jobs queue is parsed
-//! ([`domain::job`]), checked against the idempotency ledger ([`store::ledger`]), sent with the
-//! pool's shared access token ([`token`], [`wechat`]), judged by the errcode table
-//! ([`domain::errcode`]), and ends as a confirmed result on the results exchange ([`amqp`]) before
-//! the job is acknowledged. [`worker`] runs many of those at once and survives outages.
+//! Start with a job's life, on one page: [`worker::pipeline`]. A delivery is read
+//! ([`domain::job`]), claimed in the idempotency ledger ([`store::ledger`]), sent with the pool's
+//! shared token ([`worker::tokens`], [`wechat`]) in a pool-wide rate slot
+//! ([`worker::admission`]), judged by [`domain::outcome::decide`] over the errcode table
+//! ([`domain::errcode::TABLE`]), and settled ([`worker::settle`]): its result confirmed on the
+//! results exchange before the delivery is acknowledged.
 //!
-//! The domain sits in the middle and touches no network; the adapters are at the edges:
-//! RabbitMQ in [`amqp`], Redis in [`store`], WeChat's HTTP API in [`wechat`], the HTTP servers in
-//! [`webhook`], [`sandbox`] and [`health`].
+//! The shape:
+//! - [`domain`]: plain data and pure functions, no I/O: jobs, subscription data rules, the
+//!   errcode table, `decide`, result and receipt formats, crypto, the Beijing calendar.
+//! - Adapters, one per system: [`amqp`] (RabbitMQ: nodes, publisher, topology, headers),
+//!   [`store`] (Redis: every key, script and protocol), [`wechat`] (WeChat's HTTP API).
+//! - Programs: [`worker`] (the pipeline, sessions, tokens, pauses), [`webhook`] (pushes in,
+//!   receipts out), `sandbox` (WeChat's stand-in), `ctl` (operations); [`telemetry`] (logs,
+//!   metrics, shutdown) and [`config`] serve all four; [`backoff`] is every retry loop's
+//!   schedule.
+//!
+//! The `sandbox` and `ctl` modules are cargo features (on by default): a worker or webhook
+//! build can leave them out.
 
 pub mod acks;
 pub mod amqp;
 pub mod backlog;
 pub mod backoff;
 pub mod config;
+#[cfg(feature = "ctl")]
 pub mod ctl;
 pub mod domain;
 pub mod health;
+#[cfg(feature = "sandbox")]
 pub mod sandbox;
 pub mod store;
 pub mod telemetry;

@@ -1,6 +1,6 @@
 //! Account-wide pauses (45011 for a minute, 45009 or a spent quota until the daily reset),
 //! shared through Redis so the whole pool holds back, and cached here so that a job reads Redis
-//! for them at most every [`RECHECK`].
+//! for them at most every 250 ms.
 
 use std::{
     collections::HashMap,
