@@ -1,11 +1,9 @@
 //! One rate limit and one daily quota for the whole pool, per account.
 
-mod common;
-
 use std::time::Duration;
 
+use crate::harness::*;
 use chrono::{DateTime, Utc};
-use common::*;
 use wxpush::{
     domain::calendar::QuotaDay,
     sandbox::{Faults, SandboxAccount, SandboxConfig, SentMessage},

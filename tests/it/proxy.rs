@@ -4,14 +4,12 @@
 //! `NO_PROXY`. reqwest reads these variables when its client is built; these tests hold it to that
 //! with the real worker binary and a local proxy that records what it is asked.
 
-mod common;
-
 use std::{
     sync::{Arc, Mutex},
     time::Duration,
 };
 
-use common::*;
+use crate::harness::*;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpListener,

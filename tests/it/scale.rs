@@ -2,8 +2,6 @@
 //! when a queue of the other kind is in the way), a list of RabbitMQ nodes, and the pool on a
 //! Redis Cluster (token sharing, the pool-wide rate limit, the idempotency ledger, every script).
 
-mod common;
-
 use std::{
     net::SocketAddr,
     sync::{
@@ -13,8 +11,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use crate::harness::{cluster::RedisCluster, *};
 use chrono::{DateTime, Utc};
-use common::{cluster::RedisCluster, *};
 use lapin::{
     BasicProperties,
     options::{BasicGetOptions, ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions},

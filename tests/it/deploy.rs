@@ -733,9 +733,8 @@ fn every_base_image_is_pinned_and_every_download_can_use_a_mirror() {
 
 #[test]
 fn the_compose_services_are_the_ones_the_tests_expect() {
-    // tests/common/services.rs: the suite's defaults, which scripts/services up starts compose for.
-    #[path = "common/services.rs"]
-    mod services;
+    // The suite's defaults (harness/services.rs), which scripts/services up starts compose for.
+    use crate::harness::services;
     let compose = &yaml_documents(&root().join("deploy/docker-compose.yml"))[0];
     let services = compose["services"].as_object().unwrap();
     let tests_amqp = url::Url::parse(services::DEFAULT_AMQP_URL).unwrap();

@@ -95,10 +95,6 @@ impl RedisCluster {
         self.ports.iter().map(|p| format!("redis://127.0.0.1:{p}/")).collect::<Vec<_>>().join(",")
     }
 
-    pub fn ports(&self) -> &[u16] {
-        &self.ports
-    }
-
     /// The hash slot of `key`, as the cluster computes it.
     pub fn slot_of(&self, key: &str) -> u16 {
         let out = self.cli_any(&["CLUSTER", "KEYSLOT", key]);
@@ -236,11 +232,6 @@ impl RabbitCluster {
         let cluster = Arc::new(RabbitCluster::start());
         *shared = Arc::downgrade(&cluster);
         cluster
-    }
-
-    /// `WXPUSH_AMQP_URL` naming every node, node 1 first.
-    pub fn url(&self) -> String {
-        (1..=3).map(|n| self.node_url(n)).collect::<Vec<_>>().join(",")
     }
 
     /// The AMQP URL of node `n` alone.

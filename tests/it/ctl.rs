@@ -1,15 +1,13 @@
 //! wxpush-ctl's commands, driven through `wxpush::ctl` against the real local RabbitMQ and
 //! Redis, each test in its own namespace.
 
-mod common;
-
 use std::{
     collections::BTreeSet,
     process::Stdio,
     time::{Duration, Instant},
 };
 
-use common::*;
+use crate::harness::*;
 use futures_util::StreamExt;
 use lapin::{
     BasicProperties, Connection, ConnectionProperties,

@@ -7,19 +7,16 @@
 //! test's worker loses Redis or RabbitMQ; the shared servers stay up for the tests running
 //! beside it.
 
-mod common;
-
 use std::{
     collections::BTreeMap,
     net::SocketAddr,
     path::PathBuf,
     process::{Command, Stdio},
-    sync::{Mutex, OnceLock},
+    sync::Mutex,
     time::{Duration, Instant},
 };
 
-use common::{captured::CapturedWorker, *};
-use metrics_exporter_prometheus::PrometheusHandle;
+use crate::harness::{captured::CapturedWorker, *};
 use secrecy::ExposeSecret;
 use serde_json::{Value, json};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
@@ -30,12 +27,6 @@ use wxpush::{
     sandbox::{Sandbox, SandboxAccount, SandboxConfig},
     store::Redis,
 };
-
-/// The process-wide recorder: one per test binary, shared by its tests (labels keep them apart).
-fn recorder() -> PrometheusHandle {
-    static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
-    HANDLE.get_or_init(health::install_metrics).clone().expect("this test binary installs the recorder")
-}
 
 /// An in-process worker with its `/healthz`, `/readyz` and `/metrics` served on 127.0.0.1.
 struct AdminWorker {

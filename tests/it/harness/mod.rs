@@ -2,7 +2,6 @@
 //! prefix), the sandbox standing in for WeChat, and in-process workers, all against the real
 //! RabbitMQ and Redis that `services` names (local by default). Everything a test created is removed when its `TestEnv` drops,
 //! even when the test fails.
-#![allow(dead_code)]
 
 pub mod captured;
 pub mod cluster;
@@ -10,7 +9,7 @@ pub mod services;
 
 use std::{
     process::{Child, Command, Stdio},
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, OnceLock},
     time::{Duration, Instant},
 };
 
@@ -23,6 +22,7 @@ use lapin::{
     },
     types::{FieldTable, ShortString},
 };
+use metrics_exporter_prometheus::PrometheusHandle;
 use secrecy::SecretString;
 use serde_json::{Value, json};
 use tokio::{net::TcpListener, task::JoinHandle};
@@ -33,8 +33,6 @@ use wxpush::{
     sandbox::{Sandbox, SandboxAccount, SandboxConfig},
 };
 
-// Not every test binary uses every one.
-#[allow(unused_imports)]
 pub use services::{
     amqp_addr, amqp_url, amqp_url_as, amqp_url_at, rabbitmqctl, redis_addr, redis_url, redis_url_as, redis_url_at,
 };
@@ -143,7 +141,6 @@ pub struct Bus {
     pub connection: Connection,
     pub channel: Channel,
     consumer: Consumer,
-    results_queue: String,
 }
 
 pub struct TestEnv {
@@ -200,12 +197,7 @@ impl TestEnv {
         queues.push(unrouted.clone());
         queues.push(format!("exchange:{}", config.results_exchange));
         queues.push(format!("exchange:{unrouted}"));
-        TestEnv {
-            ns,
-            config,
-            bus: Bus { connection, channel, consumer, results_queue },
-            cleanup: Arc::new(Mutex::new(queues)),
-        }
+        TestEnv { ns, config, bus: Bus { connection, channel, consumer }, cleanup: Arc::new(Mutex::new(queues)) }
     }
 
     /// Also removes `queue` at the end.
@@ -354,6 +346,19 @@ pub async fn delete_redis_prefix(prefix: &str) {
         }
         cursor = next;
     }
+}
+
+/// The process' metrics recorder, shared by every test (labels of their own keep them apart):
+/// the webhook's exporter (buckets on every histogram) with the worker's HELP texts as well.
+pub fn recorder() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let handle = wxpush::webhook::metrics::install().expect("the only recorder of the test process");
+            wxpush::telemetry::catalog::describe_metrics();
+            handle
+        })
+        .clone()
 }
 
 /// A plain Redis connection for assertions.

@@ -4,8 +4,7 @@
 //! (Starting and installing services is not exercised here: the shared services are never
 //! stopped for a test.)
 
-#[path = "common/services.rs"]
-mod services;
+use crate::harness::services;
 
 use std::{net::TcpListener, path::PathBuf, process::Command};
 

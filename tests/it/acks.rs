@@ -1,11 +1,9 @@
 //! The acknowledger settles out-of-order finishes in runs without ever covering a delivery that
 //! is still in progress or was requeued.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::harness::*;
 use futures_util::StreamExt;
 use lapin::{
     BasicProperties,

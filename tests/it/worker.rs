@@ -1,10 +1,8 @@
 //! The worker pipeline end to end: RabbitMQ and Redis for real, the sandbox for WeChat.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::harness::*;
 use serde_json::Value;
 use wxpush::sandbox::SandboxConfig;
 

@@ -1,4 +1,4 @@
-//! wxpush-webhook against the real RabbitMQ and Redis (local by default; tests/common/services.rs).
+//! wxpush-webhook against the real RabbitMQ and Redis (local by default; harness/services.rs).
 //!
 //! Every test runs its own webhook on a free port, with its own exchange, queues and Redis
 //! prefix (a random suffix), and removes them at the end. Waits are bounded; "nothing more
@@ -30,12 +30,10 @@ use wxpush::{
     config::Config,
     domain::crypto::{self, Cipher},
     store::Redis,
-    webhook::{Listeners, Webhook, WebhookSettings, dedupe, metrics, serve_with},
+    webhook::{Listeners, Webhook, WebhookSettings, dedupe, serve_with},
 };
 
-#[path = "common/services.rs"]
-mod services;
-use services::{amqp_addr, amqp_url, amqp_url_at, redis_url};
+use crate::harness::services::{amqp_addr, amqp_url, amqp_url_at, redis_url};
 const WAIT: Duration = Duration::from_secs(15);
 
 const DEFAULT_APPID: &str = "wxdefault0000001";
@@ -203,9 +201,8 @@ impl Harness {
         let mut webhook = Webhook::new(&config, settings, broker, webhook_redis).expect("webhook");
         // One recorder for the whole test process: series are shared between tests, so tests
         // compare counts before and after, on labels only they produce.
-        if let Some(prometheus) = metrics::install() {
-            webhook = webhook.with_metrics(Arc::new(move || prometheus.render()));
-        }
+        let prometheus = crate::harness::recorder();
+        webhook = webhook.with_metrics(Arc::new(move || prometheus.render()));
         let listeners = Listeners {
             public: TcpListener::bind("127.0.0.1:0").await.expect("bind"),
             admin: TcpListener::bind("127.0.0.1:0").await.expect("bind admin"),

@@ -3,11 +3,9 @@
 //! (the sandbox) answering in 50 ms. Every job gets its result, nothing is sent twice, and the
 //! workers carry on by themselves; how long the flow paused is printed, not asserted.
 //!
-//! The clusters are throwaway ones on free loopback ports (`tests/common/cluster.rs`, through
+//! The clusters are throwaway ones on free loopback ports (`harness/cluster.rs`, through
 //! `scripts/cluster`); the shared broker and Redis are used only where a test does not fail them.
 //! The tests run one at a time: each takes a node away from a small machine's clusters.
-
-mod common;
 
 use std::{
     collections::HashMap,
@@ -19,11 +17,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use chrono::{DateTime, Utc};
-use common::{
+use crate::harness::{
     cluster::{RabbitCluster, RedisCluster},
     *,
 };
+use chrono::{DateTime, Utc};
 use futures_util::StreamExt;
 use lapin::{
     BasicProperties, Channel, Connection, ConnectionProperties, Consumer,

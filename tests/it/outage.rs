@@ -3,14 +3,12 @@
 //! Outages are aimed at this test's own RabbitMQ user and Redis ACL user, so tests running at the
 //! same time on the same broker and Redis are not disturbed.
 
-mod common;
-
 use std::{
     collections::{HashMap, HashSet},
     time::{Duration, Instant},
 };
 
-use common::*;
+use crate::harness::*;
 use wxpush::sandbox::{Faults, SandboxConfig};
 
 /// Collects results until every job in `ids` has one; returns all results by job_id.

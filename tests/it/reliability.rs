@@ -1,10 +1,8 @@
 //! Never lose a job, never send one twice: faults, permanent errors, bad input.
 
-mod common;
-
 use std::{collections::HashMap, time::Duration};
 
-use common::*;
+use crate::harness::*;
 use lapin::{
     BasicProperties,
     options::{BasicAckOptions, BasicGetOptions},

@@ -7,8 +7,6 @@
 //! refused without them. The nodes are private to this test (own ports, own directories) and
 //! are stopped, their directory removed, also when the test fails.
 
-mod common;
-
 use std::{
     net::TcpStream,
     path::{Path, PathBuf},
@@ -17,7 +15,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{captured::CapturedWorker, *};
+use crate::harness::{captured::CapturedWorker, *};
 use futures_util::StreamExt;
 use lapin::{
     BasicProperties,

@@ -3,25 +3,20 @@
 //! bodies, forged attempt counts and metric labels. Each test fails on the worker before these
 //! fixes.
 
-mod common;
-
 use std::{
     collections::HashSet,
-    sync::OnceLock,
     time::{Duration, Instant},
 };
 
-use common::*;
+use crate::harness::*;
 use lapin::{
     BasicProperties,
     options::QueueDeclareOptions,
     types::{AMQPValue, FieldTable, LongString, ShortString},
 };
-use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::Value;
 use wxpush::{
     amqp::unrouted_name,
-    health,
     pipeline::ATTEMPTS_HEADER,
     sandbox::{Faults, SandboxAccount, SandboxConfig},
 };
@@ -288,12 +283,6 @@ async fn a_forged_attempt_count_never_resets_or_extends_a_job() {
     }
     assert_eq!(sandbox.stats().send_requests, 0, "none of them was sent");
     worker.stop().await;
-}
-
-/// The process-wide recorder of this test binary.
-fn recorder() -> PrometheusHandle {
-    static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
-    HANDLE.get_or_init(health::install_metrics).clone().expect("this test binary installs the recorder")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
