@@ -361,6 +361,27 @@ pub fn recorder() -> PrometheusHandle {
         .clone()
 }
 
+/// Set in a process [`run_alone`] starts: the test it runs.
+const ALONE: &str = "WXPUSH_TEST_ALONE";
+
+/// Whether this process was started by [`run_alone`] to run `test`.
+pub fn is_alone(test: &str) -> bool {
+    std::env::var(ALONE).is_ok_and(|t| t == test)
+}
+
+/// Runs `test` (its path in this binary, `module::name`) in a test process of its own, with
+/// `env` added: for what a process can do only once, such as installing its metrics recorder,
+/// or what ends it. Its output.
+pub fn run_alone(test: &str, env: &[(&str, String)]) -> std::process::Output {
+    Command::new(std::env::current_exe().expect("this test binary"))
+        .args(["--exact", test, "--test-threads", "1"])
+        .env(ALONE, test)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .output()
+        .expect("the test binary runs")
+}
+
 /// A plain Redis connection for assertions.
 pub async fn redis_conn() -> redis::aio::MultiplexedConnection {
     redis::Client::open(redis_url()).unwrap().get_multiplexed_async_connection().await.expect("Redis is up")
