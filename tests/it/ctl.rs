@@ -39,7 +39,7 @@ use wxpush::{
 /// Messages ready in `queue` once `expected` are, or after 5 s: messages a command handed back
 /// (nack with requeue) become ready again asynchronously on a quorum queue.
 async fn settled_len(env: &TestEnv, queue: &str, expected: u32) -> u32 {
-    TestEnv::eventually(Duration::from_secs(5), || async { env.queue_len(queue).await == expected }).await;
+    eventually(Duration::from_secs(5), || async { env.queue_len(queue).await == expected }).await;
     env.queue_len(queue).await
 }
 
@@ -256,10 +256,7 @@ async fn dead_list_shows_why_jobs_were_parked_and_removes_nothing() {
     env.publish_raw(b"{ this is not json", BasicProperties::default()).await;
     let worker = spawn_worker(&env.config);
     let dlq = env.config.dead_letter_queue.clone();
-    assert!(
-        TestEnv::eventually(Duration::from_secs(15), || async { env.queue_len(&dlq).await == 2 }).await,
-        "both jobs parked"
-    );
+    assert!(eventually(Duration::from_secs(15), || async { env.queue_len(&dlq).await == 2 }).await, "both jobs parked");
     worker.stop().await;
 
     let list = dead::list(&env.config, 10).await.expect("list");
@@ -953,10 +950,8 @@ async fn results_reads_the_unrouted_queue_without_taking_unless_asked() {
         ids
     });
     assert!(
-        TestEnv::eventually(Duration::from_secs(10), || async {
-            seen_count.load(std::sync::atomic::Ordering::SeqCst) == 2
-        })
-        .await,
+        eventually(Duration::from_secs(10), || async { seen_count.load(std::sync::atomic::Ordering::SeqCst) == 2 })
+            .await,
         "the kept results are shown first"
     );
     publish_result(&env, &cfg.results_exchange, "send.succeeded", "u-4").await;
@@ -993,16 +988,18 @@ async fn results_live_tails_the_exchange_with_a_pattern() {
 
     let options = ShowOptions { limit: Some(2), timeout: Some(Duration::from_secs(30)), ..live };
     let c = env.config.clone();
-    let watcher = tokio::spawn(async move { show_all(&c, &options).await });
+    let mut watcher = tokio::spawn(async move { show_all(&c, &options).await });
     // Keep publishing until the watcher, bound at some point, has seen two deliveries.
     let mut n = 0;
-    while !watcher.is_finished() && n < 200 {
+    let (seen, summary) = loop {
         n += 1;
+        assert!(n <= 200, "the watcher never saw two deliveries");
         publish_result(&env, &env.config.results_exchange, "send.succeeded", &format!("s-{n}")).await;
         publish_result(&env, &env.config.results_exchange, "delivery.success", &format!("d-{n}")).await;
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let (seen, summary) = tokio::time::timeout(Duration::from_secs(30), watcher).await.expect("ends").unwrap();
+        if let Ok(done) = tokio::time::timeout(Duration::from_millis(100), &mut watcher).await {
+            break done.expect("the watcher");
+        }
+    };
     assert_eq!(summary.shown, 2);
     assert!(seen.iter().all(|(key, id)| key == "delivery.success" && id.starts_with("d-")), "{seen:?}");
 }
@@ -1142,7 +1139,7 @@ impl ManagedRabbit {
         node.child = Some(child);
         let overview = format!("http://127.0.0.1:{management_port}/api/overview");
         let http = reqwest::Client::new();
-        let up = TestEnv::eventually(Duration::from_secs(120), || async {
+        let up = eventually(Duration::from_secs(120), || async {
             let answer = http.get(&overview).basic_auth("guest", Some("guest")).send().await;
             answer.is_ok_and(|r| r.status().is_success())
         })
@@ -1213,7 +1210,7 @@ async fn status_counts_ready_and_unacknowledged_jobs_through_the_management_api(
     }
 
     let options = status::StatusOptions { management_url: Some(rabbit.management_url()) };
-    let counted = TestEnv::eventually(Duration::from_secs(20), || {
+    let counted = eventually(Duration::from_secs(20), || {
         let (cfg, options) = (cfg.clone(), options.clone());
         async move {
             let r = status::status_with(&cfg, &options).await;

@@ -56,10 +56,7 @@ async fn a_job_id_longer_than_a_short_string_gets_its_result() {
     let failed = by_id(&invalid_id).unwrap_or_else(|| panic!("no send.failed for the invalid job: {results:?}"));
     assert_eq!(failed.routing_key, "send.failed");
     assert!(
-        TestEnv::eventually(Duration::from_secs(5), || async {
-            env.queue_len(&env.config.dead_letter_queue).await == 1
-        })
-        .await
+        eventually(Duration::from_secs(5), || async { env.queue_len(&env.config.dead_letter_queue).await == 1 }).await
     );
     assert_eq!(sandbox.stats().sends_accepted, 1);
     // Nothing more comes: no poison copy, no second result.
@@ -77,7 +74,7 @@ async fn results_no_binding_takes_wait_in_the_unrouted_queue() {
     let worker = spawn_worker(&env.config);
     // Wait for the worker's declarations, then take away the only binding.
     let unrouted = unrouted_name(&env.config.results_exchange);
-    let declared = TestEnv::eventually(Duration::from_secs(10), || async {
+    let declared = eventually(Duration::from_secs(10), || async {
         let ch = env.bus.connection.create_channel().await.expect("channel");
         let passive = QueueDeclareOptions { passive: true, ..Default::default() };
         ch.queue_declare(ShortString::from(unrouted.as_str()), passive, FieldTable::default()).await.is_ok()
@@ -96,7 +93,7 @@ async fn results_no_binding_takes_wait_in_the_unrouted_queue() {
         .expect("unbind the observer");
 
     env.publish_job(&job("unrouted-1", "oUser1")).await;
-    let kept = TestEnv::eventually(Duration::from_secs(15), || async { env.queue_len(&unrouted).await == 1 }).await;
+    let kept = eventually(Duration::from_secs(15), || async { env.queue_len(&unrouted).await == 1 }).await;
     assert!(kept, "the send.succeeded result no binding took is kept in {unrouted}");
     assert_eq!(sandbox.stats().sends_accepted, 1);
     worker.stop().await;
@@ -133,18 +130,14 @@ async fn a_token_refusal_storm_makes_one_forced_refresh_and_ends_with_a_reason()
 /// than `refresh_ahead` (240 s, the default).
 async fn token_requests_of_a_pool(workers: usize, run: Duration) -> (u64, f64) {
     let lifetime = Duration::from_secs(3);
-    let sandbox = start_sandbox(SandboxConfig {
-        token_lifetime: lifetime,
-        token_overlap: Duration::from_millis(1500),
-        ..SandboxConfig::default()
-    })
-    .await;
+    let sandbox = sandbox_with_token_lifetime(lifetime).await;
     let ns = unique(&format!("pool{workers}"));
     let mut cfg = config(&ns, &sandbox.base_url());
     cfg.token.refresh_ahead_secs = 240.0;
     let env = TestEnv::new("pool", cfg).await;
     let started = Instant::now();
     let processes: Vec<WorkerProcess> = (0..workers).map(|_| WorkerProcess::start(&env.config)).collect();
+    // The behaviour under test: token lifetimes pass while the pool runs.
     tokio::time::sleep(run).await;
     let requests = sandbox.stats().token_requests;
     let lifetimes = started.elapsed().as_secs_f64() / lifetime.as_secs_f64();
@@ -155,6 +148,7 @@ async fn token_requests_of_a_pool(workers: usize, run: Duration) -> (u64, f64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_requests_do_not_grow_with_the_pool() {
+    let _timed = timed().await;
     let run = Duration::from_secs(10);
     let (one, three, six) = tokio::join!(
         token_requests_of_a_pool(1, run),
@@ -235,17 +229,16 @@ async fn oversized_jobs_are_refused_without_taking_the_workers_memory() {
     let worker = WorkerProcess::start(&env.config);
     // A valid job first, so that the worker is up and its idle footprint is measured.
     env.publish_job(&job("huge-before", "oUser1")).await;
-    assert!(TestEnv::eventually(Duration::from_secs(15), || async { sandbox.stats().sends_accepted == 1 }).await);
+    assert!(eventually(Duration::from_secs(15), || async { sandbox.stats().sends_accepted == 1 }).await);
     let idle = peak_rss(worker.pid());
     let body = vec![b' '; 16 * MB];
     for i in 0..20 {
         let id = format!("huge-{i}");
         env.publish_raw(&body, BasicProperties::default().with_message_id(ShortString::from(id))).await;
     }
-    let parked = TestEnv::eventually(Duration::from_secs(60), || async {
-        env.queue_len(&env.config.dead_letter_queue).await == 20
-    })
-    .await;
+    let parked =
+        eventually(Duration::from_secs(60), || async { env.queue_len(&env.config.dead_letter_queue).await == 20 })
+            .await;
     assert!(parked, "the 20 oversized jobs are in the dead-letter queue, bodies untouched");
     let peak = peak_rss(worker.pid());
     eprintln!("worker peak RSS: {} MB idle, {} MB after 20 jobs of 16 MB", idle / MB as u64, peak / MB as u64);
@@ -316,7 +309,7 @@ async fn metric_labels_take_only_configured_accounts_and_token_health_is_exporte
         .and_then(|v| v.parse::<f64>().ok());
     assert!(unknown_failed.is_some_and(|n| n >= 1.0), "counted under unknown: {unknown_failed:?}\n{page}");
     let healthy = |account: &str| format!(r#"wxpush_token_healthy{{account="{account}"}} "#);
-    let unhealthy = TestEnv::eventually(Duration::from_secs(10), || async {
+    let unhealthy = eventually(Duration::from_secs(10), || async {
         metrics.render().lines().any(|l| l == format!("{}0", healthy(&broken)))
     })
     .await;

@@ -65,13 +65,13 @@ async fn a_worker_killed_mid_run_loses_nothing_and_sends_nothing_twice() {
     let early = env.results(100, Duration::from_secs(30)).await;
     assert_eq!(early.len(), 100, "the first worker made progress");
     first.signal("KILL");
-    first.wait(Duration::from_secs(5)).expect("killed");
+    first.wait(Duration::from_secs(5)).await.expect("killed");
     let mut second = WorkerProcess::start(&env.config);
 
     let ids: HashSet<String> = ids.into_iter().collect();
     let by_job = results_until_all(&mut env, early, &ids, Duration::from_secs(60)).await;
     second.signal("TERM");
-    assert!(second.wait(Duration::from_secs(15)).is_some_and(|s| s.success()));
+    assert!(second.wait(Duration::from_secs(15)).await.is_some_and(|s| s.success()));
 
     assert_one_outcome_per_job(&by_job, &ids);
     let stats = sandbox.stats();
@@ -99,7 +99,7 @@ async fn sigterm_finishes_in_flight_jobs_and_leaves_the_rest_queued() {
     assert_eq!(results.len(), 8);
     let sends_before = sandbox.stats().send_requests;
     worker.signal("TERM");
-    let status = worker.wait(Duration::from_secs(15)).expect("the worker exits within its grace period");
+    let status = worker.wait(Duration::from_secs(15)).await.expect("the worker exits within its grace period");
     assert!(status.success(), "exit status {status:?}");
     // In-flight jobs finished and their results were confirmed before exit.
     results.extend(env.results(total, Duration::from_secs(2)).await);

@@ -77,7 +77,7 @@ async fn wechat_over_https_goes_through_the_https_proxy_in_a_connect_tunnel() {
         &[("HTTPS_PROXY", proxy.url.as_str()), ("NO_PROXY", ""), ("HTTP_PROXY", ""), ("ALL_PROXY", "")],
     );
 
-    let tunnelled = TestEnv::eventually(Duration::from_secs(30), || async {
+    let tunnelled = eventually(Duration::from_secs(30), || async {
         proxy.lines().iter().any(|l| l == "CONNECT api.wechat.invalid:443 HTTP/1.1")
     })
     .await;
@@ -119,7 +119,7 @@ async fn a_plain_http_api_base_goes_through_the_http_proxy() {
     );
 
     let expected = format!("POST {}/cgi-bin/stable_token HTTP/1.1", sandbox.base_url().trim_end_matches('/'));
-    let forwarded = TestEnv::eventually(Duration::from_secs(30), || async { proxy.lines().contains(&expected) }).await;
+    let forwarded = eventually(Duration::from_secs(30), || async { proxy.lines().contains(&expected) }).await;
     assert!(forwarded, "the worker sent {expected:?} to the proxy: {:?}", proxy.lines());
     assert_eq!(sandbox.stats().sends_accepted, 0, "nothing reached the sandbox around the proxy");
 }

@@ -2,7 +2,13 @@
 //! replica each) and a three-node RabbitMQ cluster. Both are started, stopped and poked by
 //! `scripts/cluster`, the script people use for the same clusters, so the tests exercise what
 //! the README tells them to run. Dropping a cluster removes it (nodes killed, directory gone),
-//! also when the test failed or the cluster never came up.
+//! also when the test failed or the cluster never came up; a cluster whose test process was
+//! killed is removed by the next start (the script records the owning process).
+//!
+//! Everything here blocks (it runs the script): async tests call it through
+//! [`blocking`](super::blocking).
+
+use super::blocking_in_place;
 
 use std::{
     net::TcpListener,
@@ -36,6 +42,7 @@ impl Script {
             .args(args)
             .env("WXPUSH_CLUSTER_DIR", &self.dir)
             .env("WXPUSH_CLUSTER_NAME", &self.name)
+            .env("WXPUSH_CLUSTER_OWNER_PID", std::process::id().to_string())
             .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .output()
@@ -51,6 +58,45 @@ impl Script {
     fn must(&self, args: &[&str], env: &[(&str, String)]) -> String {
         self.run(args, env).unwrap_or_else(|e| panic!("{e}"))
     }
+
+    /// `scripts/cluster down WHAT`, from a `Drop`.
+    fn down(&self, what: &str) {
+        if let Err(e) = blocking_in_place(|| self.run(&["down", what], &[])) {
+            eprintln!("{e}");
+        }
+    }
+}
+
+/// Starts a cluster of `nodes` with `scripts/cluster up WHAT` on free ports (each with its second
+/// listener at port + `offset`) passed in `ports_var`, with `extra` in the environment. Ports
+/// taken between choosing and starting are refused by the script: it tries new ones.
+fn up(
+    tag: &str,
+    what: &str,
+    nodes: usize,
+    offset: u16,
+    ports_var: &str,
+    extra: &[(&str, String)],
+) -> (Script, Vec<u16>) {
+    for _ in 0..3 {
+        let mut ports = Vec::new();
+        for _ in 0..nodes {
+            ports.push(free_port(&ports, offset));
+        }
+        let script = Script::new(tag);
+        let list = ports.iter().map(u16::to_string).collect::<Vec<_>>().join(" ");
+        match script.run(&["up", what], &[&[(ports_var, list)], extra].concat()) {
+            Ok(_) => return (script, ports),
+            // Nothing was started.
+            Err(e) if e.contains("already in use") => eprintln!("{e}; trying other ports"),
+            Err(e) => {
+                // Whatever did start goes.
+                script.down(what);
+                panic!("{e}");
+            }
+        }
+    }
+    panic!("no free ports for a {what} cluster after three tries");
 }
 
 // ---- Redis -------------------------------------------------------------------------------
@@ -64,9 +110,11 @@ pub struct RedisCluster {
 }
 
 impl RedisCluster {
-    /// Three masters without replicas, `cluster_state:ok` on every node.
+    /// Three masters without replicas, `cluster_state:ok` on every node. A master is declared
+    /// failed only after 15 s of silence, so a loaded machine never fails one over by mistake
+    /// (nothing could take over anyway).
     pub fn start() -> RedisCluster {
-        RedisCluster::launch(3, 2_000)
+        RedisCluster::launch(3, 15_000)
     }
 
     /// Three masters with one replica each (ports 4-6 replicate 1-3 in some order); a master
@@ -76,18 +124,10 @@ impl RedisCluster {
     }
 
     fn launch(nodes: usize, node_timeout_ms: u64) -> RedisCluster {
-        let mut ports = Vec::new();
-        for _ in 0..nodes {
-            ports.push(free_port(&ports, REDIS_BUS_OFFSET));
-        }
-        // The guard exists before the first node does, so a failure below still cleans up.
-        let cluster = RedisCluster { script: Script::new("redis-cluster"), ports };
-        let list = cluster.ports.iter().map(u16::to_string).collect::<Vec<_>>().join(" ");
-        cluster.script.must(
-            &["up", "redis"],
-            &[("WXPUSH_CLUSTER_REDIS_PORTS", list), ("WXPUSH_CLUSTER_NODE_TIMEOUT_MS", node_timeout_ms.to_string())],
-        );
-        cluster
+        let timeout = [("WXPUSH_CLUSTER_NODE_TIMEOUT_MS", node_timeout_ms.to_string())];
+        let (script, ports) =
+            up("redis-cluster", "redis", nodes, REDIS_BUS_OFFSET, "WXPUSH_CLUSTER_REDIS_PORTS", &timeout);
+        RedisCluster { script, ports }
     }
 
     /// `WXPUSH_REDIS_URL` for the cluster: every node, comma-separated.
@@ -176,9 +216,7 @@ pub struct Master {
 
 impl Drop for RedisCluster {
     fn drop(&mut self) {
-        if let Err(e) = self.script.run(&["down", "redis"], &[]) {
-            eprintln!("{e}");
-        }
+        self.script.down("redis");
     }
 }
 
@@ -210,16 +248,10 @@ static SHARED_RABBIT: Mutex<Weak<RabbitCluster>> = Mutex::new(Weak::new());
 
 impl RabbitCluster {
     pub fn start() -> RabbitCluster {
-        let mut ports = Vec::new();
-        for _ in 0..3 {
-            ports.push(free_port(&ports, RABBIT_DIST_OFFSET));
-        }
-        let cluster = RabbitCluster { script: Script::new("rmq"), ports };
-        let list = cluster.ports.iter().map(u16::to_string).collect::<Vec<_>>().join(" ");
         let started = Instant::now();
-        cluster.script.must(&["up", "rabbitmq"], &[("WXPUSH_CLUSTER_RABBITMQ_PORTS", list)]);
+        let (script, ports) = up("rmq", "rabbitmq", 3, RABBIT_DIST_OFFSET, "WXPUSH_CLUSTER_RABBITMQ_PORTS", &[]);
         eprintln!("RabbitMQ cluster of three nodes up in {:.1} s", started.elapsed().as_secs_f64());
-        cluster
+        RabbitCluster { script, ports }
     }
 
     /// The cluster every test of this binary uses while one holds it: started by the first,
@@ -296,7 +328,8 @@ impl RabbitCluster {
                 return;
             }
             assert!(Instant::now() < deadline, "the RabbitMQ nodes did not all run again within {timeout:?}");
-            std::thread::sleep(Duration::from_millis(200));
+            // Each ask starts an Erlang VM: not too often.
+            std::thread::sleep(Duration::from_secs(1));
         }
     }
 }
@@ -322,9 +355,7 @@ impl RabbitCluster {
 
 impl Drop for RabbitCluster {
     fn drop(&mut self) {
-        if let Err(e) = self.script.run(&["down", "rabbitmq"], &[]) {
-            eprintln!("{e}");
-        }
+        self.script.down("rabbitmq");
     }
 }
 
