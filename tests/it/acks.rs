@@ -4,13 +4,13 @@
 use std::time::Duration;
 
 use crate::harness::*;
+use crate::wx::{Acknowledger, Disposition};
 use futures_util::StreamExt;
 use lapin::{
     BasicProperties,
     options::{BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, QueueDeclareOptions},
     types::{FieldTable, ShortString},
 };
-use wxpush::{acks::Acknowledger, pipeline::Disposition};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn out_of_order_finishes_are_acked_and_requeues_come_back() {

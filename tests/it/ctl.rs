@@ -8,6 +8,12 @@ use std::{
 };
 
 use crate::harness::*;
+use crate::wx::{
+    ATTEMPTS_HEADER, Config, CtlError, DemoOptions, ENV_VARS, PublishOptions, QueueRole, QuotaDay, REASON_HEADER,
+    ReceivedResult, Recorder, Redis, ReplayOptions, SOURCE_HEADER, SandboxAccount, SandboxConfig, Selection,
+    ShowOptions, ShowSummary, Silent, Source, Topology, check, dead, declare_results_exchange, declare_unrouted_queue,
+    demo, header_str, json_properties, publish, results, status, unrouted_name,
+};
 use futures_util::StreamExt;
 use lapin::{
     BasicProperties, Connection, ConnectionProperties,
@@ -18,22 +24,6 @@ use lapin::{
 use secrecy::SecretString;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
-use wxpush::{
-    amqp::header_str,
-    config::Config,
-    ctl::{
-        CtlError, check,
-        dead::{self, ReplayOptions, Selection},
-        demo::{self, DemoOptions},
-        progress::{Recorder, Silent},
-        publish::{self, PublishOptions},
-        results::{self, ReceivedResult, ShowOptions, ShowSummary, Source},
-        status::{self, QueueRole},
-    },
-    pipeline::{ATTEMPTS_HEADER, REASON_HEADER, SOURCE_HEADER},
-    sandbox::SandboxConfig,
-    store::Redis,
-};
 
 /// A config whose WeChat is nowhere: for tests that run no worker.
 /// Messages ready in `queue` once `expected` are, or after 5 s: messages a command handed back
@@ -124,7 +114,7 @@ async fn fake_worker(config: Config, answer: fn(&str) -> Option<(&'static str, V
         let ch = ch.clone();
         let exchange = config.results_exchange.clone();
         async move {
-            let props = wxpush::amqp::json_properties(Some(&id));
+            let props = json_properties(Some(&id));
             ch.basic_publish(
                 ShortString::from(exchange.as_str()),
                 ShortString::from(key),
@@ -366,7 +356,7 @@ async fn status_shows_the_token_age_and_never_a_secret() {
         .query_async(&mut conn)
         .await
         .unwrap();
-    let day = wxpush::domain::calendar::QuotaDay::with_length(env.config.quota_day_secs).key(chrono::Utc::now());
+    let day = QuotaDay::with_length(env.config.quota_day_secs).key(chrono::Utc::now());
     let _: () = redis::cmd("SET").arg(redis.keys().quota(APPID, &day)).arg(17).query_async(&mut conn).await.unwrap();
     redis.pause_account(APPID, Duration::from_secs(50), "45011: minute quota reached").await.unwrap();
     redis
@@ -509,7 +499,7 @@ async fn the_demo_says_how_to_start_what_is_not_running() {
 async fn run_ctl(cfg: &Config, args: &[&str], stdin: Option<&str>) -> std::process::Output {
     use tokio::io::AsyncWriteExt;
     let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_wxpush-ctl"));
-    for (var, _) in wxpush::config::ENV_VARS {
+    for (var, _) in ENV_VARS {
         cmd.env_remove(var);
     }
     cmd.env_remove("WXPUSH_CONFIG").env_remove("WXPUSH_MANAGEMENT_URL");
@@ -553,8 +543,8 @@ const OTHER_APPID: &str = "wx00000000000000b2";
 async fn check_asks_wechat_for_a_token_per_account_and_fails_on_a_wrong_secret() {
     let sandbox = start_sandbox(SandboxConfig {
         accounts: vec![
-            wxpush::sandbox::SandboxAccount::new(GOOD_APPID, "right-secret-a1"),
-            wxpush::sandbox::SandboxAccount::new(OTHER_APPID, "right-secret-b2"),
+            SandboxAccount::new(GOOD_APPID, "right-secret-a1"),
+            SandboxAccount::new(OTHER_APPID, "right-secret-b2"),
         ],
         ..SandboxConfig::default()
     })
@@ -665,7 +655,7 @@ async fn flags_win_over_the_environment_and_status_speaks_json() {
     env.declare_topology().await;
     env.publish_job(&job("f-1", "u")).await;
     let redis = Redis::connect(redis_url(), &ns).await.unwrap();
-    let day = wxpush::domain::calendar::QuotaDay::with_length(env.config.quota_day_secs).key(chrono::Utc::now());
+    let day = QuotaDay::with_length(env.config.quota_day_secs).key(chrono::Utc::now());
     let mut conn = redis_conn().await;
     let _: () = redis::cmd("SET").arg(redis.keys().quota(APPID, &day)).arg(5).query_async(&mut conn).await.unwrap();
 
@@ -721,7 +711,7 @@ async fn status_shows_sends_today_without_a_quota() {
     let env = TestEnv::new("ctl-sent", offline_config(&ns)).await;
     assert_eq!(env.config.accounts[0].daily_quota, None);
     let redis = Redis::connect(redis_url(), &ns).await.unwrap();
-    let day = wxpush::domain::calendar::QuotaDay::with_length(env.config.quota_day_secs).key(chrono::Utc::now());
+    let day = QuotaDay::with_length(env.config.quota_day_secs).key(chrono::Utc::now());
     let mut conn = redis_conn().await;
     let _: () = redis::cmd("SET").arg(redis.keys().quota(APPID, &day)).arg(23).query_async(&mut conn).await.unwrap();
     let report = status::status(&env.config).await;
@@ -842,16 +832,16 @@ async fn wait_stops_at_once_when_no_worker_consumes_the_jobs_queue() {
 /// Declares the results exchange as the worker does from issue 11 on: with an alternate
 /// exchange `<exchange>.unrouted` (fanout) feeding a bounded quorum queue of the same name.
 async fn declare_with_unrouted(env: &TestEnv, exchange: &str) {
-    let unrouted = wxpush::amqp::unrouted_name(exchange);
+    let unrouted = unrouted_name(exchange);
     env.remove_later(&unrouted);
     env.remove_later(&format!("exchange:{unrouted}"));
     env.remove_later(&format!("exchange:{exchange}"));
     let ch = &env.bus.channel;
-    wxpush::amqp::declare_results_exchange(ch, exchange).await.unwrap();
+    declare_results_exchange(ch, exchange).await.unwrap();
     let mut config = env.config.clone();
     config.results_exchange = exchange.to_owned();
-    let args = wxpush::amqp::Topology::from_config(&config).unrouted_queue_args();
-    wxpush::amqp::declare_unrouted_queue(ch, exchange, args).await.unwrap();
+    let args = Topology::from_config(&config).unrouted_queue_args();
+    declare_unrouted_queue(ch, exchange, args).await.unwrap();
 }
 
 async fn publish_result(env: &TestEnv, exchange: &str, key: &str, job_id: &str) {
@@ -863,7 +853,7 @@ async fn publish_result(env: &TestEnv, exchange: &str, key: &str, job_id: &str) 
             ShortString::from(key),
             BasicPublishOptions::default(),
             &serde_json::to_vec(&body).unwrap(),
-            wxpush::amqp::json_properties(Some(job_id)),
+            json_properties(Some(job_id)),
         )
         .await
         .unwrap()
@@ -1100,7 +1090,7 @@ fn free_port() -> u16 {
 impl ManagedRabbit {
     async fn start() -> ManagedRabbit {
         let name = unique("mgmt");
-        let dir = std::env::temp_dir().join(&name);
+        let dir = scratch_dir(&name);
         let (amqp_port, management_port, dist_port) = (free_port(), free_port(), free_port());
         let mut node = ManagedRabbit {
             node: format!("{}@localhost", &name[name.len() - 10..]),
@@ -1160,15 +1150,17 @@ impl ManagedRabbit {
 
 impl Drop for ManagedRabbit {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("rabbitmqctl")
-            .args(["-n", &self.node, "stop"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        blocking_in_place(|| {
+            let _ = std::process::Command::new("timeout")
+                .args(["60", "rabbitmqctl", "-n", &self.node, "stop"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+            if let Some(mut child) = self.child.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        });
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -1181,7 +1173,7 @@ async fn status_counts_ready_and_unacknowledged_jobs_through_the_management_api(
     cfg.amqp_url = rabbit.amqp_url();
     let conn = Connection::connect(&cfg.amqp_url, ConnectionProperties::default()).await.expect("the private node");
     let ch = conn.create_channel().await.unwrap();
-    wxpush::amqp::Topology::from_config(&cfg).declare(&conn).await.expect("declare the topology");
+    Topology::from_config(&cfg).declare(&conn).await.expect("declare the topology");
     for i in 0..5 {
         ch.basic_publish(
             ShortString::from(""),

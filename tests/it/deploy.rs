@@ -12,9 +12,9 @@ use std::{
 };
 
 use crate::harness::{is_alone, run_alone};
+use crate::wx::{Config, ENV_VARS, install_metrics, webhook_metrics};
 use serde::Deserialize;
 use serde_json::Value;
-use wxpush::config::{Config, ENV_VARS};
 
 /// The ports the programs listen on or connect to: webhook, worker metrics, webhook admin,
 /// sandbox, RabbitMQ (AMQP and management), Redis.
@@ -1053,9 +1053,9 @@ fn histograms_the_dashboard_takes_quantiles_of_render_buckets() {
     }
     // Without configured buckets the exporter renders a summary, and histogram_quantile over
     // `_bucket` finds nothing: render them the way the programs do.
-    let handle = wxpush::health::install_metrics().expect("the first recorder of this test process");
+    let handle = install_metrics().expect("the first recorder of this test process");
     // The webhook is a process of its own, with its own recorder.
-    let webhook = wxpush::webhook::metrics::builder().expect("the webhook's buckets").build_recorder();
+    let webhook = webhook_metrics::builder().expect("the webhook's buckets").build_recorder();
     let webhook_handle = webhook.handle();
     let mut checked = 0;
     for expr in dashboard_queries(&dashboard()).iter().filter(|e| e.contains("histogram_quantile")) {

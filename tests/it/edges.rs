@@ -9,17 +9,13 @@ use std::{
 };
 
 use crate::harness::*;
+use crate::wx::{ATTEMPTS_HEADER, Faults, SandboxAccount, SandboxConfig, unrouted_name};
 use lapin::{
     BasicProperties,
     options::QueueDeclareOptions,
     types::{AMQPValue, FieldTable, LongString, ShortString},
 };
 use serde_json::Value;
-use wxpush::{
-    amqp::unrouted_name,
-    pipeline::ATTEMPTS_HEADER,
-    sandbox::{Faults, SandboxAccount, SandboxConfig},
-};
 
 /// 86 CJK characters: 258 bytes in UTF-8, within the contract's 128 characters but over the
 /// 255 bytes of an AMQP short string.
@@ -148,7 +144,6 @@ async fn token_requests_of_a_pool(workers: usize, run: Duration) -> (u64, f64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_requests_do_not_grow_with_the_pool() {
-    let _timed = timed().await;
     let run = Duration::from_secs(10);
     let (one, three, six) = tokio::join!(
         token_requests_of_a_pool(1, run),

@@ -5,7 +5,7 @@
 //!
 //! The clusters are throwaway ones on free loopback ports (`harness/cluster.rs`, through
 //! `scripts/cluster`); the shared broker and Redis are used only where a test does not fail them.
-//! The tests run one at a time, and not beside the tests that measure rates and times
+//! The tests run one at a time, and not beside the tests that measure send rates
 //! (`harness::timed`): each takes a node away from a small machine's clusters.
 
 use std::{
@@ -21,20 +21,13 @@ use crate::harness::{
     cluster::{RabbitCluster, RedisCluster},
     *,
 };
+use crate::wx::{Config, Faults, Keys, QueueType, Sandbox, SandboxConfig, Topology};
 use chrono::{DateTime, Utc};
 use futures_util::StreamExt;
 use lapin::{
     BasicProperties, Channel, Connection, ConnectionProperties, Consumer,
-    options::{
-        BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
-        QueueBindOptions, QueueDeclareOptions,
-    },
+    options::{BasicAckOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions, QueueDeclareOptions},
     types::{AMQPValue, FieldTable, ShortString},
-};
-use wxpush::{
-    amqp::Topology,
-    config::{Config, QueueType},
-    sandbox::{Faults, Sandbox, SandboxConfig},
 };
 
 const JOBS: usize = 3_000;
@@ -292,27 +285,8 @@ impl Observer {
         let mut args = FieldTable::default();
         args.insert(ShortString::from("x-queue-type"), AMQPValue::LongString("quorum".into()));
         let durable = QueueDeclareOptions { durable: true, ..Default::default() };
-        channel.queue_declare(ShortString::from(queue), durable, args).await.expect("declare the observed queue");
-        channel
-            .queue_bind(
-                ShortString::from(queue),
-                ShortString::from(exchange),
-                ShortString::from("#"),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .expect("bind the observed queue");
         channel.basic_qos(500, BasicQosOptions::default()).await.expect("qos");
-        let consumer = channel
-            .basic_consume(
-                ShortString::from(queue),
-                ShortString::from("failover-observer"),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .expect("consume the results");
+        let consumer = observe(&channel, exchange, (queue, durable, args)).await;
         Observer { connection, consumer, channel }
     }
 
@@ -468,7 +442,7 @@ async fn redis_failover_the_accounts_master_killed() {
     env.declare_topology().await;
 
     // Every key of the account carries the hash tag {appid}, so they live in one slot.
-    let keys = wxpush::store::Keys::new(&ns);
+    let keys = Keys::new(&ns);
     let (c, token_key) = (Arc::clone(&cluster), keys.token(APPID));
     let (slot, victim) = blocking(move || {
         let slot = c.slot_of(&token_key);

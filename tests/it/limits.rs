@@ -3,11 +3,8 @@
 use std::time::Duration;
 
 use crate::harness::*;
+use crate::wx::{Faults, QuotaDay, SandboxAccount, SandboxConfig, SentMessage};
 use chrono::{DateTime, Utc};
-use wxpush::{
-    domain::calendar::QuotaDay,
-    sandbox::{Faults, SandboxAccount, SandboxConfig, SentMessage},
-};
 
 const APPID_B: &str = "wxtest0000000002";
 

@@ -3,6 +3,7 @@
 //! namespace of its own, and the real programs where a test needs a process.
 
 mod harness;
+mod wx;
 
 mod acks;
 mod ctl;

@@ -16,15 +16,10 @@ use std::{
 };
 
 use crate::harness::*;
+use crate::wx::{Config, Redis, Sandbox, SandboxAccount, SandboxConfig, TokenApi, health, unrouted_name};
 use secrecy::ExposeSecret;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
-use wxpush::{
-    config::{Config, TokenApi},
-    health::{self},
-    sandbox::{Sandbox, SandboxAccount, SandboxConfig},
-    store::Redis,
-};
 
 /// An in-process worker with its `/healthz`, `/readyz` and `/metrics` served on 127.0.0.1.
 struct AdminWorker {
@@ -433,7 +428,7 @@ async fn metrics_page_has_help_backlog_gauges_and_zeroed_counters() {
     env.declare_topology().await;
     // The unrouted-results queue (declared with the topology), with one result in it; and one
     // job in the dead-letter queue.
-    let unrouted = wxpush::amqp::unrouted_name(&env.config.results_exchange);
+    let unrouted = unrouted_name(&env.config.results_exchange);
     let channel = &env.bus.channel;
     let confirm = channel
         .basic_publish("".into(), unrouted.as_str().into(), Default::default(), b"{}", Default::default())

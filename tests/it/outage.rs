@@ -9,7 +9,7 @@ use std::{
 };
 
 use crate::harness::*;
-use wxpush::sandbox::{Faults, SandboxConfig};
+use crate::wx::{Faults, SandboxConfig};
 
 /// Collects results until every job in `ids` has one; returns all results by job_id.
 async fn results_until_all(
@@ -124,14 +124,17 @@ struct Users {
     name: String,
 }
 
+/// `rabbitmqctl ARGS` on the blocking threads; it must succeed.
+async fn rabbitmqctl_ok(args: &[&str]) {
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    let out = blocking(move || rabbitmqctl().args(&args).output()).await.expect("rabbitmqctl runs");
+    assert!(out.status.success(), "rabbitmqctl: {}", String::from_utf8_lossy(&out.stderr));
+}
+
 impl Users {
     async fn create(name: &str) -> Users {
-        let ok = |args: &[&str]| {
-            let out = rabbitmqctl().args(args).output().expect("rabbitmqctl runs");
-            assert!(out.status.success(), "rabbitmqctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        };
-        ok(&["add_user", name, "pw"]);
-        ok(&["set_permissions", "-p", "/", name, ".*", ".*", ".*"]);
+        rabbitmqctl_ok(&["add_user", name, "pw"]).await;
+        rabbitmqctl_ok(&["set_permissions", "-p", "/", name, ".*", ".*", ".*"]).await;
         let mut redis = redis_conn().await;
         let _: () = redis::cmd("ACL")
             .arg("SETUSER")
@@ -155,12 +158,8 @@ impl Users {
         redis_url_as(&self.name, "pw")
     }
 
-    fn close_amqp_connections(&self) {
-        let out = rabbitmqctl()
-            .args(["close_all_user_connections", &self.name, "outage test"])
-            .output()
-            .expect("rabbitmqctl runs");
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    async fn close_amqp_connections(&self) {
+        rabbitmqctl_ok(&["close_all_user_connections", &self.name, "outage test"]).await;
     }
 
     async fn kill_redis_connections(&self) -> i64 {
@@ -171,10 +170,12 @@ impl Users {
 
 impl Drop for Users {
     fn drop(&mut self) {
-        let _ = rabbitmqctl().args(["delete_user", &self.name]).output();
-        if let Ok(mut redis) = redis::Client::open(redis_url()).and_then(|c| c.get_connection()) {
-            let _: redis::RedisResult<i64> = redis::cmd("ACL").arg("DELUSER").arg(&self.name).query(&mut redis);
-        }
+        blocking_in_place(|| {
+            let _ = rabbitmqctl().args(["delete_user", &self.name]).output();
+            if let Ok(mut redis) = redis::Client::open(redis_url()).and_then(|c| c.get_connection()) {
+                let _: redis::RedisResult<i64> = redis::cmd("ACL").arg("DELUSER").arg(&self.name).query(&mut redis);
+            }
+        });
     }
 }
 
@@ -197,7 +198,7 @@ async fn the_worker_recovers_when_rabbitmq_and_redis_drop_its_connections() {
     }
     let worker = spawn_worker(&env.config);
     let mut seen = env.results(100, Duration::from_secs(30)).await;
-    users.close_amqp_connections();
+    users.close_amqp_connections().await;
     seen.extend(env.results(150, Duration::from_secs(30)).await);
     let killed = users.kill_redis_connections().await;
     assert!(killed > 0, "the worker's Redis connections were killed");

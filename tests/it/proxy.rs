@@ -10,11 +10,11 @@ use std::{
 };
 
 use crate::harness::*;
+use crate::wx::SandboxConfig;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpListener,
 };
-use wxpush::sandbox::SandboxConfig;
 
 /// A proxy that records the request line of every connection and refuses to go further (502).
 struct RecordingProxy {

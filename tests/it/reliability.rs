@@ -3,17 +3,13 @@
 use std::{collections::HashMap, time::Duration};
 
 use crate::harness::*;
+use crate::wx::{Faults, Redis, SandboxConfig, errcode};
 use lapin::{
     BasicProperties,
     options::{BasicAckOptions, BasicGetOptions},
     types::{AMQPValue, ShortString},
 };
 use serde_json::{Value, json};
-use wxpush::{
-    domain::errcode,
-    sandbox::{Faults, SandboxConfig},
-    store::Redis,
-};
 
 /// 20 % errcode -1, 5 % HTTP 503 and 5 % answers slower than the HTTP timeout: every job still
 /// ends `send.succeeded`, with its attempts counted, and no message reaches a user twice.

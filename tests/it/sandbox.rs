@@ -7,13 +7,12 @@ use std::{
 };
 
 use crate::harness::{eventually, start_sandbox};
+use crate::wx::{
+    Cipher, Faults, ReceiptSettings, Sandbox, SandboxAccount, SandboxConfig, WebhookTarget, crypto, original_id,
+};
 use axum::{Router, extract::RawQuery, http::StatusCode, routing::post};
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
-use wxpush::{
-    domain::crypto::{self, Cipher},
-    sandbox::{Faults, ReceiptSettings, Sandbox, SandboxAccount, SandboxConfig, WebhookTarget, original_id},
-};
 
 const APPID: &str = "wx0000000000000001";
 const SECRET: &str = "s3cret";

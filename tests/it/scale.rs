@@ -5,24 +5,16 @@
 use std::time::{Duration, Instant};
 
 use crate::harness::{cluster::RedisCluster, header_text, *};
+use crate::wx::{
+    Admission, AmqpError, Broker, Budget, Claim, Level, QueueType, Redis, SandboxConfig, Topology, check,
+    declare_dead_letter_queue, declare_queue, dedupe, json_properties, unrouted_name,
+};
 use lapin::{
     BasicProperties,
     options::{BasicGetOptions, ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions},
     types::{AMQPValue, FieldTable, ShortString},
 };
 use secrecy::{ExposeSecret, SecretString};
-use wxpush::{
-    amqp::{AmqpError, Broker, Topology, declare_queue, json_properties},
-    config::QueueType,
-    ctl::check::{Level, check},
-    sandbox::SandboxConfig,
-    store::{
-        Redis,
-        ledger::Claim,
-        limits::{Admission, Budget},
-    },
-    webhook::dedupe,
-};
 
 /// Declares `queue` with `args` on a channel of its own (a refused declare closes its channel).
 async fn declare(env: &TestEnv, queue: &str, args: FieldTable) -> Result<(), AmqpError> {
@@ -52,7 +44,7 @@ async fn a_dead_letter_queue_declared_by_an_older_wxpush_is_taken_as_it_is() {
     // A new one gets the explicit limit: declaring it again with it passes, without it fails.
     let fresh = format!("{ns}.fresh.dead");
     env.remove_later(&fresh);
-    wxpush::amqp::declare_dead_letter_queue(&env.bus.connection, &fresh, QueueType::Quorum).await.expect("declare");
+    declare_dead_letter_queue(&env.bus.connection, &fresh, QueueType::Quorum).await.expect("declare");
     declare(&env, &fresh, topology.dead_letter_queue_args()).await.expect("same arguments");
     let limit =
         declare(&env, &fresh, with(FieldTable::default(), "x-queue-type", AMQPValue::LongString("quorum".into())))
@@ -171,7 +163,7 @@ async fn a_queue_of_the_other_type_is_a_clear_error_the_worker_waits_out() {
     classic.queue_type = QueueType::Classic;
     classic.dead_letter_queue = format!("{ns}.classic.dead");
     classic.results_exchange = format!("{ns}.classic.results");
-    let classic_unrouted = wxpush::amqp::unrouted_name(&classic.results_exchange);
+    let classic_unrouted = unrouted_name(&classic.results_exchange);
     env.remove_later(&classic_unrouted);
     env.remove_later(&format!("exchange:{}", classic.results_exchange));
     env.remove_later(&format!("exchange:{classic_unrouted}"));
@@ -183,7 +175,7 @@ async fn a_queue_of_the_other_type_is_a_clear_error_the_worker_waits_out() {
         .await
         .expect("queue_type = classic takes the queue as it is");
 
-    let report = check(&env.config).await;
+    let report = check::check(&env.config).await;
     let problems: Vec<&str> = report.problems().map(|f| f.text.as_str()).collect();
     assert!(problems.iter().any(|p| p.contains(&format!("{jobs:?}")) && p.contains("inequivalent arg")), "{report}");
     assert!(report.findings.iter().any(|f| f.level == Level::Ok && f.text.contains("quorum")), "{report}");
@@ -246,7 +238,7 @@ async fn a_list_of_brokers_is_tried_in_turn_and_a_lost_node_is_replaced() {
     let event = env.next_result(Duration::from_secs(10)).await.expect("the event arrived");
     assert_eq!(event.correlation_id.as_deref(), Some("via-list"));
 
-    let report = check(&env.config).await;
+    let report = check::check(&env.config).await;
     assert!(report.findings.iter().any(|f| f.level == Level::Ok && f.text.contains(": connected")), "{report}");
     assert!(!report.findings.iter().any(|f| f.text.contains("RabbitMQ") && f.level == Level::Problem), "{report}");
 
@@ -338,7 +330,6 @@ async fn a_duplicate_job_is_sent_once_on_a_redis_cluster() {
 /// lock and its failure mark on a Redis Cluster.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_workers_share_one_token_on_a_redis_cluster() {
-    let _timed = timed().await;
     let cluster = blocking(RedisCluster::start).await;
     crate::worker::three_workers_share_one_token("ctoken", 600, &cluster.url()).await;
 }

@@ -15,6 +15,7 @@ use std::{
 };
 
 use crate::harness::*;
+use crate::wx::{Brokers, Tls, TlsSettings, conn};
 use futures_util::StreamExt;
 use lapin::{
     BasicProperties,
@@ -23,11 +24,6 @@ use lapin::{
 };
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
-};
-use wxpush::{
-    amqp::Brokers,
-    store::conn,
-    tls::{Tls, TlsSettings},
 };
 
 /// A directory removed when dropped (declared before the nodes that use it, so dropped after).
@@ -253,7 +249,7 @@ async fn amqp_channel(url: &str, tls: Tls) -> Result<(lapin::Connection, lapin::
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_and_rabbitmq_over_tls_signed_by_a_private_ca() {
-    let scratch = Scratch(std::env::temp_dir().join(unique("tls")));
+    let scratch = Scratch(scratch_dir(&unique("tls")));
     std::fs::create_dir_all(&scratch.0).unwrap();
     let pki = Pki::create(&scratch.0);
     let ((_redis, redis_url), (_rabbitmq, amqp_url)) =

@@ -3,13 +3,10 @@
 
 use std::time::Duration;
 
+use crate::wx::{Cipher, crypto, dedupe};
 use futures_util::StreamExt;
 use reqwest::StatusCode;
 use serde_json::Value;
-use wxpush::{
-    domain::crypto::{self, Cipher},
-    webhook::dedupe,
-};
 
 use crate::harness::{
     Forwarder, eventually, header_text,

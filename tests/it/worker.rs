@@ -3,8 +3,8 @@
 use std::time::{Duration, Instant};
 
 use crate::harness::*;
+use crate::wx::SandboxConfig;
 use serde_json::Value;
-use wxpush::sandbox::SandboxConfig;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_job_in_one_success_out_with_the_sandbox_msgid() {
@@ -57,7 +57,6 @@ async fn one_job_in_one_success_out_with_the_sandbox_msgid() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_workers_share_one_token_through_expiry_and_revocation() {
-    let _timed = timed().await;
     three_workers_share_one_token("token", 1_000, redis_url()).await;
 }
 

@@ -12,7 +12,7 @@ use super::blocking_in_place;
 
 use std::{
     net::TcpListener,
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::{Command, Output, Stdio},
     sync::{Arc, Mutex, PoisonError, Weak},
     time::{Duration, Instant},
@@ -29,11 +29,7 @@ struct Script {
 impl Script {
     fn new(tag: &str) -> Script {
         let name = super::unique(tag);
-        // In memory where the machine has it: the nodes' logs and Raft commits then never wait
-        // for a disk that other builds keep busy (a killed process loses nothing either way).
-        let shm = Path::new("/dev/shm");
-        let base = if shm.is_dir() { shm.to_path_buf() } else { std::env::temp_dir() };
-        Script { dir: base.join(&name), name }
+        Script { dir: super::scratch_dir(&name), name }
     }
 
     /// Runs `scripts/cluster ARGS` with this state directory and `env`; its output, or why it failed.
@@ -222,8 +218,9 @@ impl Drop for RedisCluster {
 
 /// redis-cli's answer on stdout (None if it could not run at all).
 fn cli(port: u16, args: &[&str]) -> Option<String> {
-    let out: Output = Command::new("redis-cli")
-        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+    // A node that hangs (stopped, not dead) must not hang the test: 10 s at most.
+    let out: Output = Command::new("timeout")
+        .args(["10", "redis-cli", "-h", "127.0.0.1", "-p", &port.to_string()])
         .args(args)
         .stdin(Stdio::null())
         .output()

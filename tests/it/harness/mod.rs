@@ -12,19 +12,21 @@ pub mod webhook;
 
 use std::{
     future::Future,
+    path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Stdio},
     sync::{Arc, Mutex, OnceLock, PoisonError},
     time::{Duration, Instant},
 };
 
+use crate::wx::{
+    Account, Config, Health, Sandbox, SandboxAccount, SandboxConfig, TokenApi, Topology, declare_results_exchange,
+    describe_metrics, run_worker, unrouted_name, webhook_metrics,
+};
 use futures_util::StreamExt;
 use lapin::{
     BasicProperties, Channel, Connection, ConnectionProperties, Consumer,
     message::Delivery,
-    options::{
-        BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, ExchangeDeleteOptions, QueueBindOptions,
-        QueueDeclareOptions, QueueDeleteOptions,
-    },
+    options::{BasicAckOptions, BasicPublishOptions, ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions},
     types::{AMQPValue, FieldTable, ShortString},
 };
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -32,17 +34,21 @@ use secrecy::SecretString;
 use serde_json::{Value, json};
 use tokio::{net::TcpListener, runtime::RuntimeFlavor, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
-use wxpush::{
-    config::{Account, Config, TokenApi},
-    health::Health,
-    sandbox::{Sandbox, SandboxAccount, SandboxConfig},
-};
 
 pub use forward::Forwarder;
 pub use programs::{Admin, WorkerProcess};
 pub use services::{amqp_url, amqp_url_as, amqp_url_at, rabbitmqctl, redis_url, redis_url_as};
 pub const APPID: &str = "wxtest0000000001";
 pub const SECRET: &str = "test-secret-0001";
+
+/// Where a test keeps the data of servers of its own (RabbitMQ and Redis nodes): `name` in
+/// memory where the machine has it, so that their logs and commits never wait for a disk that
+/// other builds keep busy (a killed process loses nothing either way).
+pub fn scratch_dir(name: &str) -> PathBuf {
+    let shm = Path::new("/dev/shm");
+    let base = if shm.is_dir() { shm.to_path_buf() } else { std::env::temp_dir() };
+    base.join(name)
+}
 
 /// A unique name for this test's resources.
 pub fn unique(tag: &str) -> String {
@@ -120,9 +126,10 @@ pub async fn sandbox_with_token_lifetime(lifetime: Duration) -> Sandbox {
     .await
 }
 
-/// Held by the tests that measure rates and times on the machine (rate limits, token
-/// lifetimes) and by those that load it most (the failover clusters): they run one at a time,
-/// so that they do not skew each other on a small machine.
+/// Held by the tests that measure send rates (which a starved machine bunches up) and by those
+/// that load it most (the failover clusters): they run one at a time, so that they do not skew
+/// each other on a small machine. (Token tests count requests per lifetime, which a busy
+/// machine can only lower.)
 pub async fn timed() -> tokio::sync::MutexGuard<'static, ()> {
     static TIMED: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
     TIMED.lock().await
@@ -147,7 +154,7 @@ pub fn spawn_worker(config: &Config) -> WorkerHandle {
     let (cancel, health) = (CancellationToken::new(), Health::new());
     let (config, c, h) = (config.clone(), cancel.clone(), Arc::clone(&health));
     let join = tokio::spawn(async move {
-        wxpush::worker::run(config, c, h).await.expect("worker runs");
+        run_worker(config, c, h).await.expect("worker runs");
     });
     WorkerHandle { cancel, join, health }
 }
@@ -186,6 +193,20 @@ pub async fn exit_of(child: &mut Child, timeout: Duration) -> Option<ExitStatus>
     }
 }
 
+/// Declares `queue` (name, options, arguments), binds it to every routing key of `exchange` and
+/// consumes it: a downstream reader of the results.
+pub async fn observe(channel: &Channel, exchange: &str, queue: (&str, QueueDeclareOptions, FieldTable)) -> Consumer {
+    let (name, options, args) = queue;
+    channel.queue_declare(ShortString::from(name), options, args).await.expect("declare the observed queue");
+    let (every, no_args) = (ShortString::from("#"), FieldTable::default());
+    let bind =
+        channel.queue_bind(ShortString::from(name), ShortString::from(exchange), every, Default::default(), no_args);
+    bind.await.expect("bind the observed queue");
+    let tag = ShortString::from("test-observer");
+    let consume = channel.basic_consume(ShortString::from(name), tag, Default::default(), FieldTable::default());
+    consume.await.expect("consume the observed queue")
+}
+
 /// One received result or event.
 #[derive(Debug, Clone)]
 pub struct Received {
@@ -216,42 +237,15 @@ impl TestEnv {
         let connection =
             Connection::connect(amqp_url(), ConnectionProperties::default()).await.expect("RabbitMQ is up");
         let channel = connection.create_channel().await.expect("channel");
-        wxpush::amqp::declare_results_exchange(&channel, &config.results_exchange)
-            .await
-            .expect("declare the results exchange");
+        declare_results_exchange(&channel, &config.results_exchange).await.expect("declare the results exchange");
         let results_queue = format!("{ns}.observed");
-        channel
-            .queue_declare(
-                ShortString::from(results_queue.as_str()),
-                QueueDeclareOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .expect("declare the results queue");
-        channel
-            .queue_bind(
-                ShortString::from(results_queue.as_str()),
-                ShortString::from(config.results_exchange.as_str()),
-                ShortString::from("#"),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .expect("bind");
-        let consumer = channel
-            .basic_consume(
-                ShortString::from(results_queue.as_str()),
-                ShortString::from("test-observer"),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .expect("consume results");
+        let queue = (results_queue.as_str(), QueueDeclareOptions::default(), FieldTable::default());
+        let consumer = observe(&channel, &config.results_exchange, queue).await;
         let mut queues = vec![results_queue.clone(), config.jobs_queue.clone(), config.dead_letter_queue.clone()];
         for t in &config.retry.delay_tiers_secs {
             queues.push(format!("{}.delay.{t}s", config.jobs_queue));
         }
-        let unrouted = wxpush::amqp::unrouted_name(&config.results_exchange);
+        let unrouted = unrouted_name(&config.results_exchange);
         queues.push(unrouted.clone());
         queues.push(format!("exchange:{}", config.results_exchange));
         queues.push(format!("exchange:{unrouted}"));
@@ -265,7 +259,7 @@ impl TestEnv {
 
     /// Declares the jobs topology the way the worker does, so jobs can be published first.
     pub async fn declare_topology(&self) {
-        let topology = wxpush::amqp::Topology::from_config(&self.config);
+        let topology = Topology::from_config(&self.config);
         topology.declare(&self.bus.connection).await.expect("declare the topology");
     }
 
@@ -429,8 +423,8 @@ pub fn recorder() -> PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE
         .get_or_init(|| {
-            let handle = wxpush::webhook::metrics::install().expect("the only recorder of the test process");
-            wxpush::telemetry::catalog::describe_metrics();
+            let handle = webhook_metrics::install().expect("the only recorder of the test process");
+            describe_metrics();
             handle
         })
         .clone()

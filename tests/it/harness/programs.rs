@@ -10,8 +10,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use crate::wx::{Config, TokenApi};
 use secrecy::ExposeSecret;
-use wxpush::config::{Config, TokenApi};
 
 use super::{POLL, config_env, exit_of};
 

@@ -6,6 +6,9 @@
 
 use std::{sync::Arc, time::Duration};
 
+use crate::wx::{
+    Broker, Cipher, Config, Listeners, Redis, Webhook, WebhookSettings, crypto, dead_letter_queue_args, serve_with,
+};
 use futures_util::StreamExt;
 use lapin::{
     BasicProperties, Consumer,
@@ -18,13 +21,6 @@ use reqwest::StatusCode;
 use serde_json::Value;
 use tokio::{net::TcpListener, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
-use wxpush::{
-    amqp::Broker,
-    config::Config,
-    domain::crypto::{self, Cipher},
-    store::Redis,
-    webhook::{Listeners, Webhook, WebhookSettings, serve_with},
-};
 
 use super::{TestEnv, amqp_url, eventually, recorder, redis_url, unique};
 
@@ -288,14 +284,7 @@ impl Harness {
         self.write_msgid_record(DEFAULT_APPID, marker, "marker").await;
         let (status, _) = self.post_plain("/wechat", "AAAAA", receipt_xml(marker, "success")).await;
         assert_eq!(status, StatusCode::OK, "marker push");
-        let mut before = Vec::new();
-        loop {
-            let d = self.next_result().await;
-            if json(&d)["msgid"] == marker {
-                return before;
-            }
-            before.push(d);
-        }
+        self.read_until(Source::Results, |d| json(d)["msgid"] == marker).await
     }
 
     /// Results that arrived before a marker the test publishes straight to the exchange.
@@ -311,14 +300,7 @@ impl Harness {
             BasicProperties::default(),
         );
         drop(publish.await.expect("publish marker"));
-        let mut before = Vec::new();
-        loop {
-            let d = self.next_result().await;
-            if d.data == marker.as_bytes() {
-                return before;
-            }
-            before.push(d);
-        }
+        self.read_until(Source::Results, |d| d.data == marker.as_bytes()).await
     }
 
     /// Dead letters that arrived before a marker dead letter (an unreadable push of its own).
@@ -326,10 +308,18 @@ impl Harness {
         let marker = format!("<xml><Marker>{}</Marker>", random(12));
         let (status, _) = self.post_plain("/wechat", "AAAAA", marker.clone()).await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "marker dead letter");
+        self.read_until(Source::Dead, |d| d.data == marker.as_bytes()).await
+    }
+
+    /// What arrives from `source` before the delivery `is_marker` picks.
+    async fn read_until(&mut self, source: Source, is_marker: impl Fn(&Delivery) -> bool) -> Vec<Delivery> {
         let mut before = Vec::new();
         loop {
-            let d = self.next_dead().await;
-            if d.data == marker.as_bytes() {
+            let d = match source {
+                Source::Results => self.next_result().await,
+                Source::Dead => self.next_dead().await,
+            };
+            if is_marker(&d) {
                 return before;
             }
             before.push(d);
@@ -337,12 +327,17 @@ impl Harness {
     }
 }
 
+enum Source {
+    Results,
+    Dead,
+}
+
 /// Declares the dead-letter queue the webhook parks unreadable pushes in, and reads it.
 async fn read_dead_letters(env: &TestEnv) -> Consumer {
     let channel = &env.bus.channel;
     let dlq = env.config.dead_letter_queue.as_str();
     let durable = QueueDeclareOptions { durable: true, ..Default::default() };
-    let args = wxpush::amqp::dead_letter_queue_args(env.config.queue_type);
+    let args = dead_letter_queue_args(env.config.queue_type);
     channel.queue_declare(ShortString::from(dlq), durable, args).await.expect("declare the dead-letter queue");
     let no_ack = BasicConsumeOptions { no_ack: true, ..Default::default() };
     let tag = ShortString::from(format!("test-{}", random(6)));
