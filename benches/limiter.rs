@@ -17,7 +17,9 @@ use std::{
 
 use wxpush::store::{Redis, limits::Budget};
 
-#[path = "../tests/common/services.rs"]
+// The test suite's services, of which a bench uses a few.
+#[allow(dead_code)]
+#[path = "../tests/it/harness/services.rs"]
 mod services;
 use services::redis_url;
 

@@ -31,7 +31,9 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use wxpush::sandbox::{Faults, Sandbox, SandboxAccount, SandboxConfig};
 
-#[path = "../tests/common/services.rs"]
+// The test suite's services, of which a bench uses a few.
+#[allow(dead_code)]
+#[path = "../tests/it/harness/services.rs"]
 mod services;
 use services::{amqp_url, redis_url};
 

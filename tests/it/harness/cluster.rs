@@ -2,11 +2,17 @@
 //! replica each) and a three-node RabbitMQ cluster. Both are started, stopped and poked by
 //! `scripts/cluster`, the script people use for the same clusters, so the tests exercise what
 //! the README tells them to run. Dropping a cluster removes it (nodes killed, directory gone),
-//! also when the test failed or the cluster never came up.
+//! also when the test failed or the cluster never came up; a cluster whose test process was
+//! killed is removed by the next start (the script records the owning process).
+//!
+//! Everything here blocks (it runs the script): async tests call it through
+//! [`blocking`](super::blocking).
+
+use super::blocking_in_place;
 
 use std::{
     net::TcpListener,
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::{Command, Output, Stdio},
     sync::{Arc, Mutex, PoisonError, Weak},
     time::{Duration, Instant},
@@ -23,11 +29,7 @@ struct Script {
 impl Script {
     fn new(tag: &str) -> Script {
         let name = super::unique(tag);
-        // In memory where the machine has it: the nodes' logs and Raft commits then never wait
-        // for a disk that other builds keep busy (a killed process loses nothing either way).
-        let shm = Path::new("/dev/shm");
-        let base = if shm.is_dir() { shm.to_path_buf() } else { std::env::temp_dir() };
-        Script { dir: base.join(&name), name }
+        Script { dir: super::scratch_dir(&name), name }
     }
 
     /// Runs `scripts/cluster ARGS` with this state directory and `env`; its output, or why it failed.
@@ -36,6 +38,7 @@ impl Script {
             .args(args)
             .env("WXPUSH_CLUSTER_DIR", &self.dir)
             .env("WXPUSH_CLUSTER_NAME", &self.name)
+            .env("WXPUSH_CLUSTER_OWNER_PID", std::process::id().to_string())
             .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .output()
@@ -51,6 +54,45 @@ impl Script {
     fn must(&self, args: &[&str], env: &[(&str, String)]) -> String {
         self.run(args, env).unwrap_or_else(|e| panic!("{e}"))
     }
+
+    /// `scripts/cluster down WHAT`, from a `Drop`.
+    fn down(&self, what: &str) {
+        if let Err(e) = blocking_in_place(|| self.run(&["down", what], &[])) {
+            eprintln!("{e}");
+        }
+    }
+}
+
+/// Starts a cluster of `nodes` with `scripts/cluster up WHAT` on free ports (each with its second
+/// listener at port + `offset`) passed in `ports_var`, with `extra` in the environment. Ports
+/// taken between choosing and starting are refused by the script: it tries new ones.
+fn up(
+    tag: &str,
+    what: &str,
+    nodes: usize,
+    offset: u16,
+    ports_var: &str,
+    extra: &[(&str, String)],
+) -> (Script, Vec<u16>) {
+    for _ in 0..3 {
+        let mut ports = Vec::new();
+        for _ in 0..nodes {
+            ports.push(free_port(&ports, offset));
+        }
+        let script = Script::new(tag);
+        let list = ports.iter().map(u16::to_string).collect::<Vec<_>>().join(" ");
+        match script.run(&["up", what], &[&[(ports_var, list)], extra].concat()) {
+            Ok(_) => return (script, ports),
+            // Nothing was started.
+            Err(e) if e.contains("already in use") => eprintln!("{e}; trying other ports"),
+            Err(e) => {
+                // Whatever did start goes.
+                script.down(what);
+                panic!("{e}");
+            }
+        }
+    }
+    panic!("no free ports for a {what} cluster after three tries");
 }
 
 // ---- Redis -------------------------------------------------------------------------------
@@ -64,9 +106,11 @@ pub struct RedisCluster {
 }
 
 impl RedisCluster {
-    /// Three masters without replicas, `cluster_state:ok` on every node.
+    /// Three masters without replicas, `cluster_state:ok` on every node. A master is declared
+    /// failed only after 15 s of silence, so a loaded machine never fails one over by mistake
+    /// (nothing could take over anyway).
     pub fn start() -> RedisCluster {
-        RedisCluster::launch(3, 2_000)
+        RedisCluster::launch(3, 15_000)
     }
 
     /// Three masters with one replica each (ports 4-6 replicate 1-3 in some order); a master
@@ -76,27 +120,15 @@ impl RedisCluster {
     }
 
     fn launch(nodes: usize, node_timeout_ms: u64) -> RedisCluster {
-        let mut ports = Vec::new();
-        for _ in 0..nodes {
-            ports.push(free_port(&ports, REDIS_BUS_OFFSET));
-        }
-        // The guard exists before the first node does, so a failure below still cleans up.
-        let cluster = RedisCluster { script: Script::new("redis-cluster"), ports };
-        let list = cluster.ports.iter().map(u16::to_string).collect::<Vec<_>>().join(" ");
-        cluster.script.must(
-            &["up", "redis"],
-            &[("WXPUSH_CLUSTER_REDIS_PORTS", list), ("WXPUSH_CLUSTER_NODE_TIMEOUT_MS", node_timeout_ms.to_string())],
-        );
-        cluster
+        let timeout = [("WXPUSH_CLUSTER_NODE_TIMEOUT_MS", node_timeout_ms.to_string())];
+        let (script, ports) =
+            up("redis-cluster", "redis", nodes, REDIS_BUS_OFFSET, "WXPUSH_CLUSTER_REDIS_PORTS", &timeout);
+        RedisCluster { script, ports }
     }
 
     /// `WXPUSH_REDIS_URL` for the cluster: every node, comma-separated.
     pub fn url(&self) -> String {
         self.ports.iter().map(|p| format!("redis://127.0.0.1:{p}/")).collect::<Vec<_>>().join(",")
-    }
-
-    pub fn ports(&self) -> &[u16] {
-        &self.ports
     }
 
     /// The hash slot of `key`, as the cluster computes it.
@@ -180,16 +212,15 @@ pub struct Master {
 
 impl Drop for RedisCluster {
     fn drop(&mut self) {
-        if let Err(e) = self.script.run(&["down", "redis"], &[]) {
-            eprintln!("{e}");
-        }
+        self.script.down("redis");
     }
 }
 
 /// redis-cli's answer on stdout (None if it could not run at all).
 fn cli(port: u16, args: &[&str]) -> Option<String> {
-    let out: Output = Command::new("redis-cli")
-        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+    // A node that hangs (stopped, not dead) must not hang the test: 10 s at most.
+    let out: Output = Command::new("timeout")
+        .args(["10", "redis-cli", "-h", "127.0.0.1", "-p", &port.to_string()])
         .args(args)
         .stdin(Stdio::null())
         .output()
@@ -214,16 +245,10 @@ static SHARED_RABBIT: Mutex<Weak<RabbitCluster>> = Mutex::new(Weak::new());
 
 impl RabbitCluster {
     pub fn start() -> RabbitCluster {
-        let mut ports = Vec::new();
-        for _ in 0..3 {
-            ports.push(free_port(&ports, RABBIT_DIST_OFFSET));
-        }
-        let cluster = RabbitCluster { script: Script::new("rmq"), ports };
-        let list = cluster.ports.iter().map(u16::to_string).collect::<Vec<_>>().join(" ");
         let started = Instant::now();
-        cluster.script.must(&["up", "rabbitmq"], &[("WXPUSH_CLUSTER_RABBITMQ_PORTS", list)]);
+        let (script, ports) = up("rmq", "rabbitmq", 3, RABBIT_DIST_OFFSET, "WXPUSH_CLUSTER_RABBITMQ_PORTS", &[]);
         eprintln!("RabbitMQ cluster of three nodes up in {:.1} s", started.elapsed().as_secs_f64());
-        cluster
+        RabbitCluster { script, ports }
     }
 
     /// The cluster every test of this binary uses while one holds it: started by the first,
@@ -236,11 +261,6 @@ impl RabbitCluster {
         let cluster = Arc::new(RabbitCluster::start());
         *shared = Arc::downgrade(&cluster);
         cluster
-    }
-
-    /// `WXPUSH_AMQP_URL` naming every node, node 1 first.
-    pub fn url(&self) -> String {
-        (1..=3).map(|n| self.node_url(n)).collect::<Vec<_>>().join(",")
     }
 
     /// The AMQP URL of node `n` alone.
@@ -305,7 +325,8 @@ impl RabbitCluster {
                 return;
             }
             assert!(Instant::now() < deadline, "the RabbitMQ nodes did not all run again within {timeout:?}");
-            std::thread::sleep(Duration::from_millis(200));
+            // Each ask starts an Erlang VM: not too often.
+            std::thread::sleep(Duration::from_secs(1));
         }
     }
 }
@@ -331,9 +352,7 @@ impl RabbitCluster {
 
 impl Drop for RabbitCluster {
     fn drop(&mut self) {
-        if let Err(e) = self.script.run(&["down", "rabbitmq"], &[]) {
-            eprintln!("{e}");
-        }
+        self.script.down("rabbitmq");
     }
 }
 

@@ -3,106 +3,53 @@
 //! RabbitMQ is away, JSON logs that parse with typed fields, the alert rules, and that no secret
 //! reaches the logs, the results or the metrics.
 //!
-//! Outages go through a TCP proxy of the test's own, switched off and on, so that only this
+//! Outages go through forwarders of the test's own, switched off and on, so that only this
 //! test's worker loses Redis or RabbitMQ; the shared servers stay up for the tests running
 //! beside it.
 
-mod common;
-
 use std::{
     collections::BTreeMap,
-    net::SocketAddr,
     path::PathBuf,
     process::{Command, Stdio},
-    sync::{Mutex, OnceLock},
-    time::{Duration, Instant},
+    sync::Arc,
+    time::Duration,
 };
 
-use common::{captured::CapturedWorker, *};
-use metrics_exporter_prometheus::PrometheusHandle;
+use crate::harness::*;
+use crate::wx::{Config, Redis, Sandbox, SandboxAccount, SandboxConfig, TokenApi, health, unrouted_name};
 use secrecy::ExposeSecret;
 use serde_json::{Value, json};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
-use tokio_util::sync::CancellationToken;
-use wxpush::{
-    config::{Config, TokenApi},
-    health::{self, Health},
-    sandbox::{Sandbox, SandboxAccount, SandboxConfig},
-    store::Redis,
-};
-
-/// The process-wide recorder: one per test binary, shared by its tests (labels keep them apart).
-fn recorder() -> PrometheusHandle {
-    static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
-    HANDLE.get_or_init(wxpush::telemetry::install_metrics).clone().expect("this test binary installs the recorder")
-}
+use tokio::net::TcpListener;
 
 /// An in-process worker with its `/healthz`, `/readyz` and `/metrics` served on 127.0.0.1.
 struct AdminWorker {
     worker: WorkerHandle,
-    admin: String,
-    http: reqwest::Client,
+    admin: Admin,
 }
 
 impl AdminWorker {
     async fn start(config: &Config) -> AdminWorker {
-        let health = Health::new();
+        let worker = spawn_worker(config);
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind the admin port");
-        let admin = format!("http://{}", listener.local_addr().unwrap());
-        let cancel = CancellationToken::new();
-        let router = health::router(health.clone(), Some(recorder()));
-        let stop = cancel.clone();
+        let admin = Admin::at(&listener.local_addr().expect("the admin address").to_string());
+        let router = health::router(Arc::clone(&worker.health), Some(recorder()));
+        let stop = worker.cancel.clone();
         tokio::spawn(async move {
-            let _ = axum::serve(listener, router).with_graceful_shutdown(async move { stop.cancelled().await }).await;
+            let _ = axum::serve(listener, router).with_graceful_shutdown(stop.cancelled_owned()).await;
         });
-        let (config, run) = (config.clone(), cancel.clone());
-        let join = tokio::spawn(async move {
-            wxpush::worker::run(config, run, health).await.expect("worker runs");
-        });
-        let http = reqwest::Client::builder().timeout(Duration::from_secs(5)).build().unwrap();
-        AdminWorker { worker: WorkerHandle { cancel, join }, admin, http }
-    }
-
-    async fn get(&self, path: &str) -> (u16, String) {
-        match self.http.get(format!("{}{path}", self.admin)).send().await {
-            Ok(r) => (r.status().as_u16(), r.text().await.unwrap_or_default()),
-            Err(e) => (0, e.to_string()),
-        }
-    }
-
-    /// Polls `path` until its status is `status` and its body contains `text`.
-    async fn until(&self, path: &str, status: u16, text: &str, timeout: Duration) -> (u16, String) {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let (code, body) = self.get(path).await;
-            if (code == status && body.contains(text)) || Instant::now() >= deadline {
-                return (code, body);
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        AdminWorker { worker, admin }
     }
 }
 
 /// The value of the sample `name{labels…}` in a Prometheus text page, summed over the label
 /// sets that include `labels`; `None` when no line matches.
 fn sample(page: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    let mut total = None;
-    for line in page.lines().filter(|l| !l.starts_with('#')) {
-        let Some((series, value)) = line.rsplit_once(' ') else { continue };
-        let (metric, set) = match series.split_once('{') {
-            Some((m, rest)) => (m, rest.trim_end_matches('}')),
-            None => (series, ""),
-        };
-        if metric != name {
-            continue;
-        }
-        let have: Vec<(&str, &str)> =
-            set.split(',').filter_map(|kv| kv.split_once('=')).map(|(k, v)| (k, v.trim_matches('"'))).collect();
-        if labels.iter().all(|l| have.contains(l)) {
-            *total.get_or_insert(0.0) += value.parse::<f64>().unwrap();
-        }
-    }
-    total
+    let values: Vec<f64> = samples(page)
+        .into_iter()
+        .filter(|(n, l, _)| n == name && labels.iter().all(|(k, v)| l.get(*k).map(String::as_str) == Some(*v)))
+        .map(|(_, _, v)| v)
+        .collect();
+    (!values.is_empty()).then(|| values.iter().sum())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -164,13 +111,11 @@ async fn metrics_count_what_the_worker_did() {
         ]),
         "{results:?}"
     );
-    let ready = TestEnv::eventually(Duration::from_secs(10), || async {
-        env.queue_len(&env.config.dead_letter_queue).await == 1
-    })
-    .await;
+    let ready =
+        eventually(Duration::from_secs(10), || async { env.queue_len(&env.config.dead_letter_queue).await == 1 }).await;
     assert!(ready, "the unparseable job is in the dead-letter queue");
 
-    let (status, page) = worker.get("/metrics").await;
+    let (status, page) = worker.admin.get("/metrics").await;
     assert_eq!(status, 200);
     let count = |name: &str, labels: &[(&str, &str)]| sample(&page, name, labels).unwrap_or(0.0);
     let jobs = |account: &str, status: &str| count("wxpush_jobs_total", &[("account", account), ("status", status)]);
@@ -196,116 +141,45 @@ async fn metrics_count_what_the_worker_did() {
     assert!(count("wxpush_jobs_dead_lettered_total", &[]) > dead_before);
     assert!(count("wxpush_jobs_delayed_total", &[]) >= delayed_before + 2.0, "the retry and the parked job");
     assert!(sample(&page, "wxpush_jobs_in_flight", &[]).is_some());
-    assert_eq!(worker.get("/healthz").await.0, 200);
-    assert_eq!(worker.get("/readyz").await.0, 200);
+    assert_eq!(worker.admin.get("/healthz").await.0, 200);
+    assert_eq!(worker.admin.get("/readyz").await.0, 200);
     worker.worker.stop().await;
-}
-
-/// A TCP forwarder from a local port to `upstream` that can be switched off (listener closed,
-/// live connections cut) and on again at the same address.
-struct Proxy {
-    addr: SocketAddr,
-    upstream: SocketAddr,
-    running: Mutex<Option<CancellationToken>>,
-}
-
-impl Proxy {
-    async fn start(upstream: &str) -> Proxy {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let proxy = Proxy {
-            addr: listener.local_addr().unwrap(),
-            upstream: std::net::ToSocketAddrs::to_socket_addrs(upstream).unwrap().next().unwrap(),
-            running: Mutex::new(None),
-        };
-        proxy.serve(listener);
-        proxy
-    }
-
-    fn serve(&self, listener: TcpListener) {
-        let stop = CancellationToken::new();
-        *self.running.lock().unwrap() = Some(stop.clone());
-        let upstream = self.upstream;
-        tokio::spawn(async move {
-            loop {
-                let (mut client, _) = tokio::select! {
-                    // Returning drops the listener: connecting is refused from here on.
-                    _ = stop.cancelled() => return,
-                    accepted = listener.accept() => match accepted {
-                        Ok(a) => a,
-                        Err(_) => continue,
-                    },
-                };
-                let stop = stop.clone();
-                tokio::spawn(async move {
-                    let Ok(mut server) = TcpStream::connect(upstream).await else { return };
-                    tokio::select! {
-                        _ = stop.cancelled() => {}
-                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
-                    }
-                });
-            }
-        });
-    }
-
-    fn off(&self) {
-        if let Some(stop) = self.running.lock().unwrap().take() {
-            stop.cancel();
-        }
-    }
-
-    /// Listens again on the same address (once the old listener is gone).
-    async fn on(&self) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let socket = TcpSocket::new_v4().unwrap();
-            socket.set_reuseaddr(true).unwrap();
-            match socket.bind(self.addr).and_then(|()| socket.listen(128)) {
-                Ok(listener) => return self.serve(listener),
-                Err(_) if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(50)).await,
-                Err(e) => panic!("cannot listen on {} again: {e}", self.addr),
-            }
-        }
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        self.off();
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readiness_follows_redis_and_rabbitmq_and_liveness_does_not() {
     let sandbox = start_sandbox(SandboxConfig::default()).await;
     let ns = unique("ready");
-    let redis = Proxy::start(&redis_addr()).await;
-    let amqp = Proxy::start(&amqp_addr()).await;
+    let redis = Forwarder::to_redis().await;
+    let amqp = Forwarder::to_rabbitmq().await;
     let mut cfg = config(&ns, &sandbox.base_url());
-    cfg.redis_url = redis_url_at(&redis.addr.to_string());
-    cfg.amqp_url = amqp_url_at(&amqp.addr.to_string());
+    cfg.redis_url = redis.url();
+    cfg.amqp_url = amqp.url();
     let mut env = TestEnv::new("ready", cfg).await;
     let worker = AdminWorker::start(&env.config).await;
     let wait = Duration::from_secs(30);
 
-    let (code, body) = worker.until("/readyz", 200, "", wait).await;
+    let (code, body) = worker.admin.until("/readyz", wait, |code, _| code == 200).await;
     assert_eq!(code, 200, "ready once connected: {body}");
     assert_eq!(body, "rabbitmq: up\nredis: up\n");
 
     redis.off();
-    let (code, body) = worker.until("/readyz", 503, "redis: down", wait).await;
+    let (code, body) =
+        worker.admin.until("/readyz", wait, |code, body| code == 503 && body.contains("redis: down")).await;
     assert_eq!((code, body.as_str()), (503, "rabbitmq: up\nredis: down\n"), "unready without Redis");
     // An outage is no reason to restart the worker.
-    assert_eq!(worker.get("/healthz").await.0, 200);
-    redis.on().await;
-    let (code, body) = worker.until("/readyz", 200, "", wait).await;
+    assert_eq!(worker.admin.get("/healthz").await.0, 200);
+    redis.on();
+    let (code, body) = worker.admin.until("/readyz", wait, |code, _| code == 200).await;
     assert_eq!(code, 200, "ready again with Redis back: {body}");
 
     amqp.off();
-    let (code, body) = worker.until("/readyz", 503, "rabbitmq: down", wait).await;
+    let (code, body) =
+        worker.admin.until("/readyz", wait, |code, body| code == 503 && body.contains("rabbitmq: down")).await;
     assert_eq!((code, body.as_str()), (503, "rabbitmq: down\nredis: up\n"), "unready without RabbitMQ");
-    assert_eq!(worker.get("/healthz").await.0, 200);
-    amqp.on().await;
-    let (code, body) = worker.until("/readyz", 200, "", wait).await;
+    assert_eq!(worker.admin.get("/healthz").await.0, 200);
+    amqp.on();
+    let (code, body) = worker.admin.until("/readyz", wait, |code, _| code == 200).await;
     assert_eq!(code, 200, "ready again with RabbitMQ back: {body}");
 
     // Ready means it: a job goes through both proxies again.
@@ -353,7 +227,7 @@ async fn secrets_never_reach_logs_results_or_metrics() {
         let mut env = TestEnv::new("secret", cfg).await;
         env.declare_topology().await;
         // Everything, the libraries' debug output included (HTTP, AMQP, Redis clients).
-        let worker = CapturedWorker::start(&env.config, &[("WXPUSH_LOG_FORMAT", log_format), ("RUST_LOG", "debug")]);
+        let worker = WorkerProcess::captured(&env.config, &[("WXPUSH_LOG_FORMAT", log_format), ("RUST_LOG", "debug")]);
 
         // A send, a token WeChat revokes (refused, replaced, sent again), a send that fails and
         // is retried: every path that handles the secret or a token.
@@ -376,9 +250,9 @@ async fn secrets_never_reach_logs_results_or_metrics() {
         assert_ne!(tokens[0], tokens[tokens.len() - 1], "the revoked token was replaced");
         assert!(tokens.iter().all(|t| t.len() >= 32), "real tokens: {tokens:?}");
 
-        let (_, metrics) = worker.get("/metrics").await;
+        let (_, metrics) = worker.admin.get("/metrics").await;
         assert!(metrics.contains("wxpush_jobs_total"), "the metrics page of the run");
-        let (stdout, stderr) = worker.stop();
+        let (stdout, stderr) = worker.stop().await;
         // The logs are there to search: debug lines in the requested format.
         let logs = format!("{stdout}{stderr}");
         if log_format == "json" {
@@ -428,7 +302,7 @@ async fn json_logs_of_a_failed_job_have_typed_top_level_fields() {
     let mut env = TestEnv::new("jsonlog", config(&ns, &sandbox.base_url())).await;
     env.declare_topology().await;
     let worker =
-        CapturedWorker::start(&env.config, &[("WXPUSH_LOG_FORMAT", "json"), ("RUST_LOG", "info,wxpush=debug")]);
+        WorkerProcess::captured(&env.config, &[("WXPUSH_LOG_FORMAT", "json"), ("RUST_LOG", "info,wxpush=debug")]);
 
     // 43004: the recipient has not followed the account, a permanent failure.
     env.publish_job(&job("json-failed", "errcode-43004-x")).await;
@@ -436,12 +310,10 @@ async fn json_logs_of_a_failed_job_have_typed_top_level_fields() {
     env.publish_raw(b"{not json", lapin::BasicProperties::default()).await;
     let results = env.results(2, Duration::from_secs(30)).await;
     assert_eq!(results.len(), 2, "{results:?}");
-    let dead = TestEnv::eventually(Duration::from_secs(10), || async {
-        env.queue_len(&env.config.dead_letter_queue).await == 1
-    })
-    .await;
+    let dead =
+        eventually(Duration::from_secs(10), || async { env.queue_len(&env.config.dead_letter_queue).await == 1 }).await;
     assert!(dead, "the unparseable job is dead-lettered");
-    let (stdout, stderr) = worker.stop();
+    let (stdout, stderr) = worker.stop().await;
     assert!(stderr.trim().is_empty(), "everything is logged on stdout: {stderr}");
     assert!(!stdout.contains('\u{1b}'), "no colour escape codes in a file");
     let lines = json_lines(&stdout);
@@ -484,7 +356,7 @@ async fn the_sandbox_logs_json_when_asked() {
         .stderr(Stdio::null())
         .spawn()
         .expect("start wxpush-sandbox");
-    let ready = TestEnv::eventually(Duration::from_secs(20), || async {
+    let ready = eventually(Duration::from_secs(20), || async {
         std::fs::read_to_string(&out).unwrap_or_default().contains("ready")
     })
     .await;
@@ -495,11 +367,7 @@ async fn the_sandbox_logs_json_when_asked() {
         .send()
         .await;
     let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
-    let exited = (0..500).any(|_| {
-        std::thread::sleep(Duration::from_millis(20));
-        child.try_wait().ok().flatten().is_some()
-    });
-    if !exited {
+    if exit_of(&mut child, Duration::from_secs(10)).await.is_none() {
         let _ = child.kill();
         let _ = child.wait();
     }
@@ -560,7 +428,7 @@ async fn metrics_page_has_help_backlog_gauges_and_zeroed_counters() {
     env.declare_topology().await;
     // The unrouted-results queue (declared with the topology), with one result in it; and one
     // job in the dead-letter queue.
-    let unrouted = wxpush::amqp::unrouted_name(&env.config.results_exchange);
+    let unrouted = unrouted_name(&env.config.results_exchange);
     let channel = &env.bus.channel;
     let confirm = channel
         .basic_publish("".into(), unrouted.as_str().into(), Default::default(), b"{}", Default::default())
@@ -569,10 +437,11 @@ async fn metrics_page_has_help_backlog_gauges_and_zeroed_counters() {
     confirm.await.unwrap();
     env.publish_raw(b"not json", lapin::BasicProperties::default()).await;
 
-    let worker = CapturedWorker::start(&env.config, &[]);
+    let worker = WorkerProcess::captured(&env.config, &[]);
     let ready =
         |kind: &str| format!("wxpush_queue_messages_ready{{queue=\"{}\",kind=\"{kind}\"}} 1", queue_of(&env, kind));
     let (code, page) = worker
+        .admin
         .until("/metrics", Duration::from_secs(30), |code, page| {
             code == 200 && page.contains(&ready("dead_letter")) && page.contains(&ready("unrouted"))
         })

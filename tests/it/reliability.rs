@@ -1,20 +1,15 @@
 //! Never lose a job, never send one twice: faults, permanent errors, bad input.
 
-mod common;
-
 use std::{collections::HashMap, time::Duration};
 
-use common::*;
+use crate::harness::*;
+use crate::wx::{Faults, Redis, SandboxConfig, errcode};
 use lapin::{
     BasicProperties,
     options::{BasicAckOptions, BasicGetOptions},
     types::{AMQPValue, ShortString},
 };
 use serde_json::{Value, json};
-use wxpush::{
-    domain::errcode,
-    sandbox::{Faults, SandboxConfig},
-};
 
 /// 20 % errcode -1, 5 % HTTP 503 and 5 % answers slower than the HTTP timeout: every job still
 /// ends `send.succeeded`, with its attempts counted, and no message reaches a user twice.
@@ -192,28 +187,39 @@ async fn bad_input_is_dead_lettered_and_good_jobs_flow_around_it() {
     assert_eq!(sandbox.stats().sends_accepted, good as u64, "nothing bad was sent");
 }
 
-/// The same job published twice, and a job redelivered after it was done, reach WeChat once;
-/// the recorded result is published again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_duplicate_job_is_not_sent_again_and_gets_its_recorded_result() {
+    a_duplicate_job_is_sent_once("dup", redis_url()).await;
+}
+
+/// The same job published twice at once, and once more after it was done, reach WeChat once,
+/// with the idempotency ledger in the Redis at `redis_url`: every copy gets the recorded result,
+/// and the webhook can find the job by its msgid.
+pub async fn a_duplicate_job_is_sent_once(tag: &str, redis_url: &str) {
     let sandbox = start_sandbox(SandboxConfig::default()).await;
-    let ns = unique("dup");
-    let mut env = TestEnv::new("dup", config(&ns, &sandbox.base_url())).await;
+    let ns = unique(tag);
+    let mut cfg = config(&ns, &sandbox.base_url());
+    cfg.redis_url = redis_url.to_owned();
+    let mut env = TestEnv::new(tag, cfg).await;
     env.declare_topology().await;
     let worker = spawn_worker(&env.config);
-    env.publish_job(&job("twice", "o-twice")).await;
-    let first = env.next_result(Duration::from_secs(10)).await.expect("first result");
-    env.publish_job(&job("twice", "o-twice")).await;
-    env.publish_job(&job("twice", "o-twice")).await;
-    let again = env.results(2, Duration::from_secs(10)).await;
+    let body = job("twice", "o-twice");
+    env.publish_job(&body).await;
+    env.publish_job(&body).await;
+    let mut results = env.results(2, Duration::from_secs(20)).await;
+    env.publish_job(&body).await;
+    results.extend(env.results(1, Duration::from_secs(20)).await);
     worker.stop().await;
 
-    assert_eq!(first.routing_key, "send.succeeded");
-    assert_eq!(again.len(), 2);
-    for r in &again {
-        assert_eq!(r.routing_key, "send.succeeded");
-        assert_eq!(r.body["msgid"], first.body["msgid"]);
-        assert_eq!(r.body["completed_at"], first.body["completed_at"], "the recorded result, not a new one");
+    assert_eq!(results.len(), 3, "every copy has a result: {results:?}");
+    let first = &results[0].body;
+    for r in &results {
+        assert_eq!(r.routing_key, "send.succeeded", "{}", r.body);
+        assert_eq!(r.body["msgid"], first["msgid"], "one send, one msgid");
+        assert_eq!(r.body["completed_at"], first["completed_at"], "the recorded result, not a new one");
     }
     assert_eq!(sandbox.stats().send_requests, 1, "WeChat was asked once");
+    let msgid = first["msgid"].as_u64().expect("a msgid");
+    let redis = Redis::connect(redis_url, &ns).await.expect("connect to Redis");
+    assert_eq!(redis.job_for_msgid(APPID, msgid).await.expect("msgid").as_deref(), Some("twice"));
 }

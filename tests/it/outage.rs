@@ -3,15 +3,13 @@
 //! Outages are aimed at this test's own RabbitMQ user and Redis ACL user, so tests running at the
 //! same time on the same broker and Redis are not disturbed.
 
-mod common;
-
 use std::{
     collections::{HashMap, HashSet},
     time::{Duration, Instant},
 };
 
-use common::*;
-use wxpush::sandbox::{Faults, SandboxConfig};
+use crate::harness::*;
+use crate::wx::{Faults, SandboxConfig};
 
 /// Collects results until every job in `ids` has one; returns all results by job_id.
 async fn results_until_all(
@@ -67,13 +65,13 @@ async fn a_worker_killed_mid_run_loses_nothing_and_sends_nothing_twice() {
     let early = env.results(100, Duration::from_secs(30)).await;
     assert_eq!(early.len(), 100, "the first worker made progress");
     first.signal("KILL");
-    first.wait(Duration::from_secs(5)).expect("killed");
+    first.wait(Duration::from_secs(5)).await.expect("killed");
     let mut second = WorkerProcess::start(&env.config);
 
     let ids: HashSet<String> = ids.into_iter().collect();
     let by_job = results_until_all(&mut env, early, &ids, Duration::from_secs(60)).await;
     second.signal("TERM");
-    assert!(second.wait(Duration::from_secs(15)).is_some_and(|s| s.success()));
+    assert!(second.wait(Duration::from_secs(15)).await.is_some_and(|s| s.success()));
 
     assert_one_outcome_per_job(&by_job, &ids);
     let stats = sandbox.stats();
@@ -101,7 +99,7 @@ async fn sigterm_finishes_in_flight_jobs_and_leaves_the_rest_queued() {
     assert_eq!(results.len(), 8);
     let sends_before = sandbox.stats().send_requests;
     worker.signal("TERM");
-    let status = worker.wait(Duration::from_secs(15)).expect("the worker exits within its grace period");
+    let status = worker.wait(Duration::from_secs(15)).await.expect("the worker exits within its grace period");
     assert!(status.success(), "exit status {status:?}");
     // In-flight jobs finished and their results were confirmed before exit.
     results.extend(env.results(total, Duration::from_secs(2)).await);
@@ -126,14 +124,17 @@ struct Users {
     name: String,
 }
 
+/// `rabbitmqctl ARGS` on the blocking threads; it must succeed.
+async fn rabbitmqctl_ok(args: &[&str]) {
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    let out = blocking(move || rabbitmqctl().args(&args).output()).await.expect("rabbitmqctl runs");
+    assert!(out.status.success(), "rabbitmqctl: {}", String::from_utf8_lossy(&out.stderr));
+}
+
 impl Users {
     async fn create(name: &str) -> Users {
-        let ok = |args: &[&str]| {
-            let out = rabbitmqctl().args(args).output().expect("rabbitmqctl runs");
-            assert!(out.status.success(), "rabbitmqctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        };
-        ok(&["add_user", name, "pw"]);
-        ok(&["set_permissions", "-p", "/", name, ".*", ".*", ".*"]);
+        rabbitmqctl_ok(&["add_user", name, "pw"]).await;
+        rabbitmqctl_ok(&["set_permissions", "-p", "/", name, ".*", ".*", ".*"]).await;
         let mut redis = redis_conn().await;
         let _: () = redis::cmd("ACL")
             .arg("SETUSER")
@@ -157,12 +158,8 @@ impl Users {
         redis_url_as(&self.name, "pw")
     }
 
-    fn close_amqp_connections(&self) {
-        let out = rabbitmqctl()
-            .args(["close_all_user_connections", &self.name, "outage test"])
-            .output()
-            .expect("rabbitmqctl runs");
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    async fn close_amqp_connections(&self) {
+        rabbitmqctl_ok(&["close_all_user_connections", &self.name, "outage test"]).await;
     }
 
     async fn kill_redis_connections(&self) -> i64 {
@@ -173,10 +170,12 @@ impl Users {
 
 impl Drop for Users {
     fn drop(&mut self) {
-        let _ = rabbitmqctl().args(["delete_user", &self.name]).output();
-        if let Ok(mut redis) = redis::Client::open(redis_url()).and_then(|c| c.get_connection()) {
-            let _: redis::RedisResult<i64> = redis::cmd("ACL").arg("DELUSER").arg(&self.name).query(&mut redis);
-        }
+        blocking_in_place(|| {
+            let _ = rabbitmqctl().args(["delete_user", &self.name]).output();
+            if let Ok(mut redis) = redis::Client::open(redis_url()).and_then(|c| c.get_connection()) {
+                let _: redis::RedisResult<i64> = redis::cmd("ACL").arg("DELUSER").arg(&self.name).query(&mut redis);
+            }
+        });
     }
 }
 
@@ -199,7 +198,7 @@ async fn the_worker_recovers_when_rabbitmq_and_redis_drop_its_connections() {
     }
     let worker = spawn_worker(&env.config);
     let mut seen = env.results(100, Duration::from_secs(30)).await;
-    users.close_amqp_connections();
+    users.close_amqp_connections().await;
     seen.extend(env.results(150, Duration::from_secs(30)).await);
     let killed = users.kill_redis_connections().await;
     assert!(killed > 0, "the worker's Redis connections were killed");

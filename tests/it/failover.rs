@@ -3,15 +3,13 @@
 //! (the sandbox) answering in 50 ms. Every job gets its result, nothing is sent twice, and the
 //! workers carry on by themselves; how long the flow paused is printed, not asserted.
 //!
-//! The clusters are throwaway ones on free loopback ports (`tests/common/cluster.rs`, through
+//! The clusters are throwaway ones on free loopback ports (`harness/cluster.rs`, through
 //! `scripts/cluster`); the shared broker and Redis are used only where a test does not fail them.
-//! The tests run one at a time: each takes a node away from a small machine's clusters.
-
-mod common;
+//! The tests run one at a time, and not beside the tests that measure send rates
+//! (`harness::timed`): each takes a node away from a small machine's clusters.
 
 use std::{
     collections::HashMap,
-    path::PathBuf,
     sync::{
         Arc,
         atomic::{AtomicUsize, Ordering},
@@ -19,26 +17,17 @@ use std::{
     time::{Duration, Instant},
 };
 
-use chrono::{DateTime, Utc};
-use common::{
+use crate::harness::{
     cluster::{RabbitCluster, RedisCluster},
     *,
 };
+use crate::wx::{Config, Faults, Keys, QueueType, Sandbox, SandboxConfig, Topology};
+use chrono::{DateTime, Utc};
 use futures_util::StreamExt;
 use lapin::{
     BasicProperties, Channel, Connection, ConnectionProperties, Consumer,
-    options::{
-        BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
-        QueueBindOptions, QueueDeclareOptions,
-    },
+    options::{BasicAckOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions, QueueDeclareOptions},
     types::{AMQPValue, FieldTable, ShortString},
-};
-use tokio::net::{TcpListener, TcpStream};
-use tokio_util::sync::CancellationToken;
-use wxpush::{
-    amqp::Topology,
-    config::{Config, QueueType},
-    sandbox::{Faults, Sandbox, SandboxConfig},
 };
 
 const JOBS: usize = 3_000;
@@ -51,9 +40,6 @@ const CONCURRENCY: u16 = 8;
 /// job's result once the node is gone, on a machine whose disk and CPU others may be using.
 const START_TIMEOUT: Duration = Duration::from_secs(120);
 const RESULTS_TIMEOUT: Duration = Duration::from_secs(240);
-
-/// One test at a time: each takes a node away, and they measure pauses on a 2-core machine.
-static EXCLUSIVE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 async fn sandbox_with_latency() -> Sandbox {
     let sandbox = start_sandbox(SandboxConfig::default()).await;
@@ -176,34 +162,23 @@ fn timeline(sandbox: &Sandbox, lost_at: DateTime<Utc>) -> String {
         .join(" ")
 }
 
-/// The three worker processes, each logging to a file: printed when the test fails, removed
-/// in any case.
+/// The three worker processes, their logs captured: shown when the test fails.
 struct Pool {
     workers: Vec<WorkerProcess>,
-    logs: Vec<PathBuf>,
 }
 
 impl Pool {
     fn start(cfg: &Config) -> Pool {
-        let logs: Vec<PathBuf> =
-            (1..=3).map(|i| std::env::temp_dir().join(format!("{}-worker-{i}.log", cfg.redis_prefix))).collect();
-        let workers = logs
-            .iter()
-            .map(|path| {
-                let log = std::fs::File::create(path).expect("create a worker's log file");
-                WorkerProcess::start_logging(cfg, "info", log)
-            })
-            .collect();
-        Pool { workers, logs }
+        Pool { workers: (0..3).map(|_| WorkerProcess::captured(cfg, &[])).collect() }
     }
 
     /// SIGTERM to every worker; each must drain and exit 0.
-    fn stop(&mut self) {
+    async fn stop(&mut self) {
         for w in &self.workers {
             w.signal("TERM");
         }
         for (i, w) in self.workers.iter_mut().enumerate() {
-            let status = w.wait(Duration::from_secs(30));
+            let status = w.wait(Duration::from_secs(30)).await;
             assert!(status.is_some_and(|s| s.success()), "worker {} exits cleanly after SIGTERM: {status:?}", i + 1);
         }
     }
@@ -211,17 +186,13 @@ impl Pool {
 
 impl Drop for Pool {
     fn drop(&mut self) {
-        for (i, path) in self.logs.iter().enumerate() {
-            if std::thread::panicking() {
-                let text = std::fs::read_to_string(path).unwrap_or_default();
-                let lines: Vec<&str> = text.lines().filter(|l| !l.contains("publishing its recorded result")).collect();
-                eprintln!(
-                    "--- worker {} log, last lines:\n{}",
-                    i + 1,
-                    lines[lines.len().saturating_sub(40)..].join("\n")
-                );
-            }
-            let _ = std::fs::remove_file(path);
+        if !std::thread::panicking() {
+            return;
+        }
+        for (i, w) in self.workers.iter().enumerate() {
+            let text = w.stdout_so_far();
+            let lines: Vec<&str> = text.lines().filter(|l| !l.contains("publishing its recorded result")).collect();
+            eprintln!("--- worker {} log, last lines:\n{}", i + 1, lines[lines.len().saturating_sub(40)..].join("\n"));
         }
     }
 }
@@ -232,11 +203,7 @@ struct RedisKeys(String);
 impl Drop for RedisKeys {
     fn drop(&mut self) {
         let prefix = self.0.clone();
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-            rt.block_on(delete_redis_prefix(&prefix));
-        })
-        .join();
+        finish_in_drop(async move { delete_redis_prefix(&prefix).await });
     }
 }
 
@@ -268,7 +235,7 @@ impl Drop for LostNode {
             return;
         }
         let started = Instant::now();
-        self.cluster.restore(self.node);
+        blocking_in_place(|| self.cluster.restore(self.node));
         eprintln!("node {} back in the cluster after {:.1} s", self.node, started.elapsed().as_secs_f64());
     }
 }
@@ -318,27 +285,8 @@ impl Observer {
         let mut args = FieldTable::default();
         args.insert(ShortString::from("x-queue-type"), AMQPValue::LongString("quorum".into()));
         let durable = QueueDeclareOptions { durable: true, ..Default::default() };
-        channel.queue_declare(ShortString::from(queue), durable, args).await.expect("declare the observed queue");
-        channel
-            .queue_bind(
-                ShortString::from(queue),
-                ShortString::from(exchange),
-                ShortString::from("#"),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .expect("bind the observed queue");
         channel.basic_qos(500, BasicQosOptions::default()).await.expect("qos");
-        let consumer = channel
-            .basic_consume(
-                ShortString::from(queue),
-                ShortString::from("failover-observer"),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .expect("consume the results");
+        let consumer = observe(&channel, exchange, (queue, durable, args)).await;
         Observer { connection, consumer, channel }
     }
 
@@ -353,10 +301,6 @@ impl Observer {
             delivery.ack(BasicAckOptions::default()).await.expect("ack a result");
         }
     }
-}
-
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
-    tokio::task::spawn_blocking(f).await.expect("blocking helper")
 }
 
 /// Declares the worker's queues through the node at `url`. A node that has just come back may
@@ -384,7 +328,7 @@ async fn broker_failover(loss: Loss) {
     let _pending = matches!(loss, Loss::StopApp).then(StopPending::new);
     let cluster = blocking(RabbitCluster::shared).await;
     let _one_at_a_time = loop {
-        let turn = EXCLUSIVE.lock().await;
+        let turn = timed().await;
         if matches!(loss, Loss::StopApp) || STOPS_PENDING.load(Ordering::SeqCst) == 0 {
             break turn;
         }
@@ -438,7 +382,7 @@ async fn broker_failover(loss: Loss) {
     let before = results.jobs();
     observer.collect(&mut results, JOBS, RESULTS_TIMEOUT).await;
     let run = started.elapsed();
-    pool.stop();
+    pool.stop().await;
 
     if results.jobs() < JOBS {
         let c = Arc::clone(cluster);
@@ -485,7 +429,7 @@ async fn broker_failover_the_jobs_queue_leader_killed() {
 /// way through 3,000 jobs, and its replica takes over.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_failover_the_accounts_master_killed() {
-    let _one_at_a_time = EXCLUSIVE.lock().await;
+    let _one_at_a_time = timed().await;
     let cluster = Arc::new(blocking(|| RedisCluster::with_replicas(Duration::from_millis(1_000))).await);
     let sandbox = sandbox_with_latency().await;
     let ns = unique("redis-failover");
@@ -498,7 +442,7 @@ async fn redis_failover_the_accounts_master_killed() {
     env.declare_topology().await;
 
     // Every key of the account carries the hash tag {appid}, so they live in one slot.
-    let keys = wxpush::store::Keys::new(&ns);
+    let keys = Keys::new(&ns);
     let (c, token_key) = (Arc::clone(&cluster), keys.token(APPID));
     let (slot, victim) = blocking(move || {
         let slot = c.slot_of(&token_key);
@@ -535,7 +479,7 @@ async fn redis_failover_the_accounts_master_killed() {
     let before = results.jobs();
     collect(&mut env, &mut results, JOBS, RESULTS_TIMEOUT).await;
     let run = started.elapsed();
-    pool.stop();
+    pool.stop().await;
     let promoted = promoted.await.expect("watcher");
 
     let (gap, resumed) = pause_around(&sandbox, lost_at);
@@ -577,51 +521,6 @@ async fn collect(env: &mut TestEnv, results: &mut Results, jobs: usize, timeout:
 
 // ---- a node that hangs ---------------------------------------------------------------------
 
-/// A TCP forwarder to the shared broker standing in for a node that hangs (a paused VM, a
-/// partition that leaves connections open): once frozen, it moves no more bytes either way but
-/// keeps every connection open.
-struct FreezableNode {
-    addr: std::net::SocketAddr,
-    frozen: CancellationToken,
-    gone: CancellationToken,
-}
-
-impl FreezableNode {
-    async fn start() -> FreezableNode {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let node = FreezableNode {
-            addr: listener.local_addr().expect("addr"),
-            frozen: CancellationToken::new(),
-            gone: CancellationToken::new(),
-        };
-        let (frozen, gone) = (node.frozen.clone(), node.gone.clone());
-        tokio::spawn(async move {
-            while let Some(Ok((mut client, _))) = gone.run_until_cancelled(listener.accept()).await {
-                let (frozen, gone) = (frozen.clone(), gone.clone());
-                tokio::spawn(async move {
-                    let Ok(mut server) = TcpStream::connect("127.0.0.1:5672").await else { return };
-                    tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
-                        // Both sockets stay open, silent, until the test is over.
-                        _ = frozen.cancelled() => gone.cancelled().await,
-                    }
-                });
-            }
-        });
-        node
-    }
-
-    fn url(&self) -> String {
-        format!("amqp://guest:guest@{}/%2f", self.addr)
-    }
-}
-
-impl Drop for FreezableNode {
-    fn drop(&mut self) {
-        self.gone.cancel();
-    }
-}
-
 /// SIGTERM while the broker node hangs: the worker cannot cancel its consumer or close its
 /// connection cleanly, but it still exits soon after its grace period instead of waiting for a
 /// node that may never answer (the platform would kill it, mid-way, much later).
@@ -634,7 +533,7 @@ async fn a_worker_shuts_down_while_its_broker_node_hangs() {
     cfg.queue_type = QueueType::Classic;
     let mut env = TestEnv::new("hung-node", cfg).await;
     env.declare_topology().await;
-    let node = FreezableNode::start().await;
+    let node = Forwarder::to_rabbitmq().await;
     let mut through_node = env.config.clone();
     through_node.amqp_url = node.url();
     let worker = spawn_worker(&through_node);
@@ -642,7 +541,7 @@ async fn a_worker_shuts_down_while_its_broker_node_hangs() {
     let result = env.next_result(Duration::from_secs(20)).await.expect("the worker consumes through the node");
     assert_eq!(result.routing_key, "send.succeeded", "{:?}", result.body);
 
-    node.frozen.cancel();
+    node.freeze();
     let asked = Instant::now();
     worker.cancel.cancel();
     let stopped = tokio::time::timeout(Duration::from_secs(60), worker.join).await;

@@ -7,17 +7,15 @@
 //! refused without them. The nodes are private to this test (own ports, own directories) and
 //! are stopped, their directory removed, also when the test fails.
 
-mod common;
-
 use std::{
-    net::TcpStream,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::Arc,
     time::{Duration, Instant},
 };
 
-use common::{captured::CapturedWorker, *};
+use crate::harness::*;
+use crate::wx::{Nodes, Tls, TlsSettings, conn};
 use futures_util::StreamExt;
 use lapin::{
     BasicProperties,
@@ -26,11 +24,6 @@ use lapin::{
 };
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
-};
-use wxpush::{
-    amqp::Nodes,
-    store::conn,
-    tls::{Tls, TlsSettings},
 };
 
 /// A directory removed when dropped (declared before the nodes that use it, so dropped after).
@@ -44,7 +37,6 @@ impl Drop for Scratch {
 
 /// The files of a private PKI: a CA, a server certificate for 127.0.0.1 and a client
 /// certificate, each key unencrypted PEM.
-#[derive(Clone)]
 struct Pki {
     ca: PathBuf,
     server_cert: PathBuf,
@@ -113,13 +105,13 @@ struct Node {
 
 impl Node {
     /// Waits until `port` accepts connections; fails with the node's log if it exits first.
-    fn wait_for_port(&mut self, port: u16, timeout: Duration) {
+    async fn wait_for_port(&mut self, port: u16, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         loop {
             if let Ok(Some(status)) = self.child.try_wait() {
                 panic!("{} exited ({status}) before listening:\n{}", self.what, self.log_tail());
             }
-            if TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_millis(200)).is_ok() {
+            if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
                 return;
             }
             assert!(
@@ -128,7 +120,7 @@ impl Node {
                 self.what,
                 self.log_tail()
             );
-            std::thread::sleep(Duration::from_millis(100));
+            tokio::time::sleep(POLL).await;
         }
     }
 
@@ -141,15 +133,18 @@ impl Node {
 impl Drop for Node {
     fn drop(&mut self) {
         let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
+        // A clean stop within 30 s, else SIGKILL: waited for off the runtime's workers.
+        blocking_in_place(|| {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = self.child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(POLL);
             }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        });
     }
 }
 
@@ -158,7 +153,7 @@ fn free_port() -> u16 {
 }
 
 /// A Redis with TLS only, on a free port, requiring a client certificate of the CA.
-fn start_redis(dir: &Path, pki: &Pki) -> (Node, String) {
+async fn start_redis(dir: &Path, pki: &Pki) -> (Node, String) {
     let port = free_port();
     let log = dir.join("redis.log");
     let p = |path: &Path| path.display().to_string();
@@ -172,7 +167,7 @@ fn start_redis(dir: &Path, pki: &Pki) -> (Node, String) {
         .spawn()
         .expect("redis-server is installed (built with TLS, as Debian's is)");
     let mut node = Node { what: "redis-server", child, log };
-    node.wait_for_port(port, Duration::from_secs(20));
+    node.wait_for_port(port, Duration::from_secs(20)).await;
     (node, format!("rediss://127.0.0.1:{port}/"))
 }
 
@@ -188,7 +183,7 @@ fn rabbitmq_server() -> PathBuf {
 
 /// A RabbitMQ node of its own (name, ports, configuration, data, cookie) with a TLS listener only,
 /// requiring a client certificate of the CA. No plugins, so nothing else listens.
-fn start_rabbitmq(dir: &Path, pki: &Pki) -> (Node, String) {
+async fn start_rabbitmq(dir: &Path, pki: &Pki) -> (Node, String) {
     let (port, dist_port) = (free_port(), free_port());
     let home = dir.join("rabbitmq");
     std::fs::create_dir_all(&home).unwrap();
@@ -229,7 +224,7 @@ fn start_rabbitmq(dir: &Path, pki: &Pki) -> (Node, String) {
         .expect("rabbitmq-server is installed");
     let mut node = Node { what: "rabbitmq-server", child, log };
     // A node boots in seconds; a loaded machine may need a good deal more.
-    node.wait_for_port(port, Duration::from_secs(180));
+    node.wait_for_port(port, Duration::from_secs(180)).await;
     (node, format!("amqps://guest:guest@127.0.0.1:{port}/%2f"))
 }
 
@@ -244,8 +239,7 @@ async fn redis_ping(url: &str, tls: &Tls) -> Result<(), String> {
     }
 }
 
-/// A channel through wxpush's RabbitMQ connection made with `tls`; the error and its causes
-/// when it fails.
+/// A channel through wxpush's RabbitMQ connection made with `tls`; the error text when it fails.
 async fn amqp_channel(url: &str, tls: Tls) -> Result<(lapin::Connection, lapin::Channel), String> {
     let connection = Nodes::new(url).with_tls(Arc::new(tls)).connect("wxpush tls test").await.map_err(|e| {
         let causes = std::iter::successors(Some(&e as &dyn std::error::Error), |e| e.source());
@@ -257,13 +251,11 @@ async fn amqp_channel(url: &str, tls: Tls) -> Result<(lapin::Connection, lapin::
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_and_rabbitmq_over_tls_signed_by_a_private_ca() {
-    let scratch = Scratch(std::env::temp_dir().join(unique("tls")));
+    let scratch = Scratch(scratch_dir(&unique("tls")));
     std::fs::create_dir_all(&scratch.0).unwrap();
     let pki = Pki::create(&scratch.0);
-    let (_redis, redis_url) = start_redis(&scratch.0, &pki);
-    let (dir, pki_files) = (scratch.0.clone(), pki.clone());
-    let rabbit = tokio::task::spawn_blocking(move || start_rabbitmq(&dir, &pki_files));
-    let (_rabbitmq, amqp_url) = rabbit.await.expect("the RabbitMQ node starts");
+    let ((_redis, redis_url), (_rabbitmq, amqp_url)) =
+        tokio::join!(start_redis(&scratch.0, &pki), start_rabbitmq(&scratch.0, &pki));
 
     // The library: reached with the CA and the client certificate ...
     redis_ping(&redis_url, &pki.tls(true, true)).await.expect("Redis over TLS with the private CA");
@@ -290,8 +282,8 @@ async fn redis_and_rabbitmq_over_tls_signed_by_a_private_ca() {
         ("WXPUSH_TLS_KEY_FILE", pki.client_key.display().to_string()),
     ];
     let env: Vec<(&str, &str)> = files.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let worker = CapturedWorker::start(&cfg, &env);
-    let (code, body) = worker.until("/readyz", Duration::from_secs(60), |code, _| code == 200).await;
+    let worker = WorkerProcess::captured(&cfg, &env);
+    let (code, body) = worker.admin.until("/readyz", Duration::from_secs(60), |code, _| code == 200).await;
     assert_eq!((code, body.as_str()), (200, "rabbitmq: up\nredis: up\n"), "{}", worker.stdout_so_far());
 
     // A job goes through: RabbitMQ in and out, Redis for the token and the ledger.
@@ -330,23 +322,18 @@ async fn redis_and_rabbitmq_over_tls_signed_by_a_private_ca() {
     let delivery = result.expect("a result within 30 s").expect("a delivery").expect("no consumer error");
     assert_eq!(delivery.routing_key.as_str(), "send.succeeded", "{}", String::from_utf8_lossy(&delivery.data));
     let _ = connection.close(200, "done".into()).await;
-    let (stdout, _) = worker.stop();
+    let (stdout, _) = worker.stop().await;
     assert!(!stdout.contains("UnknownIssuer"), "{stdout}");
 
     // The same worker without the CA: not ready, and its log says why.
-    let worker = CapturedWorker::start(&cfg, &[]);
+    let worker = WorkerProcess::captured(&cfg, &[]);
     let line_of = |logs: &str, what: &str| logs.lines().find(|l| l.contains(what)).map(str::to_owned);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut logs = worker.stdout_so_far();
-    while Instant::now() < deadline
-        && (line_of(&logs, "RabbitMQ unavailable").is_none() || line_of(&logs, "Redis is unreachable").is_none())
-    {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        logs = worker.stdout_so_far();
-    }
+    let both = |logs: &str| ["RabbitMQ unavailable", "Redis is unreachable"].iter().all(|w| line_of(logs, w).is_some());
+    eventually(Duration::from_secs(30), || std::future::ready(both(&worker.stdout_so_far()))).await;
+    let logs = worker.stdout_so_far();
     for what in ["RabbitMQ unavailable", "Redis is unreachable"] {
         let line = line_of(&logs, what).unwrap_or_else(|| panic!("no `{what}` line:\n{logs}"));
         assert!(line.contains("UnknownIssuer"), "the log says why: {line}");
     }
-    assert_eq!(worker.get("/readyz").await, (503, "rabbitmq: down\nredis: down\n".to_owned()));
+    assert_eq!(worker.admin.get("/readyz").await, (503, "rabbitmq: down\nredis: down\n".to_owned()));
 }

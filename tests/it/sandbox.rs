@@ -2,18 +2,17 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    future::Future,
     sync::{Arc, Mutex},
     time::Duration,
 };
 
+use crate::harness::{eventually, start_sandbox};
+use crate::wx::{
+    Cipher, Faults, ReceiptSettings, Sandbox, SandboxAccount, SandboxConfig, WebhookTarget, crypto, original_id,
+};
 use axum::{Router, extract::RawQuery, http::StatusCode, routing::post};
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
-use wxpush::{
-    domain::crypto::{self, Cipher},
-    sandbox::{Faults, ReceiptSettings, Sandbox, SandboxAccount, SandboxConfig, WebhookTarget, original_id},
-};
 
 const APPID: &str = "wx0000000000000001";
 const SECRET: &str = "s3cret";
@@ -23,29 +22,8 @@ fn config() -> SandboxConfig {
     SandboxConfig { accounts: vec![SandboxAccount::new(APPID, SECRET)], ..SandboxConfig::default() }
 }
 
-async fn start(config: SandboxConfig) -> Sandbox {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    Sandbox::start(config, listener).await.expect("start")
-}
-
 fn http() -> reqwest::Client {
     reqwest::Client::builder().no_proxy().build().expect("client")
-}
-
-/// Polls `check` every 20 ms for up to `secs` seconds.
-async fn eventually<F, Fut>(secs: u64, mut check: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
-    while tokio::time::Instant::now() < deadline {
-        if check().await {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    false
 }
 
 struct Api {
@@ -119,7 +97,7 @@ fn errcode(v: &Value) -> i64 {
 
 #[tokio::test]
 async fn stable_token_is_the_same_until_the_overlap_then_new_and_both_valid() {
-    let sb = start(SandboxConfig {
+    let sb = start_sandbox(SandboxConfig {
         token_lifetime: Duration::from_secs(3),
         token_overlap: Duration::from_secs(1),
         ..config()
@@ -134,19 +112,19 @@ async fn stable_token_is_the_same_until_the_overlap_then_new_and_both_valid() {
     assert!((1..=3).contains(&left));
 
     // Less than the overlap left: a new token, and the old one still works until its end.
-    let mut b = a.clone();
-    for _ in 0..200 {
-        b = api.stable(false).await.0;
-        if b != a {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let latest = std::cell::RefCell::new(a.clone());
+    eventually(Duration::from_secs(4), || async {
+        let token = api.stable(false).await.0;
+        *latest.borrow_mut() = token;
+        *latest.borrow() != a
+    })
+    .await;
+    let b = latest.into_inner();
     assert_ne!(b, a, "a new token once less than the overlap is left");
     assert_eq!(errcode(&api.send_to(&a, "u-old", None).await), 0, "old token valid during the overlap");
     assert_eq!(errcode(&api.send_to(&b, "u-new", None).await), 0);
     // The old one expires on its own clock (42001); the new one goes on.
-    assert!(eventually(3, || async { errcode(&api.send_to(&a, "u", None).await) == 42001 }).await);
+    assert!(eventually(Duration::from_secs(3), || async { errcode(&api.send_to(&a, "u", None).await) == 42001 }).await);
     assert_eq!(errcode(&api.send_to(&b, "u", None).await), 0);
     assert_eq!(sb.stats().tokens_issued, 2);
     assert_eq!(sb.stats().errors.get(&42001), Some(&1));
@@ -154,7 +132,7 @@ async fn stable_token_is_the_same_until_the_overlap_then_new_and_both_valid() {
 
 #[tokio::test]
 async fn classic_token_rotates_and_the_previous_lives_for_the_overlap() {
-    let sb = start(SandboxConfig {
+    let sb = start_sandbox(SandboxConfig {
         token_lifetime: Duration::from_secs(60),
         token_overlap: Duration::from_secs(1),
         ..config()
@@ -167,7 +145,7 @@ async fn classic_token_rotates_and_the_previous_lives_for_the_overlap() {
     let b = api.classic(APPID, SECRET).await["access_token"].as_str().expect("token").to_owned();
     assert_ne!(a, b, "every classic call issues a new token");
     assert_eq!(errcode(&api.send_to(&a, "u", None).await), 0, "previous token valid during the overlap");
-    assert!(eventually(4, || async { errcode(&api.send_to(&a, "u", None).await) == 40001 }).await);
+    assert!(eventually(Duration::from_secs(4), || async { errcode(&api.send_to(&a, "u", None).await) == 40001 }).await);
     assert_eq!(errcode(&api.send_to(&b, "u", None).await), 0);
     // Classic and stable tokens are isolated: a stable call does not touch b.
     let (s, _) = api.stable(false).await;
@@ -179,7 +157,7 @@ async fn classic_token_rotates_and_the_previous_lives_for_the_overlap() {
 
 #[tokio::test]
 async fn force_refresh_rotates_once_per_30_seconds_and_keeps_the_old_for_the_overlap() {
-    let sb = start(config()).await;
+    let sb = start_sandbox(config()).await;
     let api = Api::new(&sb);
     let (a, _) = api.stable(false).await;
     let (b, expires_in) = api.stable(true).await;
@@ -194,7 +172,7 @@ async fn force_refresh_rotates_once_per_30_seconds_and_keeps_the_old_for_the_ove
 
 #[tokio::test]
 async fn token_endpoints_refuse_wrong_credentials_with_wechats_errcodes() {
-    let sb = start(config()).await;
+    let sb = start_sandbox(config()).await;
     let api = Api::new(&sb);
     assert_eq!(errcode(&api.classic("wxnope", SECRET).await), 40013);
     let wrong = api.classic(APPID, "wrong").await;
@@ -221,7 +199,7 @@ async fn token_endpoints_refuse_wrong_credentials_with_wechats_errcodes() {
 
 #[tokio::test]
 async fn sends_refuse_missing_unknown_revoked_tokens() {
-    let sb = start(config()).await;
+    let sb = start_sandbox(config()).await;
     let api = Api::new(&sb);
     let body = message("u", None).to_string().into_bytes();
     let (_, v) = api.send_raw(None, body.clone()).await;
@@ -246,7 +224,7 @@ async fn sends_refuse_missing_unknown_revoked_tokens() {
 
 #[tokio::test]
 async fn invalid_requests_and_triggers_answer_the_documented_errcodes() {
-    let sb = start(config()).await;
+    let sb = start_sandbox(config()).await;
     let api = Api::new(&sb);
     let (t, _) = api.stable(false).await;
     let (status, v) = api.send_raw(Some(&t), b"touser=x".to_vec()).await;
@@ -280,7 +258,7 @@ async fn invalid_requests_and_triggers_answer_the_documented_errcodes() {
 
 #[tokio::test]
 async fn client_msg_id_makes_one_message_within_the_window() {
-    let sb = start(config()).await;
+    let sb = start_sandbox(config()).await;
     let api = Api::new(&sb);
     let (t, _) = api.stable(false).await;
     let first = api.send_to(&t, "u1", Some("job-1")).await;
@@ -303,7 +281,7 @@ async fn client_msg_id_makes_one_message_within_the_window() {
 
 #[tokio::test]
 async fn msgids_are_unique_64_bit_and_above_2_pow_62() {
-    let sb = start(config()).await;
+    let sb = start_sandbox(config()).await;
     let api = Arc::new(Api::new(&sb));
     let (t, _) = api.stable(false).await;
     let tasks: Vec<_> = (0..200)
@@ -328,7 +306,7 @@ async fn msgids_are_unique_64_bit_and_above_2_pow_62() {
 
 #[tokio::test]
 async fn fault_rates_are_roughly_honoured_and_latency_added() {
-    let sb = start(config()).await;
+    let sb = start_sandbox(config()).await;
     let api = Api::new(&sb);
     let (t, _) = api.stable(false).await;
     let faults = json!({"system_error_rate": 0.3, "http_503_rate": 0.2});
@@ -360,7 +338,7 @@ async fn fault_rates_are_roughly_honoured_and_latency_added() {
 
 #[tokio::test]
 async fn a_slow_answer_is_sent_before_it_is_answered() {
-    let sb = start(config()).await;
+    let sb = start_sandbox(config()).await;
     let api = Api::new(&sb);
     let (t, _) = api.stable(false).await;
     sb.set_faults(Faults { slow_rate: 1.0, slow_ms: 5_000, ..Faults::default() });
@@ -378,7 +356,7 @@ async fn a_slow_answer_is_sent_before_it_is_answered() {
 
 #[tokio::test]
 async fn per_second_cap_answers_45011_until_the_next_second() {
-    let sb = start(config()).await;
+    let sb = start_sandbox(config()).await;
     let api = Arc::new(Api::new(&sb));
     let (t, _) = api.stable(false).await;
     sb.set_faults(Faults { per_second_cap: Some(5), ..Faults::default() });
@@ -397,12 +375,12 @@ async fn per_second_cap_answers_45011_until_the_next_second() {
     assert_eq!(ok + capped, 30);
     // The burst may straddle a second boundary, hence up to two seconds' worth.
     assert!((5..=10).contains(&ok), "accepted {ok}");
-    assert!(eventually(3, || async { errcode(&api.send_to(&t, "later", None).await) == 0 }).await);
+    assert!(eventually(Duration::from_secs(3), || async { errcode(&api.send_to(&t, "later", None).await) == 0 }).await);
 }
 
 #[tokio::test]
 async fn daily_cap_answers_45009_until_reset() {
-    let sb = start(config()).await;
+    let sb = start_sandbox(config()).await;
     let api = Api::new(&sb);
     let (t, _) = api.stable(false).await;
     sb.set_faults(Faults { daily_cap: Some(3), ..Faults::default() });
@@ -466,7 +444,7 @@ async fn with_webhook(hook: &Hook, aes: bool, receipts: ReceiptSettings) -> Sand
     let mut account = SandboxAccount::new(APPID, SECRET);
     account.webhook =
         Some(WebhookTarget { url, token: "hooktoken".into(), encoding_aes_key: aes.then(|| AES_KEY.to_owned()) });
-    start(SandboxConfig { accounts: vec![account], receipts, ..SandboxConfig::default() }).await
+    start_sandbox(SandboxConfig { accounts: vec![account], receipts, ..SandboxConfig::default() }).await
 }
 
 fn fast_receipts() -> ReceiptSettings {
@@ -493,12 +471,12 @@ async fn plaintext_receipts_are_signed_and_carry_the_msgid() {
     let (t, _) = api.stable(false).await;
     let sent = api.send_to(&t, "user-block-1", Some("r1")).await;
     let msgid = sent["msgid"].as_u64().expect("msgid");
-    assert!(eventually(5, || async { hook.pushes().len() == 1 }).await);
+    assert!(eventually(Duration::from_secs(5), || async { hook.pushes().len() == 1 }).await);
     // A duplicate pushes nothing new: the next message's receipt is the second push.
     assert_eq!(api.send_to(&t, "user-block-1", Some("r1")).await["msgid"], sent["msgid"]);
     let next = api.send_to(&t, "sysfail-2", None).await["msgid"].as_u64().expect("msgid");
-    assert!(eventually(5, || async { hook.pushes().len() >= 2 }).await);
-    assert!(eventually(5, || async { sb.stats().receipts_acked == 2 }).await);
+    assert!(eventually(Duration::from_secs(5), || async { hook.pushes().len() >= 2 }).await);
+    assert!(eventually(Duration::from_secs(5), || async { sb.stats().receipts_acked == 2 }).await);
 
     let pushes = hook.pushes();
     assert_eq!(pushes.len(), 2);
@@ -529,7 +507,7 @@ async fn safe_mode_receipts_decrypt_to_the_event() {
     let api = Api::new(&sb);
     let (t, _) = api.stable(false).await;
     let msgid = api.send_to(&t, "oia2TjuEGTNoeX76QEjQNrcURxG8", None).await["msgid"].as_u64().expect("msgid");
-    assert!(eventually(5, || async { hook.pushes().len() == 1 }).await);
+    assert!(eventually(Duration::from_secs(5), || async { hook.pushes().len() == 1 }).await);
     let (query, body) = hook.pushes().remove(0);
     check_signature(&query);
     assert_eq!(query["encrypt_type"], "aes");
@@ -560,7 +538,7 @@ async fn unanswered_receipts_are_pushed_again_then_abandoned() {
     let api = Api::new(&sb);
     let (t, _) = api.stable(false).await;
     api.send_to(&t, "u1", None).await;
-    assert!(eventually(5, || async { sb.stats().receipts_acked == 1 }).await);
+    assert!(eventually(Duration::from_secs(5), || async { sb.stats().receipts_acked == 1 }).await);
     let pushes = hook.pushes();
     assert_eq!(pushes.len(), 3, "500, a wrong body, then success");
     assert!(pushes.iter().all(|(_, body)| body == &pushes[0].1), "the same content every time");
@@ -573,7 +551,7 @@ async fn unanswered_receipts_are_pushed_again_then_abandoned() {
     // A webhook that never answers success: 1 + max_repushes pushes, then abandoned.
     hook.script.lock().expect("lock").extend([(StatusCode::INTERNAL_SERVER_ERROR, ""); 3]);
     api.send_to(&t, "u2", None).await;
-    assert!(eventually(5, || async { sb.stats().receipts_abandoned == 1 }).await);
+    assert!(eventually(Duration::from_secs(5), || async { sb.stats().receipts_abandoned == 1 }).await);
     let stats = sb.stats();
     assert_eq!((stats.receipts_pushed, stats.receipts_acked), (6, 1));
 }
@@ -594,6 +572,7 @@ async fn a_push_answered_too_late_is_pushed_again() {
                     *c
                 };
                 if n == 1 {
+                    // The behaviour under test: an answer later than the sandbox waits for.
                     tokio::time::sleep(Duration::from_secs(2)).await;
                 }
                 "success"
@@ -607,11 +586,11 @@ async fn a_push_answered_too_late_is_pushed_again() {
     let mut account = SandboxAccount::new(APPID, SECRET);
     account.webhook = Some(WebhookTarget { url: slow_url, token: "hooktoken".into(), encoding_aes_key: None });
     let receipts = ReceiptSettings { answer_timeout_ms: 300, ..fast_receipts() };
-    let sb = start(SandboxConfig { accounts: vec![account], receipts, ..SandboxConfig::default() }).await;
+    let sb = start_sandbox(SandboxConfig { accounts: vec![account], receipts, ..SandboxConfig::default() }).await;
     let api = Api::new(&sb);
     let (t, _) = api.stable(false).await;
     api.send_to(&t, "u", None).await;
-    assert!(eventually(5, || async { sb.stats().receipts_acked == 1 }).await);
+    assert!(eventually(Duration::from_secs(5), || async { sb.stats().receipts_acked == 1 }).await);
     assert_eq!(sb.stats().receipts_pushed, 2);
 }
 
@@ -619,7 +598,7 @@ async fn a_push_answered_too_late_is_pushed_again() {
 
 #[tokio::test]
 async fn admin_api_reports_and_refuses_bad_faults() {
-    let sb = start(config()).await;
+    let sb = start_sandbox(config()).await;
     let api = Api::new(&sb);
     let (t, _) = api.stable(false).await;
     let msgid = api.send_to(&t, "u", Some("c")).await["msgid"].as_u64().expect("msgid");
@@ -683,6 +662,6 @@ async fn load_smoke() {
     let sent = per_task * 64;
     println!("{sent} sends in {elapsed:?}: {:.0}/s", sent as f64 / elapsed.as_secs_f64());
     let expected = if receipts { sent as u64 } else { 0 };
-    assert!(eventually(30, || async { sb.stats().receipts_acked == expected }).await);
+    assert!(eventually(Duration::from_secs(30), || async { sb.stats().receipts_acked == expected }).await);
     println!("all receipts acked after {:?}; stats {:?}", started.elapsed(), sb.stats());
 }

@@ -4,8 +4,7 @@
 //! (Starting and installing services is not exercised here: the shared services are never
 //! stopped for a test.)
 
-#[path = "common/services.rs"]
-mod services;
+use crate::harness::{is_alone, run_alone, services};
 
 use std::{net::TcpListener, path::PathBuf, process::Command};
 
@@ -45,23 +44,16 @@ fn usage_without_a_command() {
     assert!(text.contains("scripts/services up"), "{text}");
 }
 
-/// Runs only inside the child the next test starts: asks the harness for the services.
-#[test]
-fn harness_child() {
-    if std::env::var_os("WXPUSH_TEST_HARNESS_CHILD").is_some() {
-        let _ = services::amqp_url();
-    }
-}
-
 #[test]
 fn without_services_a_test_binary_stops_with_one_line_saying_how_to_start_them() {
+    const TEST: &str = "scripts::without_services_a_test_binary_stops_with_one_line_saying_how_to_start_them";
+    if is_alone(TEST) {
+        // In the process started below: the first use of the services ends it.
+        let _ = services::amqp_url();
+        return;
+    }
     let port = closed_port();
-    let out = Command::new(std::env::current_exe().expect("this test binary"))
-        .args(["--exact", "harness_child", "--test-threads", "1"])
-        .env("WXPUSH_TEST_HARNESS_CHILD", "1")
-        .env("WXPUSH_TEST_REDIS_URL", format!("redis://127.0.0.1:{port}/"))
-        .output()
-        .expect("the child runs");
+    let out = run_alone(TEST, &[("WXPUSH_TEST_REDIS_URL", format!("redis://127.0.0.1:{port}/"))]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
     assert_eq!(out.status.code(), Some(2), "the binary stops at once: {stderr}");

@@ -11,9 +11,10 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use crate::harness::{is_alone, run_alone};
+use crate::wx::{Config, ENV_VARS, install_metrics};
 use serde::Deserialize;
 use serde_json::Value;
-use wxpush::config::{Config, ENV_VARS};
 
 /// The ports the programs listen on or connect to: webhook, worker metrics, webhook admin,
 /// sandbox, RabbitMQ (AMQP and management), Redis.
@@ -354,10 +355,7 @@ fn compose_runs_the_demo_with_real_programs_variables_and_ports() {
     assert_eq!(url::Url::parse(&config.amqp_url).unwrap().host_str(), Some("rabbitmq"));
     assert_eq!(url::Url::parse(&config.redis_url).unwrap().host_str(), Some("redis"));
     let grace = compose_duration_secs(&str_of(&worker["stop_grace_period"]));
-    assert!(
-        grace > config.shutdown_grace.as_secs() as f64,
-        "Docker's SIGKILL ({grace} s) comes after the worker's grace"
-    );
+    assert!(grace > config.shutdown_grace.as_secs_f64(), "Docker's SIGKILL ({grace} s) comes after the worker's grace");
 
     let (webhook_name, webhook, webhook_env, _) = &programs["wxpush-webhook"];
     let webhook_config = effective_config("compose webhook", "", webhook_env);
@@ -367,7 +365,7 @@ fn compose_runs_the_demo_with_real_programs_variables_and_ports() {
     assert_eq!(hook.path(), "/wechat", "the URL of the account `default`");
     assert!(webhook_config.webhook_listen.ip().is_unspecified());
     let grace = compose_duration_secs(&str_of(&webhook["stop_grace_period"]));
-    assert!(grace > webhook_config.shutdown_grace.as_secs() as f64);
+    assert!(grace > webhook_config.shutdown_grace.as_secs_f64());
     // WeChat's port is published; the admin port (metrics, probes) stays inside the network,
     // and the healthcheck asks it.
     let admin = webhook_config.webhook_admin_listen;
@@ -736,9 +734,8 @@ fn every_base_image_is_pinned_and_every_download_can_use_a_mirror() {
 
 #[test]
 fn the_compose_services_are_the_ones_the_tests_expect() {
-    // tests/common/services.rs: the suite's defaults, which scripts/services up starts compose for.
-    #[path = "common/services.rs"]
-    mod services;
+    // The suite's defaults (harness/services.rs), which scripts/services up starts compose for.
+    use crate::harness::services;
     let compose = &yaml_documents(&root().join("deploy/docker-compose.yml"))[0];
     let services = compose["services"].as_object().unwrap();
     let tests_amqp = url::Url::parse(services::DEFAULT_AMQP_URL).unwrap();
@@ -1046,10 +1043,18 @@ fn the_dashboard_shows_every_metric_the_code_emits_and_no_other() {
 
 #[test]
 fn histograms_the_dashboard_takes_quantiles_of_render_buckets() {
+    // The worker's recorder is the process' global one: it gets a test process of its own.
+    const TEST: &str = "deploy::histograms_the_dashboard_takes_quantiles_of_render_buckets";
+    if !is_alone(TEST) {
+        let out = run_alone(TEST, &[]);
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success() && text.contains("1 passed"), "{TEST} in a process of its own:\n{text}");
+        return;
+    }
     // Without configured buckets the exporter renders a summary, and histogram_quantile over
     // `_bucket` finds nothing: render them the way the programs do.
     // Every program installs the same recorder, the webhook's histograms' buckets included.
-    let handle = wxpush::telemetry::install_metrics().expect("the first recorder of this test process");
+    let handle = install_metrics().expect("the first recorder of this test process");
     let mut checked = 0;
     for expr in dashboard_queries(&dashboard()).iter().filter(|e| e.contains("histogram_quantile")) {
         for name in metric_names(expr) {

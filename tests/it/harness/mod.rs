@@ -1,45 +1,54 @@
-//! Shared helpers of the integration tests: a fresh namespace per test (queues, exchange, Redis
-//! prefix), the sandbox standing in for WeChat, and in-process workers, all against the real
-//! RabbitMQ and Redis that `services` names (local by default). Everything a test created is removed when its `TestEnv` drops,
-//! even when the test fails.
-#![allow(dead_code)]
+//! The one harness of the integration tests: a fresh namespace per test (queues, exchange,
+//! Redis prefix), the sandbox standing in for WeChat, workers in this process or as processes
+//! of their own, forwarders a test can take away, throwaway clusters and the webhook's rig, all
+//! against the real RabbitMQ and Redis that `services` names (local by default). Everything a
+//! test created is removed when its guard drops, even when the test fails.
 
-pub mod captured;
 pub mod cluster;
+pub mod forward;
+pub mod programs;
 pub mod services;
+pub mod webhook;
 
 use std::{
-    process::{Child, Command, Stdio},
-    sync::{Arc, Mutex},
+    future::Future,
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::{Arc, Mutex, OnceLock, PoisonError},
     time::{Duration, Instant},
 };
 
+use crate::wx::{
+    Account, Config, Health, Sandbox, SandboxAccount, SandboxConfig, TokenApi, Topology, declare_results_exchange,
+    describe_metrics, install_metrics, run_worker, unrouted_name,
+};
 use futures_util::StreamExt;
 use lapin::{
     BasicProperties, Channel, Connection, ConnectionProperties, Consumer,
-    options::{
-        BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, ExchangeDeleteOptions, QueueBindOptions,
-        QueueDeclareOptions, QueueDeleteOptions,
-    },
-    types::{FieldTable, ShortString},
+    message::Delivery,
+    options::{BasicAckOptions, BasicPublishOptions, ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions},
+    types::{AMQPValue, FieldTable, ShortString},
 };
+use metrics_exporter_prometheus::PrometheusHandle;
 use secrecy::SecretString;
 use serde_json::{Value, json};
-use tokio::{net::TcpListener, task::JoinHandle};
+use tokio::{net::TcpListener, runtime::RuntimeFlavor, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
-use wxpush::{
-    config::{Account, Config, TokenApi},
-    health::Health,
-    sandbox::{Sandbox, SandboxAccount, SandboxConfig},
-};
 
-// Not every test binary uses every one.
-#[allow(unused_imports)]
-pub use services::{
-    amqp_addr, amqp_url, amqp_url_as, amqp_url_at, rabbitmqctl, redis_addr, redis_url, redis_url_as, redis_url_at,
-};
+pub use forward::Forwarder;
+pub use programs::{Admin, WorkerProcess};
+pub use services::{amqp_url, amqp_url_as, amqp_url_at, rabbitmqctl, redis_url, redis_url_as};
 pub const APPID: &str = "wxtest0000000001";
 pub const SECRET: &str = "test-secret-0001";
+
+/// Where a test keeps the data of servers of its own (RabbitMQ and Redis nodes): `name` in
+/// memory where the machine has it, so that their logs and commits never wait for a disk that
+/// other builds keep busy (a killed process loses nothing either way).
+pub fn scratch_dir(name: &str) -> PathBuf {
+    let shm = Path::new("/dev/shm");
+    let base = if shm.is_dir() { shm.to_path_buf() } else { std::env::temp_dir() };
+    base.join(name)
+}
 
 /// A unique name for this test's resources.
 pub fn unique(tag: &str) -> String {
@@ -96,10 +105,31 @@ pub async fn start_sandbox(mut sandbox: SandboxConfig) -> Sandbox {
     Sandbox::start(sandbox, listener).await.expect("start the sandbox")
 }
 
+/// A sandbox whose tokens live `lifetime` (and the previous one 1.5 s longer).
+pub async fn sandbox_with_token_lifetime(lifetime: Duration) -> Sandbox {
+    start_sandbox(SandboxConfig {
+        token_lifetime: lifetime,
+        token_overlap: Duration::from_millis(1500),
+        ..Default::default()
+    })
+    .await
+}
+
+/// Held by the tests that measure send rates (which a starved machine bunches up) and by those
+/// that load it most (the failover clusters): they run one at a time, so that they do not skew
+/// each other on a small machine. (Token tests count requests per lifetime, which a busy
+/// machine can only lower.)
+pub async fn timed() -> tokio::sync::MutexGuard<'static, ()> {
+    static TIMED: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    TIMED.lock().await
+}
+
 /// A worker running in this process, with its own connections.
 pub struct WorkerHandle {
     pub cancel: CancellationToken,
     pub join: JoinHandle<()>,
+    /// What its `/readyz` would say.
+    pub health: Arc<Health>,
 }
 
 impl WorkerHandle {
@@ -110,13 +140,60 @@ impl WorkerHandle {
 }
 
 pub fn spawn_worker(config: &Config) -> WorkerHandle {
-    let cancel = CancellationToken::new();
-    let config = config.clone();
-    let c = cancel.clone();
+    let (cancel, health) = (CancellationToken::new(), Health::new());
+    let (config, c, h) = (config.clone(), cancel.clone(), Arc::clone(&health));
     let join = tokio::spawn(async move {
-        wxpush::worker::run(config, c, Health::new()).await.expect("worker runs");
+        run_worker(config, c, h).await.expect("worker runs");
     });
-    WorkerHandle { cancel, join }
+    WorkerHandle { cancel, join, health }
+}
+
+/// How often the harness asks while it waits for something to happen.
+pub const POLL: Duration = Duration::from_millis(20);
+
+/// Asks `check` until it holds or `timeout` passes (at once, then every [`POLL`]); whether it
+/// held.
+pub async fn eventually<F, Fut>(timeout: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if check().await {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// Waits up to `timeout` for `child` to exit; its exit status.
+pub async fn exit_of(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => return Some(status),
+            _ if Instant::now() >= deadline => return None,
+            _ => tokio::time::sleep(POLL).await,
+        }
+    }
+}
+
+/// Declares `queue` (name, options, arguments), binds it to every routing key of `exchange` and
+/// consumes it: a downstream reader of the results.
+pub async fn observe(channel: &Channel, exchange: &str, queue: (&str, QueueDeclareOptions, FieldTable)) -> Consumer {
+    let (name, options, args) = queue;
+    channel.queue_declare(ShortString::from(name), options, args).await.expect("declare the observed queue");
+    let (every, no_args) = (ShortString::from("#"), FieldTable::default());
+    let bind =
+        channel.queue_bind(ShortString::from(name), ShortString::from(exchange), every, Default::default(), no_args);
+    bind.await.expect("bind the observed queue");
+    let tag = ShortString::from("test-observer");
+    let consume = channel.basic_consume(ShortString::from(name), tag, Default::default(), FieldTable::default());
+    consume.await.expect("consume the observed queue")
 }
 
 /// One received result or event.
@@ -132,7 +209,6 @@ pub struct Bus {
     pub connection: Connection,
     pub channel: Channel,
     consumer: Consumer,
-    results_queue: String,
 }
 
 pub struct TestEnv {
@@ -150,51 +226,19 @@ impl TestEnv {
         let connection =
             Connection::connect(amqp_url(), ConnectionProperties::default()).await.expect("RabbitMQ is up");
         let channel = connection.create_channel().await.expect("channel");
-        wxpush::amqp::declare_results_exchange(&channel, &config.results_exchange)
-            .await
-            .expect("declare the results exchange");
+        declare_results_exchange(&channel, &config.results_exchange).await.expect("declare the results exchange");
         let results_queue = format!("{ns}.observed");
-        channel
-            .queue_declare(
-                ShortString::from(results_queue.as_str()),
-                QueueDeclareOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .expect("declare the results queue");
-        channel
-            .queue_bind(
-                ShortString::from(results_queue.as_str()),
-                ShortString::from(config.results_exchange.as_str()),
-                ShortString::from("#"),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .expect("bind");
-        let consumer = channel
-            .basic_consume(
-                ShortString::from(results_queue.as_str()),
-                ShortString::from("test-observer"),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .expect("consume results");
+        let queue = (results_queue.as_str(), QueueDeclareOptions::default(), FieldTable::default());
+        let consumer = observe(&channel, &config.results_exchange, queue).await;
         let mut queues = vec![results_queue.clone(), config.jobs_queue.clone(), config.dead_letter_queue.clone()];
         for t in &config.retry.delay_tiers_secs {
             queues.push(format!("{}.delay.{t}s", config.jobs_queue));
         }
-        let unrouted = wxpush::amqp::unrouted_name(&config.results_exchange);
+        let unrouted = unrouted_name(&config.results_exchange);
         queues.push(unrouted.clone());
         queues.push(format!("exchange:{}", config.results_exchange));
         queues.push(format!("exchange:{unrouted}"));
-        TestEnv {
-            ns,
-            config,
-            bus: Bus { connection, channel, consumer, results_queue },
-            cleanup: Arc::new(Mutex::new(queues)),
-        }
+        TestEnv { ns, config, bus: Bus { connection, channel, consumer }, cleanup: Arc::new(Mutex::new(queues)) }
     }
 
     /// Also removes `queue` at the end.
@@ -204,7 +248,7 @@ impl TestEnv {
 
     /// Declares the jobs topology the way the worker does, so jobs can be published first.
     pub async fn declare_topology(&self) {
-        let topology = wxpush::amqp::Topology::from_config(&self.config);
+        let topology = Topology::from_config(&self.config);
         topology.declare(&self.bus.connection).await.expect("declare the topology");
     }
 
@@ -229,10 +273,16 @@ impl TestEnv {
             .expect("job published");
     }
 
-    /// The next result, or `None` after `timeout`.
-    pub async fn next_result(&mut self, timeout: Duration) -> Option<Received> {
+    /// The next message on the results exchange (acknowledged), or `None` after `timeout`.
+    pub async fn next_delivery(&mut self, timeout: Duration) -> Option<Delivery> {
         let delivery = tokio::time::timeout(timeout, self.bus.consumer.next()).await.ok()??.ok()?;
         delivery.ack(BasicAckOptions::default()).await.ok()?;
+        Some(delivery)
+    }
+
+    /// The next result, or `None` after `timeout`.
+    pub async fn next_result(&mut self, timeout: Duration) -> Option<Received> {
+        let delivery = self.next_delivery(timeout).await?;
         Some(Received {
             routing_key: delivery.routing_key.to_string(),
             body: serde_json::from_slice(&delivery.data).unwrap_or(Value::Null),
@@ -268,38 +318,40 @@ impl TestEnv {
         let _ = ch.close(200, ShortString::from("done")).await;
         q.message_count()
     }
-
-    /// Polls `check` every 50 ms until it holds or `timeout` passes.
-    pub async fn eventually<F, Fut>(timeout: Duration, mut check: F) -> bool
-    where
-        F: FnMut() -> Fut,
-        Fut: std::future::Future<Output = bool>,
-    {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if check().await {
-                return true;
-            }
-            if Instant::now() >= deadline {
-                return false;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
 }
 
 impl Drop for TestEnv {
     fn drop(&mut self) {
-        let names = std::mem::take(&mut *self.cleanup.lock().unwrap());
-        let prefix = self.ns.clone();
-        // Async clean-up cannot run in Drop; a thread with its own runtime does it, even after
-        // a failed assertion.
+        let names = std::mem::take(&mut *self.cleanup.lock().unwrap_or_else(PoisonError::into_inner));
+        finish_in_drop(cleanup(names, self.ns.clone()));
+    }
+}
+
+/// Runs blocking `f` (a process to wait for, a thread to join) from sync code such as a `Drop`
+/// inside a test's runtime, handing the runtime's other tasks to another worker meanwhile (on a
+/// multi-thread runtime; a current-thread one has none to hand over).
+pub fn blocking_in_place<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(handle) if handle.runtime_flavor() == RuntimeFlavor::MultiThread => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
+
+/// Runs blocking `f` (a script, a process) on the runtime's blocking threads.
+pub async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f).await.expect("a blocking task")
+}
+
+/// Runs async clean-up to its end from a `Drop`, which cannot await (also after a failed
+/// assertion): on a thread with a runtime of its own.
+pub fn finish_in_drop(clean_up: impl Future<Output = ()> + Send + 'static) {
+    blocking_in_place(|| {
         let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-            rt.block_on(cleanup(names, prefix));
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            runtime.block_on(clean_up);
         })
         .join();
-    }
+    });
 }
 
 async fn cleanup(names: Vec<String>, prefix: String) {
@@ -345,93 +397,52 @@ pub async fn delete_redis_prefix(prefix: &str) {
     }
 }
 
+/// Header `name` of a message, as text (values of other types as their debug text).
+pub fn header_text(props: &BasicProperties, name: &str) -> Option<String> {
+    match props.headers().as_ref()?.inner().get(name)? {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
+        other => Some(format!("{other:?}")),
+    }
+}
+
+/// The process' metrics recorder, shared by every test (labels of their own keep them apart):
+/// the webhook's exporter (buckets on every histogram) with the worker's HELP texts as well.
+pub fn recorder() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let handle = install_metrics().expect("the only recorder of the test process");
+            describe_metrics();
+            handle
+        })
+        .clone()
+}
+
+/// Set in a process [`run_alone`] starts: the test it runs.
+const ALONE: &str = "WXPUSH_TEST_ALONE";
+
+/// Whether this process was started by [`run_alone`] to run `test`.
+pub fn is_alone(test: &str) -> bool {
+    std::env::var(ALONE).is_ok_and(|t| t == test)
+}
+
+/// Runs `test` (its path in this binary, `module::name`) in a test process of its own, with
+/// `env` added: for what a process can do only once, such as installing its metrics recorder,
+/// or what ends it. Its output.
+pub fn run_alone(test: &str, env: &[(&str, String)]) -> std::process::Output {
+    Command::new(std::env::current_exe().expect("this test binary"))
+        .args(["--exact", test, "--test-threads", "1"])
+        .env(ALONE, test)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .output()
+        .expect("the test binary runs")
+}
+
 /// A plain Redis connection for assertions.
 pub async fn redis_conn() -> redis::aio::MultiplexedConnection {
     redis::Client::open(redis_url()).unwrap().get_multiplexed_async_connection().await.expect("Redis is up")
-}
-
-/// A worker process started from the real binary, configured like `cfg`.
-pub struct WorkerProcess {
-    child: Child,
-    _config_file: TempFile,
-}
-
-pub struct TempFile(std::path::PathBuf);
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
-impl WorkerProcess {
-    pub fn start(cfg: &Config) -> WorkerProcess {
-        Self::start_with_env(cfg, &[])
-    }
-
-    /// Like [`WorkerProcess::start`], with more environment variables (`HTTPS_PROXY`, …).
-    pub fn start_with_env(cfg: &Config, extra: &[(&str, &str)]) -> WorkerProcess {
-        Self::spawn(cfg, "warn", Stdio::null(), extra)
-    }
-
-    /// As [`start`](Self::start), with the worker's log (its stdout) at `level` going to `log`.
-    pub fn start_logging(cfg: &Config, level: &str, log: impl Into<Stdio>) -> WorkerProcess {
-        Self::spawn(cfg, level, log.into(), &[])
-    }
-
-    fn spawn(cfg: &Config, level: &str, log: Stdio, extra: &[(&str, &str)]) -> WorkerProcess {
-        let path = std::env::temp_dir().join(format!("{}-{}.toml", cfg.redis_prefix, uuid::Uuid::new_v4().simple()));
-        let toml = format!(
-            "job_lease_ms = {}\nhttp_timeout_ms = {}\nshutdown_grace_secs = {}\nmetrics_listen = \"127.0.0.1:0\"\n\
-             [token]\nrefresh_ahead_secs = {}\n[retry]\nmin_delay_ms = 20\nin_process_max_ms = 300\ndelay_tiers_secs = [1, 2, 5]\n",
-            cfg.job_lease.as_millis(),
-            cfg.http_timeout.as_millis(),
-            cfg.shutdown_grace.as_secs(),
-            cfg.token.refresh_ahead.as_secs_f64()
-        );
-        std::fs::write(&path, toml).expect("write the worker's config file");
-        let child = captured::worker_command(cfg, &path)
-            .env("WXPUSH_QUEUE_TYPE", cfg.queue_type.as_str())
-            .env("WXPUSH_CONCURRENCY", cfg.concurrency.to_string())
-            .env("WXPUSH_RATE_LIMIT", cfg.rate_limit.to_string())
-            .env("WXPUSH_APPID", APPID)
-            .env("WXPUSH_APPSECRET", SECRET)
-            .env("RUST_LOG", level)
-            .envs(extra.iter().copied())
-            .stdout(log)
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start wxpush-worker");
-        WorkerProcess { child, _config_file: TempFile(path) }
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    pub fn signal(&self, signal: &str) {
-        let status = Command::new("kill").arg(format!("-{signal}")).arg(self.child.id().to_string()).status().unwrap();
-        assert!(status.success(), "kill -{signal}");
-    }
-
-    /// Waits up to `timeout` for the process to exit; its exit status.
-    pub fn wait(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return Some(status);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        None
-    }
-}
-
-impl Drop for WorkerProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// The WXPUSH_* variables that give a program `cfg`'s services and names (and the account

@@ -5,8 +5,8 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::wx::{Cipher, crypto};
 use serde_json::Value;
-use wxpush::domain::crypto::{self, Cipher};
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -110,27 +110,35 @@ fn relative_links_and_their_anchors_resolve() {
     assert!(checked >= 20, "the scan finds the links ({checked})");
 }
 
-#[test]
-fn the_docs_and_code_name_only_files_the_repository_has() {
-    // Every `docs/….md` named anywhere exists.
-    let mut named = 0;
-    for dir in
-        ["README.md", "README.zh-CN.md", "docs", "examples", "src", "tests", "config", "deploy", "scripts", ".ci"]
-    {
-        for file in files(dir) {
-            let text = read(&file);
-            for (i, _) in text.match_indices("docs/") {
-                let rest = &text[i..];
-                let end = rest.find(|c: char| !(c.is_ascii_alphanumeric() || "/._-".contains(c))).unwrap_or(rest.len());
-                let path = rest[..end].trim_end_matches('.');
-                if path.ends_with(".md") {
-                    assert!(root().join(path).exists(), "{} names {path}, which does not exist", file.display());
-                    named += 1;
-                }
+/// The paths starting with `prefix` and ending with `suffix` that the files under `dirs` name,
+/// with the file naming each.
+fn named_paths(dirs: &[&str], prefix: &str, suffix: &str) -> Vec<(PathBuf, String)> {
+    let mut out = Vec::new();
+    for file in dirs.iter().flat_map(|d| files(d)) {
+        let text = read(&file);
+        for (i, _) in text.match_indices(prefix) {
+            let rest = &text[i..];
+            let end = rest.find(|c: char| !(c.is_ascii_alphanumeric() || "/._-".contains(c))).unwrap_or(rest.len());
+            let path = rest[..end].trim_end_matches('.');
+            if path.ends_with(suffix) {
+                out.push((file.clone(), path.to_owned()));
             }
         }
     }
-    assert!(named >= 10, "the scan finds the references ({named})");
+    out
+}
+
+#[test]
+fn the_docs_and_code_name_only_files_the_repository_has() {
+    // Every `docs/….md` and every test file (`tests/it/….rs`) named anywhere exists.
+    let everywhere =
+        ["README.md", "README.zh-CN.md", "docs", "examples", "src", "tests", "config", "deploy", "scripts", ".ci"];
+    let docs = named_paths(&everywhere, "docs/", ".md");
+    let tests = named_paths(&[&everywhere[..], &["benches"]].concat(), "tests/", ".rs");
+    for (file, path) in docs.iter().chain(&tests) {
+        assert!(root().join(path).exists(), "{} names {path}, which does not exist", file.display());
+    }
+    assert!(docs.len() >= 10 && tests.len() >= 10, "the scans find the references ({}, {})", docs.len(), tests.len());
     // The contract and the WeChat reference live in docs/, not outside the repository.
     for dir in ["README.md", "README.zh-CN.md", "docs", "examples", "config", "deploy", "scripts", ".ci", "src"] {
         for file in files(dir) {

@@ -2,43 +2,19 @@
 //! when a queue of the other kind is in the way), a list of RabbitMQ nodes, and the pool on a
 //! Redis Cluster (token sharing, the pool-wide rate limit, the idempotency ledger, every script).
 
-mod common;
+use std::time::{Duration, Instant};
 
-use std::{
-    net::SocketAddr,
-    sync::{
-        Arc,
-        atomic::{AtomicUsize, Ordering},
-    },
-    time::{Duration, Instant},
+use crate::harness::{cluster::RedisCluster, header_text, *};
+use crate::wx::{
+    Admission, AmqpError, Budget, Claim, Level, Pause, QueueType, ReconnectingPublisher, Redis, SandboxConfig,
+    Topology, check, declare_dead_letter_queue, declare_queue, json_properties, unrouted_name,
 };
-
-use chrono::{DateTime, Utc};
-use common::{cluster::RedisCluster, *};
 use lapin::{
     BasicProperties,
     options::{BasicGetOptions, ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions},
     types::{AMQPValue, FieldTable, ShortString},
 };
 use secrecy::{ExposeSecret, SecretString};
-use tokio::net::{TcpListener, TcpStream};
-use tokio_util::sync::CancellationToken;
-use wxpush::{
-    amqp::{AmqpError, ReconnectingPublisher, Topology, declare_queue, json_properties},
-    config::QueueType,
-    ctl::check::{Level, check},
-    health::Health,
-    sandbox::SandboxConfig,
-    store::{
-        Redis,
-        ledger::Claim,
-        limits::{Admission, Budget, Pause},
-    },
-};
-
-/// The token and rate tests measure what the sandbox sees per second: one at a time, so that
-/// they do not skew each other's timing on a small machine.
-static TIMED: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// Declares `queue` with `args` on a channel of its own (a refused declare closes its channel).
 async fn declare(env: &TestEnv, queue: &str, args: FieldTable) -> Result<(), AmqpError> {
@@ -55,25 +31,6 @@ fn with(mut args: FieldTable, key: &str, value: AMQPValue) -> FieldTable {
     args
 }
 
-fn header_text(props: &BasicProperties, name: &str) -> Option<String> {
-    match props.headers().as_ref()?.inner().get(name)? {
-        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
-        AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
-        other => Some(format!("{other:?}")),
-    }
-}
-
-/// A worker in this process whose readiness the test can watch.
-fn spawn_watched_worker(config: &wxpush::config::Config) -> (WorkerHandle, Arc<Health>) {
-    let health = Health::new();
-    let cancel = CancellationToken::new();
-    let (c, h, config) = (cancel.clone(), Arc::clone(&health), config.clone());
-    let join = tokio::spawn(async move {
-        wxpush::worker::run(config, c, h).await.expect("worker runs");
-    });
-    (WorkerHandle { cancel, join }, health)
-}
-
 /// The dead-letter queue of an older wxpush (quorum, no delivery limit) holds parked jobs, so
 /// the worker takes it as it is instead of refusing to start until someone deletes it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -87,7 +44,7 @@ async fn a_dead_letter_queue_declared_by_an_older_wxpush_is_taken_as_it_is() {
     // A new one gets the explicit limit: declaring it again with it passes, without it fails.
     let fresh = format!("{ns}.fresh.dead");
     env.remove_later(&fresh);
-    wxpush::amqp::declare_dead_letter_queue(&env.bus.connection, &fresh, QueueType::Quorum).await.expect("declare");
+    declare_dead_letter_queue(&env.bus.connection, &fresh, QueueType::Quorum).await.expect("declare");
     declare(&env, &fresh, topology.dead_letter_queue_args()).await.expect("same arguments");
     let limit =
         declare(&env, &fresh, with(FieldTable::default(), "x-queue-type", AMQPValue::LongString("quorum".into())))
@@ -157,7 +114,7 @@ async fn a_job_requeued_past_the_delivery_limit_ends_in_the_dead_letter_queue() 
     env.publish_raw(&body, BasicProperties::default()).await;
 
     let dlq = env.config.dead_letter_queue.clone();
-    let parked = TestEnv::eventually(Duration::from_secs(20), || async { env.queue_len(&dlq).await == 1 }).await;
+    let parked = eventually(Duration::from_secs(20), || async { env.queue_len(&dlq).await == 1 }).await;
     worker.stop().await;
     assert!(parked, "the job reached the dead-letter queue");
     let got = env
@@ -206,7 +163,7 @@ async fn a_queue_of_the_other_type_is_a_clear_error_the_worker_waits_out() {
     classic.queue_type = QueueType::Classic;
     classic.dead_letter_queue = format!("{ns}.classic.dead");
     classic.results_exchange = format!("{ns}.classic.results");
-    let classic_unrouted = wxpush::amqp::unrouted_name(&classic.results_exchange);
+    let classic_unrouted = unrouted_name(&classic.results_exchange);
     env.remove_later(&classic_unrouted);
     env.remove_later(&format!("exchange:{}", classic.results_exchange));
     env.remove_later(&format!("exchange:{classic_unrouted}"));
@@ -218,23 +175,23 @@ async fn a_queue_of_the_other_type_is_a_clear_error_the_worker_waits_out() {
         .await
         .expect("queue_type = classic takes the queue as it is");
 
-    let report = check(&env.config).await;
+    let report = check::check(&env.config).await;
     let problems: Vec<&str> = report.problems().map(|f| f.text.as_str()).collect();
     assert!(problems.iter().any(|p| p.contains(&format!("{jobs:?}")) && p.contains("inequivalent arg")), "{report}");
     assert!(report.findings.iter().any(|f| f.level == Level::Ok && f.text.contains("quorum")), "{report}");
 
     // The worker reaches the broker through a counting forwarder, to see it retry.
-    let node = Node::start().await;
+    let node = Forwarder::to_rabbitmq().await;
     let mut through_node = env.config.clone();
     through_node.amqp_url = node.url();
-    let (worker, health) = spawn_watched_worker(&through_node);
+    let worker = spawn_worker(&through_node);
     let started = Instant::now();
-    let retried = TestEnv::eventually(Duration::from_secs(10), || async { node.connections() >= 3 }).await;
+    let retried = eventually(Duration::from_secs(10), || async { node.connections() >= 3 }).await;
     assert!(retried, "the worker keeps trying: {} connections", node.connections());
     assert!(started.elapsed() >= Duration::from_millis(500), "with backoff, not in a spin: {:?}", started.elapsed());
     assert!(!worker.join.is_finished(), "the worker does not exit over a mismatch");
-    assert!(!health.is_ready(), "not ready while it cannot consume");
-    let closed = TestEnv::eventually(Duration::from_secs(5), || async { node.open() <= 1 }).await;
+    assert!(!worker.health.is_ready(), "not ready while it cannot consume");
+    let closed = eventually(Duration::from_secs(5), || async { node.open() <= 1 }).await;
     assert!(closed, "a failed attempt closes its connection: {} open", node.open());
 
     // The operator deletes the drained classic queue; the worker declares it anew and consumes.
@@ -247,74 +204,8 @@ async fn a_queue_of_the_other_type_is_a_clear_error_the_worker_waits_out() {
     env.publish_job(&job("after-fix", "u-after-fix")).await;
     let result = env.next_result(Duration::from_secs(20)).await.expect("the worker carried on");
     assert_eq!(result.routing_key, "send.succeeded", "{:?}", result.body);
-    assert!(health.is_ready());
+    assert!(worker.health.is_ready());
     worker.stop().await;
-}
-
-/// A TCP forwarder to RabbitMQ that counts its connections and can be switched off (listener
-/// closed, live connections cut), standing in for one node of a cluster.
-struct Node {
-    addr: SocketAddr,
-    connections: Arc<AtomicUsize>,
-    open: Arc<AtomicUsize>,
-    stop: CancellationToken,
-}
-
-impl Node {
-    async fn start() -> Node {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let node = Node {
-            addr: listener.local_addr().expect("addr"),
-            connections: Arc::new(AtomicUsize::new(0)),
-            open: Arc::new(AtomicUsize::new(0)),
-            stop: CancellationToken::new(),
-        };
-        let (stop, connections, open) = (node.stop.clone(), Arc::clone(&node.connections), Arc::clone(&node.open));
-        tokio::spawn(async move {
-            loop {
-                let (mut client, _) = tokio::select! {
-                    _ = stop.cancelled() => return,
-                    accepted = listener.accept() => match accepted {
-                        Ok(a) => a,
-                        Err(_) => continue,
-                    },
-                };
-                connections.fetch_add(1, Ordering::SeqCst);
-                open.fetch_add(1, Ordering::SeqCst);
-                let (stop, open) = (stop.clone(), Arc::clone(&open));
-                tokio::spawn(async move {
-                    if let Ok(mut server) = TcpStream::connect(amqp_addr()).await {
-                        tokio::select! {
-                            _ = stop.cancelled() => {}
-                            _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
-                        }
-                    }
-                    open.fetch_sub(1, Ordering::SeqCst);
-                });
-            }
-        });
-        node
-    }
-
-    fn url(&self) -> String {
-        amqp_url_at(&self.addr.to_string())
-    }
-
-    /// Connections made so far.
-    fn connections(&self) -> usize {
-        self.connections.load(Ordering::SeqCst)
-    }
-
-    /// Connections still open.
-    fn open(&self) -> usize {
-        self.open.load(Ordering::SeqCst)
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        self.stop.cancel();
-    }
 }
 
 /// `WXPUSH_AMQP_URL` naming three nodes, the first dead: the worker, the webhook's publisher
@@ -326,7 +217,7 @@ async fn a_list_of_brokers_is_tried_in_turn_and_a_lost_node_is_replaced() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         l.local_addr().expect("addr")
     };
-    let (a, b) = (Node::start().await, Node::start().await);
+    let (a, b) = (Forwarder::to_rabbitmq().await, Forwarder::to_rabbitmq().await);
     let ns = unique("nodes");
     let mut cfg = config(&ns, &sandbox.base_url());
     cfg.amqp_url = format!("{}, {}, {}", amqp_url_at(&dead.to_string()), a.url(), b.url());
@@ -347,13 +238,13 @@ async fn a_list_of_brokers_is_tried_in_turn_and_a_lost_node_is_replaced() {
     let event = env.next_result(Duration::from_secs(10)).await.expect("the event arrived");
     assert_eq!(event.correlation_id.as_deref(), Some("via-list"));
 
-    let report = check(&env.config).await;
+    let report = check::check(&env.config).await;
     assert!(report.findings.iter().any(|f| f.level == Level::Ok && f.text.contains(": connected")), "{report}");
     assert!(!report.findings.iter().any(|f| f.text.contains("RabbitMQ") && f.level == Level::Problem), "{report}");
 
     // The node the worker uses goes away: it reconnects to the one after it.
     let before = b.connections();
-    a.stop.cancel();
+    a.off();
     env.publish_job(&job("via-b", "u-b")).await;
     let result = env.next_result(Duration::from_secs(30)).await.expect("a result through the third node");
     assert_eq!(result.routing_key, "send.succeeded", "{:?}", result.body);
@@ -365,7 +256,7 @@ async fn a_list_of_brokers_is_tried_in_turn_and_a_lost_node_is_replaced() {
 /// whose keys live in different slots (a job's record and its msgid record).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_store_operation_works_on_a_redis_cluster() {
-    let cluster = RedisCluster::start();
+    let cluster = blocking(RedisCluster::start).await;
     let ns = unique("cstore");
     let redis = Redis::connect(&cluster.url(), &ns).await.expect("connect to the cluster");
     redis.ping().await.expect("PING");
@@ -429,120 +320,27 @@ async fn every_store_operation_works_on_a_redis_cluster() {
     assert_eq!(again, (Claim::Done(Vec::new()), None));
 }
 
-/// The idempotency ledger on a cluster: a job published twice, and once more later, is sent
-/// once; every copy gets the recorded result; the webhook can find the job by its msgid.
+/// As `reliability::a_duplicate_job_is_not_sent_again_and_gets_its_recorded_result`, the
+/// idempotency ledger on a Redis Cluster.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_duplicate_job_is_sent_once_on_a_redis_cluster() {
-    let cluster = RedisCluster::start();
-    let sandbox = start_sandbox(SandboxConfig::default()).await;
-    let ns = unique("cledger");
-    let mut cfg = config(&ns, &sandbox.base_url());
-    cfg.redis_url = cluster.url();
-    let mut env = TestEnv::new("cledger", cfg).await;
-    env.declare_topology().await;
-    let worker = spawn_worker(&env.config);
-    let body = job("dup-1", "u-dup");
-    env.publish_job(&body).await;
-    env.publish_job(&body).await;
-    let mut results = env.results(2, Duration::from_secs(20)).await;
-    env.publish_job(&body).await;
-    results.extend(env.results(1, Duration::from_secs(20)).await);
-    worker.stop().await;
-
-    assert_eq!(results.len(), 3, "every copy has a result");
-    assert!(results.iter().all(|r| r.routing_key == "send.succeeded"), "{results:?}");
-    let msgid = results[0].body["msgid"].as_u64().expect("a msgid");
-    assert!(results.iter().all(|r| r.body["msgid"].as_u64() == Some(msgid)), "one send, one msgid: {results:?}");
-    assert_eq!(sandbox.stats().sends_accepted, 1, "sent once");
-    let redis = Redis::connect(&cluster.url(), &ns).await.expect("connect to the cluster");
-    assert_eq!(redis.job_for_msgid(APPID, msgid).await.expect("msgid").as_deref(), Some("dup-1"));
+    let cluster = blocking(RedisCluster::start).await;
+    crate::reliability::a_duplicate_job_is_sent_once("cledger", &cluster.url()).await;
 }
 
-/// As `three_workers_share_one_token_through_expiry_and_revocation` (tests/worker.rs), with the
-/// token, its lock and its failure mark on a Redis Cluster.
+/// As `worker::three_workers_share_one_token_through_expiry_and_revocation`, with the token, its
+/// lock and its failure mark on a Redis Cluster.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_workers_share_one_token_on_a_redis_cluster() {
-    let _timed = TIMED.lock().await;
-    let cluster = RedisCluster::start();
-    let lifetime = Duration::from_secs(3);
-    let sandbox = start_sandbox(SandboxConfig {
-        token_lifetime: lifetime,
-        token_overlap: Duration::from_millis(1500),
-        ..SandboxConfig::default()
-    })
-    .await;
-    let ns = unique("ctoken");
-    let mut cfg = config(&ns, &sandbox.base_url());
-    cfg.redis_url = cluster.url();
-    let mut env = TestEnv::new("ctoken", cfg).await;
-    env.declare_topology().await;
-    let workers: Vec<_> = (0..3).map(|_| spawn_worker(&env.config)).collect();
-
-    let started = Instant::now();
-    let (total, batches) = (600, 10);
-    for b in 0..batches {
-        if b == batches / 2 {
-            sandbox.revoke_tokens();
-        }
-        for i in 0..total / batches {
-            env.publish_job(&job(&format!("ctok-{b}-{i}"), "oia2TjuEGTNoeX76QEjQNrcURxG8")).await;
-        }
-        tokio::time::sleep(Duration::from_millis(900)).await;
-    }
-    let results = env.results(total, Duration::from_secs(60)).await;
-    let elapsed = started.elapsed();
-    for w in workers {
-        w.stop().await;
-    }
-
-    assert_eq!(results.len(), total, "every job has a result");
-    let failed: Vec<_> = results.iter().filter(|r| r.routing_key != "send.succeeded").take(3).collect();
-    assert!(failed.is_empty(), "all jobs succeed; failures: {failed:?}");
-    let stats = sandbox.stats();
-    assert_eq!(stats.sends_accepted, total as u64);
-    assert!(stats.errors.get(&40001).copied().unwrap_or(0) > 0, "the revocation was felt: {stats:?}");
-    let lifetimes = (elapsed.as_secs_f64() / lifetime.as_secs_f64()).ceil() as u64;
-    eprintln!(
-        "cluster: {} token requests over {:.1} s ({lifetimes} lifetimes)",
-        stats.token_requests,
-        elapsed.as_secs_f64()
-    );
-    assert!(
-        stats.token_requests <= lifetimes + 2,
-        "{} token requests, {lifetimes} lifetimes: {stats:?}",
-        stats.token_requests
-    );
-    assert!(stats.token_requests >= 3, "tokens were refreshed across lifetimes: {stats:?}");
+    let cluster = blocking(RedisCluster::start).await;
+    crate::worker::three_workers_share_one_token("ctoken", 600, &cluster.url()).await;
 }
 
-/// As `three_worker_processes_hold_one_rate_limit` (tests/limits.rs), the limiter's state on a
-/// Redis Cluster.
+/// As `limits::three_worker_processes_hold_one_rate_limit`, the limiter's state on a Redis
+/// Cluster.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_worker_processes_hold_one_rate_limit_on_a_redis_cluster() {
-    let _timed = TIMED.lock().await;
-    let cluster = RedisCluster::start();
-    let sandbox = start_sandbox(SandboxConfig::default()).await;
-    let ns = unique("crate");
-    let mut cfg = config(&ns, &sandbox.base_url());
-    cfg.rate_limit = 100;
-    cfg.redis_url = cluster.url();
-    let mut env = TestEnv::new("crate", cfg).await;
-    env.declare_topology().await;
-    let total = 800;
-    for i in 0..total {
-        env.publish_job(&job(&format!("crate-{i}"), &format!("u-{i}"))).await;
-    }
-    let mut workers: Vec<_> = (0..3).map(|_| WorkerProcess::start(&env.config)).collect();
-    let results = env.results(total, Duration::from_secs(60)).await;
-    for w in &mut workers {
-        w.signal("TERM");
-        w.wait(Duration::from_secs(15));
-    }
-    assert_eq!(results.len(), total);
-    assert!(results.iter().all(|r| r.routing_key == "send.succeeded"));
-    let times: Vec<DateTime<Utc>> = sandbox.messages().iter().map(|m| m.accepted_at).collect();
-    let (most, mean) = window_stats(&times);
-    eprintln!("cluster, limit 100/s: at most {most} sends in a 1-second window, mean {mean:.1}/s");
-    assert!(most <= 110, "a 1-second window saw {most} sends (limit 100/s, burst 10 %)");
-    assert!(mean >= 90.0, "mean rate {mean:.1}/s");
+    let _timed = timed().await;
+    let cluster = blocking(RedisCluster::start).await;
+    crate::limits::three_worker_processes_hold_one_rate_limit_of_100("crate", 800, &cluster.url()).await;
 }

@@ -1,62 +1,20 @@
-//! wxpush-webhook against the real RabbitMQ and Redis (local by default; tests/common/services.rs).
-//!
-//! Every test runs its own webhook on a free port, with its own exchange, queues and Redis
-//! prefix (a random suffix), and removes them at the end. Waits are bounded; "nothing more
-//! arrived" is shown by pushing a marker event afterwards and reading up to it (the webhook
-//! publishes on one channel, so the broker keeps the order), never by sleeping.
+//! wxpush-webhook against the real RabbitMQ and Redis: every test runs its own webhook on free
+//! ports, in its own namespace (`harness::webhook`).
 
-use std::{
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
-    time::Duration,
-};
+use std::time::Duration;
 
+use crate::wx::{Cipher, Claim, crypto};
 use futures_util::StreamExt;
-use lapin::{
-    Channel, Connection, ConnectionProperties, Consumer,
-    message::Delivery,
-    options::{BasicConsumeOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions},
-    types::{AMQPValue, FieldTable, ShortString},
-};
-use rand::{Rng, distr::Alphanumeric};
 use reqwest::StatusCode;
 use serde_json::Value;
-use tokio::{net::TcpListener, sync::Mutex};
-use tokio_util::sync::CancellationToken;
-use wxpush::{
-    amqp::ReconnectingPublisher,
-    config::Config,
-    domain::crypto::{self, Cipher},
-    store::{Redis, ledger::Claim},
-    webhook::{Listeners, Webhook, WebhookSettings, serve_with},
+
+use crate::harness::{
+    Forwarder, eventually, header_text,
+    webhook::{
+        DEFAULT_APPID, Harness, Options, ROT_APPID, SAFE_APPID, SWITCHING_APPID, correlation_id, json, now, random,
+        receipt_xml,
+    },
 };
-
-#[path = "common/services.rs"]
-mod services;
-use services::{amqp_addr, amqp_url, amqp_url_at, redis_url};
-const WAIT: Duration = Duration::from_secs(15);
-
-const DEFAULT_APPID: &str = "wxdefault0000001";
-const SAFE_APPID: &str = "wxsafe0000000001";
-const ROT_APPID: &str = "wxrotating000001";
-const SWITCHING_APPID: &str = "wxswitching00001";
-
-fn random(n: usize) -> String {
-    rand::rng().sample_iter(Alphanumeric).take(n).map(char::from).collect()
-}
-
-fn now() -> i64 {
-    chrono::Utc::now().timestamp()
-}
-
-/// A receipt as WeChat pushes it.
-fn receipt_xml(msgid: u64, status: &str) -> String {
-    format!(
-        "<xml>\n<ToUserName><![CDATA[gh_7f083739789a]]></ToUserName>\n<FromUserName><![CDATA[oia2TjuEGTNoeX76QEjQNrcURxG8]]></FromUserName>\n<CreateTime>1395658984</CreateTime>\n<MsgType><![CDATA[event]]></MsgType>\n<Event><![CDATA[TEMPLATESENDJOBFINISH]]></Event>\n<MsgID>{msgid}</MsgID>\n<Status><![CDATA[{status}]]></Status>\n</xml>"
-    )
-}
 
 /// The seed file's first sample, exactly as published (`]]&g;` instead of `]]>`).
 const SEED_MALFORMED: &str = "<xml>\n<ToUserName><![CDATA[gh_7f083739789a]]></ToUserName>\n<FromUserName><![CDATA[oia2TjuEGTNoeX76QEjQNrcURxG8]]&g;</FromUserName>\n<CreateTime>1395658920</CreateTime>\n<MsgType><![CDATA[event]]></MsgType>\n<Event><![CDATA[TEMPLATESENDJOBFINISH]]></Event>\n<MsgID>200163836</MsgID>\n<Status><![CDATA[success]]></Status>\n</xml>";
@@ -64,348 +22,6 @@ const SEED_MALFORMED: &str = "<xml>\n<ToUserName><![CDATA[gh_7f083739789a]]></To
 const SEED_SUCCESS: &str = "<xml>\n<ToUserName><![CDATA[gh_7f083739789a]]></ToUserName>\n<FromUserName><![CDATA[oia2TjuEGTNoeX76QEjQNrcURxG8]]></FromUserName>\n<CreateTime>1395658920</CreateTime>\n<MsgType><![CDATA[event]]></MsgType>\n<Event><![CDATA[TEMPLATESENDJOBFINISH]]></Event>\n<MsgID>200163836</MsgID>\n<Status><![CDATA[success]]></Status>\n</xml>";
 const SEED_USER_BLOCK: &str = "<xml>\n<ToUserName><![CDATA[gh_7f083739789a]]></ToUserName>\n<FromUserName><![CDATA[oia2TjuEGTNoeX76QEjQNrcURxG8]]></FromUserName>\n<CreateTime>1395658984</CreateTime>\n<MsgType><![CDATA[event]]></MsgType>\n<Event><![CDATA[TEMPLATESENDJOBFINISH]]></Event>\n<MsgID>200163840</MsgID>\n<Status><![CDATA[failed:user block]]></Status>\n</xml>";
 const SEED_SYSTEM_FAILED: &str = "<xml>\n<ToUserName><![CDATA[gh_7f083739789a]]></ToUserName>\n<FromUserName><![CDATA[oia2TjuEGTNoeX76QEjQNrcURxG8]]></FromUserName>\n<CreateTime>1395658984</CreateTime>\n<MsgType><![CDATA[event]]></MsgType>\n<Event><![CDATA[TEMPLATESENDJOBFINISH]]></Event>\n<MsgID>200163840</MsgID>\n<Status><![CDATA[failed: system failed]]></Status>\n</xml>";
-
-/// Options of one test's webhook.
-struct Options {
-    timestamp_window: Option<Duration>,
-    amqp_url: String,
-    /// Redis as the webhook sees it (the test itself always uses the real one).
-    redis_url: String,
-    msgid_wait: Duration,
-    /// Open connections on the public port at most (`None`: the default).
-    max_connections: Option<usize>,
-}
-
-impl Default for Options {
-    fn default() -> Self {
-        Options {
-            timestamp_window: Some(Duration::from_secs(300)),
-            amqp_url: amqp_url().into(),
-            redis_url: redis_url().into(),
-            msgid_wait: Duration::from_millis(1500),
-            max_connections: None,
-        }
-    }
-}
-
-/// One test's webhook, its RabbitMQ names, its Redis prefix and a consumer of its results.
-struct Harness {
-    base: String,
-    /// The admin address: `/healthz`, `/readyz`, `/metrics`.
-    admin: String,
-    http: reqwest::Client,
-    exchange: String,
-    dlq: String,
-    results_queue: String,
-    redis: Redis,
-    channel: Channel,
-    _conn: Connection,
-    results: Consumer,
-    dead: Consumer,
-    safe_key: String,
-    rot_new_key: String,
-    rot_old_key: String,
-    stop: CancellationToken,
-    server: tokio::task::JoinHandle<()>,
-    marker: u64,
-}
-
-impl Harness {
-    async fn start(opts: Options) -> Harness {
-        let id = random(10).to_lowercase();
-        let exchange = format!("wxpush.test.{id}.results");
-        let dlq = format!("wxpush.test.{id}.dead");
-        let prefix = format!("wxpush-test-{id}");
-        let (safe_key, rot_new_key, rot_old_key) = (random(43), random(43), random(43));
-        let toml = format!(
-            r#"
-            redis_prefix = "{prefix}"
-            jobs_queue = "wxpush.test.{id}.jobs"
-            results_exchange = "{exchange}"
-            dead_letter_queue = "{dlq}"
-            [[accounts]]
-            name = "default"
-            appid = "{DEFAULT_APPID}"
-            callback_token = "AAAAA"
-            [[accounts]]
-            name = "safe"
-            appid = "{SAFE_APPID}"
-            callback_token = "safetoken"
-            encoding_aes_key = "{safe_key}"
-            [[accounts]]
-            name = "rotating"
-            appid = "{ROT_APPID}"
-            callback_token = "rottoken"
-            encoding_aes_key = "{rot_new_key}"
-            previous_encoding_aes_key = "{rot_old_key}"
-            [[accounts]]
-            name = "switching"
-            appid = "{SWITCHING_APPID}"
-            callback_token = "switchtoken"
-            encoding_aes_key = "{safe_key}"
-            accept_plaintext = true
-            [[accounts]]
-            name = "notoken"
-            appid = "wxnotoken0000001"
-            "#
-        );
-        let config = Config::from_sources("test", &toml, |_| None).expect("test config");
-        let mut settings = WebhookSettings::from_config(&config);
-        settings.timestamp_window = opts.timestamp_window;
-        settings.msgid_wait = opts.msgid_wait;
-        settings.publish_timeout = Duration::from_secs(5);
-        if let Some(max) = opts.max_connections {
-            settings.max_connections = max;
-        }
-
-        let conn = Connection::connect(amqp_url(), ConnectionProperties::default()).await.expect("RabbitMQ is up");
-        let channel = conn.create_channel().await.expect("channel");
-        wxpush::amqp::declare_results_exchange(&channel, &exchange).await.expect("declare exchange");
-        let results_queue = format!("wxpush.test.{id}.observer");
-        let exclusive = QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() };
-        channel
-            .queue_declare(ShortString::from(results_queue.as_str()), exclusive, FieldTable::default())
-            .await
-            .expect("queue");
-        channel
-            .queue_bind(
-                ShortString::from(results_queue.as_str()),
-                ShortString::from(exchange.as_str()),
-                ShortString::from("#"),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .expect("bind");
-        let durable_q = QueueDeclareOptions { durable: true, ..Default::default() };
-        let dlq_args = wxpush::amqp::dead_letter_queue_args(config.queue_type);
-        channel.queue_declare(ShortString::from(dlq.as_str()), durable_q, dlq_args).await.expect("dlq");
-        let consume = |queue: String| {
-            let channel = channel.clone();
-            async move {
-                channel
-                    .basic_consume(
-                        ShortString::from(queue.as_str()),
-                        ShortString::from(format!("test-{}", random(6))),
-                        BasicConsumeOptions { no_ack: true, ..Default::default() },
-                        FieldTable::default(),
-                    )
-                    .await
-                    .expect("consume")
-            }
-        };
-        let results = consume(results_queue.clone()).await;
-        let dead = consume(dlq.clone()).await;
-
-        let redis = Redis::connect(redis_url(), &prefix).await.expect("Redis is up");
-        let broker = ReconnectingPublisher::new(&opts.amqp_url, "wxpush-webhook-test");
-        let webhook_redis = Redis::connect(&opts.redis_url, &prefix).await.expect("webhook's Redis");
-        let mut webhook = Webhook::new(&config, settings, broker, webhook_redis).expect("webhook");
-        // One recorder for the whole test process: series are shared between tests, so tests
-        // compare counts before and after, on labels only they produce.
-        if let Some(prometheus) = wxpush::telemetry::install_metrics() {
-            webhook = webhook.with_metrics(Arc::new(move || prometheus.render()));
-        }
-        let listeners = Listeners {
-            public: TcpListener::bind("127.0.0.1:0").await.expect("bind"),
-            admin: TcpListener::bind("127.0.0.1:0").await.expect("bind admin"),
-        };
-        let base = format!("http://{}", listeners.public.local_addr().expect("addr"));
-        let admin = format!("http://{}", listeners.admin.local_addr().expect("admin addr"));
-        let stop = CancellationToken::new();
-        let stopped = stop.clone();
-        let server = tokio::spawn(async move {
-            serve_with(webhook, listeners, async move { stopped.cancelled().await }).await.expect("serve");
-        });
-        Harness {
-            base,
-            admin,
-            http: reqwest::Client::new(),
-            exchange,
-            dlq,
-            results_queue,
-            redis,
-            channel,
-            _conn: conn,
-            results,
-            dead,
-            safe_key,
-            rot_new_key,
-            rot_old_key,
-            stop,
-            server,
-            marker: 9_000_000_000,
-        }
-    }
-
-    /// Stops the webhook and deletes everything the test made.
-    async fn finish(self) {
-        self.stop.cancel();
-        tokio::time::timeout(WAIT, self.server).await.expect("webhook stops").expect("webhook task");
-        let _ = self
-            .channel
-            .queue_delete(ShortString::from(self.results_queue.as_str()), QueueDeleteOptions::default())
-            .await;
-        let _ = self.channel.queue_delete(ShortString::from(self.dlq.as_str()), QueueDeleteOptions::default()).await;
-        for exchange in [self.exchange.clone(), wxpush::amqp::unrouted_name(&self.exchange)] {
-            let _ = self.channel.exchange_delete(ShortString::from(exchange), ExchangeDeleteOptions::default()).await;
-        }
-        let mut conn = self.redis.conn();
-        let pattern = format!("{}:*", self.redis.keys().prefix());
-        let keys: Vec<String> = redis::cmd("KEYS").arg(&pattern).query_async(&mut conn).await.expect("keys");
-        if !keys.is_empty() {
-            let _: () = redis::cmd("DEL").arg(&keys).query_async(&mut conn).await.expect("del");
-        }
-    }
-
-    fn url(&self, path: &str, query: &str) -> String {
-        format!("{}{path}?{query}", self.base)
-    }
-
-    /// GET on the admin address.
-    async fn admin_get(&self, path: &str) -> (StatusCode, String) {
-        self.send(self.http.get(format!("{}{path}", self.admin))).await
-    }
-
-    /// The value of one series on the admin `/metrics` (0 when it does not exist yet).
-    async fn metric(&self, series: &str) -> f64 {
-        let (status, text) = self.admin_get("/metrics").await;
-        assert_eq!(status, StatusCode::OK);
-        text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok()).unwrap_or(0.0)
-    }
-
-    /// A plaintext POST, signed with `token`.
-    async fn post_plain(&self, path: &str, token: &str, body: impl Into<reqwest::Body>) -> (StatusCode, String) {
-        let (ts, nonce) = (now().to_string(), random(9));
-        let sig = crypto::signature(token, &ts, &nonce);
-        let q = format!("signature={sig}&timestamp={ts}&nonce={nonce}&openid=oia2TjuEGTNoeX76QEjQNrcURxG8");
-        self.send(self.http.post(self.url(path, &q)).body(body)).await
-    }
-
-    /// A safe-mode POST: `plaintext` encrypted with `key` for `appid`, signed with `token`.
-    async fn post_aes(&self, path: &str, token: &str, key: &str, appid: &str, plaintext: &str) -> (StatusCode, String) {
-        let encrypt = Cipher::new(key).expect("key").encrypt(&rand::random(), plaintext.as_bytes(), appid);
-        let body = format!(
-            "<xml><ToUserName><![CDATA[gh_7f083739789a]]></ToUserName><Encrypt><![CDATA[{encrypt}]]></Encrypt></xml>"
-        );
-        self.post_envelope(path, token, &encrypt, body).await
-    }
-
-    async fn post_envelope(&self, path: &str, token: &str, encrypt: &str, body: String) -> (StatusCode, String) {
-        let (ts, nonce) = (now().to_string(), random(9));
-        let sig = crypto::signature(token, &ts, &nonce);
-        let msg_sig = crypto::msg_signature(token, &ts, &nonce, encrypt);
-        let q =
-            format!("signature={sig}&timestamp={ts}&nonce={nonce}&openid=o&encrypt_type=aes&msg_signature={msg_sig}");
-        self.send(self.http.post(self.url(path, &q)).body(body)).await
-    }
-
-    async fn send(&self, req: reqwest::RequestBuilder) -> (StatusCode, String) {
-        let resp = req.timeout(WAIT).send().await.expect("request");
-        let status = resp.status();
-        (status, resp.text().await.expect("body"))
-    }
-
-    async fn write_msgid_record(&self, appid: &str, msgid: u64, job_id: &str) {
-        let key = self.redis.keys().msgid(appid, msgid);
-        let _: () = redis::cmd("SET")
-            .arg(key)
-            .arg(job_id)
-            .arg("PX")
-            .arg(60_000)
-            .query_async(&mut self.redis.conn())
-            .await
-            .expect("set");
-    }
-
-    async fn next(consumer: &mut Consumer, what: &str) -> Delivery {
-        match tokio::time::timeout(WAIT, consumer.next()).await {
-            Ok(Some(Ok(d))) => d,
-            other => panic!("no {what} within {WAIT:?}: {:?}", other.map(|o| o.map(|r| r.map(|d| d.routing_key)))),
-        }
-    }
-
-    async fn next_result(&mut self) -> Delivery {
-        Self::next(&mut self.results, "result").await
-    }
-
-    async fn next_dead(&mut self) -> Delivery {
-        Self::next(&mut self.dead, "dead letter").await
-    }
-
-    /// Pushes a marker receipt and returns every result that arrived before it.
-    async fn results_until_marker(&mut self) -> Vec<Delivery> {
-        self.marker += 1;
-        let marker = self.marker;
-        self.write_msgid_record(DEFAULT_APPID, marker, "marker").await;
-        let (status, _) = self.post_plain("/wechat", "AAAAA", receipt_xml(marker, "success")).await;
-        assert_eq!(status, StatusCode::OK, "marker push");
-        let mut before = Vec::new();
-        loop {
-            let d = self.next_result().await;
-            if json(&d)["msgid"] == marker {
-                return before;
-            }
-            before.push(d);
-        }
-    }
-
-    /// Results that arrived before a marker the test publishes straight to the exchange.
-    async fn results_until_direct_marker(&mut self) -> Vec<Delivery> {
-        let marker = format!("{{\"marker\":\"{}\"}}", random(12));
-        let confirm = self
-            .channel
-            .basic_publish(
-                ShortString::from(self.exchange.as_str()),
-                ShortString::from("test.marker"),
-                lapin::options::BasicPublishOptions::default(),
-                marker.as_bytes(),
-                lapin::BasicProperties::default(),
-            )
-            .await
-            .expect("publish marker");
-        drop(confirm);
-        let mut before = Vec::new();
-        loop {
-            let d = self.next_result().await;
-            if d.data == marker.as_bytes() {
-                return before;
-            }
-            before.push(d);
-        }
-    }
-
-    /// Dead letters that arrived before a marker dead letter (an unreadable push of its own).
-    async fn dead_until_marker(&mut self) -> Vec<Delivery> {
-        let marker = format!("<xml><Marker>{}</Marker>", random(12));
-        let (status, _) = self.post_plain("/wechat", "AAAAA", marker.clone()).await;
-        assert_eq!(status, StatusCode::BAD_REQUEST, "marker dead letter");
-        let mut before = Vec::new();
-        loop {
-            let d = self.next_dead().await;
-            if d.data == marker.as_bytes() {
-                return before;
-            }
-            before.push(d);
-        }
-    }
-}
-
-fn json(d: &Delivery) -> Value {
-    serde_json::from_slice(&d.data).expect("JSON body")
-}
-
-fn header(d: &Delivery, name: &str) -> Option<String> {
-    let headers = d.properties.headers().as_ref()?;
-    match headers.inner().get(name)? {
-        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
-        other => Some(format!("{other:?}")),
-    }
-}
-
-fn correlation_id(d: &Delivery) -> Option<String> {
-    d.properties.correlation_id().as_ref().map(|c| c.as_str().to_owned())
-}
 
 #[tokio::test]
 async fn get_verification_answers_echostr_for_the_official_example() {
@@ -518,14 +134,12 @@ async fn job_id_is_null_without_a_record_and_found_when_the_record_comes_a_littl
     assert!(waited >= Duration::from_millis(1400) && waited < Duration::from_millis(4500), "{waited:?}");
 
     // The worker records the msgid only after WeChat answered it; the receipt can come first.
-    let redis_h = h.redis.clone();
-    let writer = tokio::spawn(async move {
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let key = redis_h.keys().msgid(DEFAULT_APPID, 778);
-        let _: () = redis::cmd("SET").arg(key).arg("late-job").query_async(&mut redis_h.conn()).await.expect("set");
+    // The record is written once the webhook holds the push and has looked for it once.
+    let (answer, ()) = tokio::join!(h.post_plain("/wechat", "AAAAA", receipt_xml(778, "success")), async {
+        h.until_held(DEFAULT_APPID, "receipt:778:success").await;
+        h.write_msgid_record(DEFAULT_APPID, 778, "late-job").await;
     });
-    assert_eq!(h.post_plain("/wechat", "AAAAA", receipt_xml(778, "success")).await.0, StatusCode::OK);
-    writer.await.expect("writer");
+    assert_eq!(answer.0, StatusCode::OK);
     let d = h.next_result().await;
     assert_eq!(json(&d)["job_id"], "late-job");
     assert_eq!(correlation_id(&d).as_deref(), Some("late-job"));
@@ -577,8 +191,8 @@ async fn safe_mode_pushes_are_verified_decrypted_and_published() {
     assert!(reason.contains("wxsomeoneelse001"), "{reason}");
     let parked = h.dead_until_marker().await;
     assert_eq!(parked.len(), 1);
-    assert_eq!(header(&parked[0], "x-wxpush-account").as_deref(), Some("safe"));
-    assert_eq!(header(&parked[0], "x-wxpush-encrypt-type").as_deref(), Some("aes"));
+    assert_eq!(header_text(&parked[0].properties, "x-wxpush-account").as_deref(), Some("safe"));
+    assert_eq!(header_text(&parked[0].properties, "x-wxpush-encrypt-type").as_deref(), Some("aes"));
     assert!(h.results_until_marker().await.is_empty());
     h.finish().await;
 }
@@ -672,14 +286,14 @@ async fn the_seed_malformed_push_is_400_and_parked_once_in_the_dead_letter_queue
     assert_eq!(parked.len(), 1, "one dead-letter copy");
     let d = &parked[0];
     assert_eq!(d.data, SEED_MALFORMED.as_bytes(), "body untouched");
-    assert_eq!(header(d, "x-wxpush-source").as_deref(), Some("webhook"));
-    assert_eq!(header(d, "x-wxpush-account").as_deref(), Some("default"));
+    assert_eq!(header_text(&d.properties, "x-wxpush-source").as_deref(), Some("webhook"));
+    assert_eq!(header_text(&d.properties, "x-wxpush-account").as_deref(), Some("default"));
     assert!(
-        header(d, "x-wxpush-reason").is_some_and(|r| r.contains("unterminated CDATA")),
+        header_text(&d.properties, "x-wxpush-reason").is_some_and(|r| r.contains("unterminated CDATA")),
         "{:?}",
-        header(d, "x-wxpush-reason")
+        header_text(&d.properties, "x-wxpush-reason")
     );
-    assert!(header(d, "x-wxpush-timestamp").is_some());
+    assert!(header_text(&d.properties, "x-wxpush-timestamp").is_some());
     assert_eq!(d.properties.delivery_mode(), &Some(2));
     assert!(h.results_until_marker().await.is_empty(), "nothing on the results exchange");
     h.finish().await;
@@ -718,7 +332,7 @@ async fn doctype_oversized_and_badly_signed_pushes_are_refused() {
     // Only the DOCTYPE push was signed and unreadable: it alone is parked.
     let parked = h.dead_until_marker().await;
     assert_eq!(parked.len(), 1);
-    assert!(header(&parked[0], "x-wxpush-reason").is_some_and(|r| r.contains("DOCTYPE")));
+    assert!(header_text(&parked[0].properties, "x-wxpush-reason").is_some_and(|r| r.contains("DOCTYPE")));
     assert!(h.results_until_marker().await.is_empty());
     h.finish().await;
 }
@@ -748,58 +362,10 @@ async fn a_push_whose_client_hangs_up_is_still_published() {
     h.finish().await;
 }
 
-/// A TCP relay to RabbitMQ that the test can switch off (connections refused... by being
-/// dropped at once) and whose live connections it can cut, as a broker outage would.
-struct Relay {
-    port: u16,
-    open: Arc<AtomicBool>,
-    cut: Arc<Mutex<CancellationToken>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Relay {
-    async fn start() -> Relay {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind relay");
-        let port = listener.local_addr().expect("addr").port();
-        let open = Arc::new(AtomicBool::new(false));
-        let cut = Arc::new(Mutex::new(CancellationToken::new()));
-        let (open2, cut2) = (open.clone(), cut.clone());
-        let task = tokio::spawn(async move {
-            while let Ok((mut inbound, _)) = listener.accept().await {
-                if !open2.load(Ordering::SeqCst) {
-                    drop(inbound);
-                    continue;
-                }
-                let token = cut2.lock().await.clone();
-                tokio::spawn(async move {
-                    let Ok(mut upstream) = tokio::net::TcpStream::connect(amqp_addr()).await else { return };
-                    tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut upstream) => {},
-                        () = token.cancelled() => {},
-                    }
-                });
-            }
-        });
-        Relay { port, open, cut, task }
-    }
-
-    fn url(&self) -> String {
-        amqp_url_at(&format!("127.0.0.1:{}", self.port))
-    }
-
-    async fn set_open(&self, open: bool) {
-        self.open.store(open, Ordering::SeqCst);
-        if !open {
-            let mut cut = self.cut.lock().await;
-            cut.cancel();
-            *cut = CancellationToken::new();
-        }
-    }
-}
-
 #[tokio::test]
 async fn a_broker_outage_answers_503_and_the_re_push_succeeds_once() {
-    let relay = Relay::start().await;
+    let relay = Forwarder::to_rabbitmq().await;
+    relay.off();
     let mut h =
         Harness::start(Options { amqp_url: relay.url(), msgid_wait: Duration::from_millis(50), ..Options::default() })
             .await;
@@ -815,16 +381,16 @@ async fn a_broker_outage_answers_503_and_the_re_push_succeeds_once() {
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
 
     // The broker is back: WeChat's re-push goes through.
-    relay.set_open(true).await;
+    relay.on();
     assert_eq!(h.post_plain("/wechat", "AAAAA", receipt_xml(808, "success")).await, (StatusCode::OK, "success".into()));
     let (status, body) = h.admin_get("/readyz").await;
     assert_eq!(status, StatusCode::OK, "{body}");
 
     // The broker goes away while the webhook holds a connection to it.
-    relay.set_open(false).await;
+    relay.off();
     let (status, _) = h.post_plain("/wechat", "AAAAA", receipt_xml(809, "success")).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
-    relay.set_open(true).await;
+    relay.on();
     assert_eq!(h.post_plain("/wechat", "AAAAA", receipt_xml(809, "success")).await.0, StatusCode::OK);
     assert_eq!(h.post_plain("/wechat", "AAAAA", receipt_xml(809, "success")).await.0, StatusCode::OK);
 
@@ -832,7 +398,6 @@ async fn a_broker_outage_answers_503_and_the_re_push_succeeds_once() {
     let ids: Vec<Value> = got.iter().map(|d| json(d)["msgid"].clone()).collect();
     assert_eq!(ids, [Value::from(808), Value::from(809)], "each event exactly once");
     h.finish().await;
-    relay.task.abort();
 }
 
 #[tokio::test]
@@ -925,10 +490,9 @@ async fn without_redis_nothing_is_published_and_the_answer_is_503() {
 async fn shutdown_lets_a_push_in_flight_finish() {
     let mut h = Harness::start(Options::default()).await;
     // No msgid record: this push spends ~1.5 s waiting for one; shutdown starts meanwhile.
-    let stop = h.stop.clone();
     let (answer, ()) = tokio::join!(h.post_plain("/wechat", "AAAAA", receipt_xml(7070, "success")), async {
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        stop.cancel();
+        h.until_held(DEFAULT_APPID, "receipt:7070:success").await;
+        h.stop.cancel();
     });
     assert_eq!(answer, (StatusCode::OK, "success".into()));
     assert_eq!(json(&h.next_result().await)["msgid"], 7070);
@@ -1101,11 +665,8 @@ async fn stalled_connections_neither_block_pushes_nor_stay_open() {
     let opened = tokio::time::Instant::now();
     let mut stalled = stalled_connections(&addr, STALLED).await;
     // The webhook has accepted them all (the gauge is shared with other tests: at least).
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while h.metric(open).await < STALLED as f64 {
-        assert!(tokio::time::Instant::now() < deadline, "the webhook did not accept {STALLED} connections");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let accepted = eventually(Duration::from_secs(20), || async { h.metric(open).await >= STALLED as f64 }).await;
+    assert!(accepted, "the webhook did not accept {STALLED} connections");
 
     // A real push and the probes still get through, quickly.
     h.write_msgid_record(DEFAULT_APPID, 1_500_001, "under-siege").await;

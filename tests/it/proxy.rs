@@ -4,19 +4,17 @@
 //! `NO_PROXY`. reqwest reads these variables when its client is built; these tests hold it to that
 //! with the real worker binary and a local proxy that records what it is asked.
 
-mod common;
-
 use std::{
     sync::{Arc, Mutex},
     time::Duration,
 };
 
-use common::*;
+use crate::harness::*;
+use crate::wx::SandboxConfig;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpListener,
 };
-use wxpush::sandbox::SandboxConfig;
 
 /// A proxy that records the request line of every connection and refuses to go further (502).
 struct RecordingProxy {
@@ -79,7 +77,7 @@ async fn wechat_over_https_goes_through_the_https_proxy_in_a_connect_tunnel() {
         &[("HTTPS_PROXY", proxy.url.as_str()), ("NO_PROXY", ""), ("HTTP_PROXY", ""), ("ALL_PROXY", "")],
     );
 
-    let tunnelled = TestEnv::eventually(Duration::from_secs(30), || async {
+    let tunnelled = eventually(Duration::from_secs(30), || async {
         proxy.lines().iter().any(|l| l == "CONNECT api.wechat.invalid:443 HTTP/1.1")
     })
     .await;
@@ -121,7 +119,7 @@ async fn a_plain_http_api_base_goes_through_the_http_proxy() {
     );
 
     let expected = format!("POST {}/cgi-bin/stable_token HTTP/1.1", sandbox.base_url().trim_end_matches('/'));
-    let forwarded = TestEnv::eventually(Duration::from_secs(30), || async { proxy.lines().contains(&expected) }).await;
+    let forwarded = eventually(Duration::from_secs(30), || async { proxy.lines().contains(&expected) }).await;
     assert!(forwarded, "the worker sent {expected:?} to the proxy: {:?}", proxy.lines());
     assert_eq!(sandbox.stats().sends_accepted, 0, "nothing reached the sandbox around the proxy");
 }

@@ -1,15 +1,19 @@
 //! wxpush-ctl's commands, driven through `wxpush::ctl` against the real local RabbitMQ and
 //! Redis, each test in its own namespace.
 
-mod common;
-
 use std::{
     collections::BTreeSet,
     process::Stdio,
     time::{Duration, Instant},
 };
 
-use common::*;
+use crate::harness::*;
+use crate::wx::{
+    ATTEMPTS_HEADER, Config, CtlError, DemoOptions, ENV_VARS, Pause, PublishOptions, QueueRole, QuotaDay,
+    REASON_HEADER, ReceivedResult, Recorder, Redis, ReplayOptions, SOURCE_HEADER, SandboxAccount, SandboxConfig,
+    Selection, ShowOptions, ShowSummary, Silent, Source, Topology, check, dead, declare_results_exchange,
+    declare_unrouted_queue, demo, header_str, json_properties, publish, results, status, unrouted_name,
+};
 use futures_util::StreamExt;
 use lapin::{
     BasicProperties, Connection, ConnectionProperties,
@@ -20,28 +24,12 @@ use lapin::{
 use secrecy::SecretString;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
-use wxpush::{
-    amqp::header_str,
-    amqp::headers::{ATTEMPTS as ATTEMPTS_HEADER, REASON as REASON_HEADER, SOURCE_QUEUE as SOURCE_HEADER},
-    config::Config,
-    ctl::{
-        CtlError, check,
-        dead::{self, ReplayOptions, Selection},
-        demo::{self, DemoOptions},
-        progress::{Recorder, Silent},
-        publish::{self, PublishOptions},
-        results::{self, ReceivedResult, ShowOptions, ShowSummary, Source},
-        status::{self, QueueRole},
-    },
-    sandbox::SandboxConfig,
-    store::{Redis, limits::Pause},
-};
 
 /// A config whose WeChat is nowhere: for tests that run no worker.
 /// Messages ready in `queue` once `expected` are, or after 5 s: messages a command handed back
 /// (nack with requeue) become ready again asynchronously on a quorum queue.
 async fn settled_len(env: &TestEnv, queue: &str, expected: u32) -> u32 {
-    TestEnv::eventually(Duration::from_secs(5), || async { env.queue_len(queue).await == expected }).await;
+    eventually(Duration::from_secs(5), || async { env.queue_len(queue).await == expected }).await;
     env.queue_len(queue).await
 }
 
@@ -126,7 +114,7 @@ async fn fake_worker(config: Config, answer: fn(&str) -> Option<(&'static str, V
         let ch = ch.clone();
         let exchange = config.results_exchange.clone();
         async move {
-            let props = wxpush::amqp::json_properties(Some(&id));
+            let props = json_properties(Some(&id));
             ch.basic_publish(
                 ShortString::from(exchange.as_str()),
                 ShortString::from(key),
@@ -258,10 +246,7 @@ async fn dead_list_shows_why_jobs_were_parked_and_removes_nothing() {
     env.publish_raw(b"{ this is not json", BasicProperties::default()).await;
     let worker = spawn_worker(&env.config);
     let dlq = env.config.dead_letter_queue.clone();
-    assert!(
-        TestEnv::eventually(Duration::from_secs(15), || async { env.queue_len(&dlq).await == 2 }).await,
-        "both jobs parked"
-    );
+    assert!(eventually(Duration::from_secs(15), || async { env.queue_len(&dlq).await == 2 }).await, "both jobs parked");
     worker.stop().await;
 
     let list = dead::list(&env.config, 10).await.expect("list");
@@ -371,7 +356,7 @@ async fn status_shows_the_token_age_and_never_a_secret() {
         .query_async(&mut conn)
         .await
         .unwrap();
-    let day = wxpush::domain::calendar::QuotaDay::with_length(env.config.quota_day.as_secs()).key(chrono::Utc::now());
+    let day = QuotaDay::with_length(env.config.quota_day.as_secs()).key(chrono::Utc::now());
     let _: () = redis::cmd("SET").arg(redis.keys().quota(APPID, &day)).arg(17).query_async(&mut conn).await.unwrap();
     let pause = Pause { why: "45011: minute quota reached".into(), parked: false };
     redis.pause_account(APPID, Duration::from_secs(50), &pause).await.unwrap();
@@ -515,7 +500,7 @@ async fn the_demo_says_how_to_start_what_is_not_running() {
 async fn run_ctl(cfg: &Config, args: &[&str], stdin: Option<&str>) -> std::process::Output {
     use tokio::io::AsyncWriteExt;
     let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_wxpush-ctl"));
-    for (var, _) in wxpush::config::ENV_VARS {
+    for (var, _) in ENV_VARS {
         cmd.env_remove(var);
     }
     cmd.env_remove("WXPUSH_CONFIG").env_remove("WXPUSH_MANAGEMENT_URL");
@@ -559,8 +544,8 @@ const OTHER_APPID: &str = "wx00000000000000b2";
 async fn check_asks_wechat_for_a_token_per_account_and_fails_on_a_wrong_secret() {
     let sandbox = start_sandbox(SandboxConfig {
         accounts: vec![
-            wxpush::sandbox::SandboxAccount::new(GOOD_APPID, "right-secret-a1"),
-            wxpush::sandbox::SandboxAccount::new(OTHER_APPID, "right-secret-b2"),
+            SandboxAccount::new(GOOD_APPID, "right-secret-a1"),
+            SandboxAccount::new(OTHER_APPID, "right-secret-b2"),
         ],
         ..SandboxConfig::default()
     })
@@ -671,7 +656,7 @@ async fn flags_win_over_the_environment_and_status_speaks_json() {
     env.declare_topology().await;
     env.publish_job(&job("f-1", "u")).await;
     let redis = Redis::connect(redis_url(), &ns).await.unwrap();
-    let day = wxpush::domain::calendar::QuotaDay::with_length(env.config.quota_day.as_secs()).key(chrono::Utc::now());
+    let day = QuotaDay::with_length(env.config.quota_day.as_secs()).key(chrono::Utc::now());
     let mut conn = redis_conn().await;
     let _: () = redis::cmd("SET").arg(redis.keys().quota(APPID, &day)).arg(5).query_async(&mut conn).await.unwrap();
 
@@ -727,7 +712,7 @@ async fn status_shows_sends_today_without_a_quota() {
     let env = TestEnv::new("ctl-sent", offline_config(&ns)).await;
     assert_eq!(env.config.accounts[0].daily_quota, None);
     let redis = Redis::connect(redis_url(), &ns).await.unwrap();
-    let day = wxpush::domain::calendar::QuotaDay::with_length(env.config.quota_day.as_secs()).key(chrono::Utc::now());
+    let day = QuotaDay::with_length(env.config.quota_day.as_secs()).key(chrono::Utc::now());
     let mut conn = redis_conn().await;
     let _: () = redis::cmd("SET").arg(redis.keys().quota(APPID, &day)).arg(23).query_async(&mut conn).await.unwrap();
     let report = status::status(&env.config).await;
@@ -848,16 +833,16 @@ async fn wait_stops_at_once_when_no_worker_consumes_the_jobs_queue() {
 /// Declares the results exchange as the worker does from issue 11 on: with an alternate
 /// exchange `<exchange>.unrouted` (fanout) feeding a bounded quorum queue of the same name.
 async fn declare_with_unrouted(env: &TestEnv, exchange: &str) {
-    let unrouted = wxpush::amqp::unrouted_name(exchange);
+    let unrouted = unrouted_name(exchange);
     env.remove_later(&unrouted);
     env.remove_later(&format!("exchange:{unrouted}"));
     env.remove_later(&format!("exchange:{exchange}"));
     let ch = &env.bus.channel;
-    wxpush::amqp::declare_results_exchange(ch, exchange).await.unwrap();
+    declare_results_exchange(ch, exchange).await.unwrap();
     let mut config = env.config.clone();
     config.results_exchange = exchange.to_owned();
-    let args = wxpush::amqp::Topology::from_config(&config).unrouted_queue_args();
-    wxpush::amqp::declare_unrouted_queue(ch, exchange, args).await.unwrap();
+    let args = Topology::from_config(&config).unrouted_queue_args();
+    declare_unrouted_queue(ch, exchange, args).await.unwrap();
 }
 
 async fn publish_result(env: &TestEnv, exchange: &str, key: &str, job_id: &str) {
@@ -869,7 +854,7 @@ async fn publish_result(env: &TestEnv, exchange: &str, key: &str, job_id: &str) 
             ShortString::from(key),
             BasicPublishOptions::default(),
             &serde_json::to_vec(&body).unwrap(),
-            wxpush::amqp::json_properties(Some(job_id)),
+            json_properties(Some(job_id)),
         )
         .await
         .unwrap()
@@ -956,10 +941,8 @@ async fn results_reads_the_unrouted_queue_without_taking_unless_asked() {
         ids
     });
     assert!(
-        TestEnv::eventually(Duration::from_secs(10), || async {
-            seen_count.load(std::sync::atomic::Ordering::SeqCst) == 2
-        })
-        .await,
+        eventually(Duration::from_secs(10), || async { seen_count.load(std::sync::atomic::Ordering::SeqCst) == 2 })
+            .await,
         "the kept results are shown first"
     );
     publish_result(&env, &cfg.results_exchange, "send.succeeded", "u-4").await;
@@ -996,16 +979,18 @@ async fn results_live_tails_the_exchange_with_a_pattern() {
 
     let options = ShowOptions { limit: Some(2), timeout: Some(Duration::from_secs(30)), ..live };
     let c = env.config.clone();
-    let watcher = tokio::spawn(async move { show_all(&c, &options).await });
+    let mut watcher = tokio::spawn(async move { show_all(&c, &options).await });
     // Keep publishing until the watcher, bound at some point, has seen two deliveries.
     let mut n = 0;
-    while !watcher.is_finished() && n < 200 {
+    let (seen, summary) = loop {
         n += 1;
+        assert!(n <= 200, "the watcher never saw two deliveries");
         publish_result(&env, &env.config.results_exchange, "send.succeeded", &format!("s-{n}")).await;
         publish_result(&env, &env.config.results_exchange, "delivery.success", &format!("d-{n}")).await;
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let (seen, summary) = tokio::time::timeout(Duration::from_secs(30), watcher).await.expect("ends").unwrap();
+        if let Ok(done) = tokio::time::timeout(Duration::from_millis(100), &mut watcher).await {
+            break done.expect("the watcher");
+        }
+    };
     assert_eq!(summary.shown, 2);
     assert!(seen.iter().all(|(key, id)| key == "delivery.success" && id.starts_with("d-")), "{seen:?}");
 }
@@ -1106,7 +1091,7 @@ fn free_port() -> u16 {
 impl ManagedRabbit {
     async fn start() -> ManagedRabbit {
         let name = unique("mgmt");
-        let dir = std::env::temp_dir().join(&name);
+        let dir = scratch_dir(&name);
         let (amqp_port, management_port, dist_port) = (free_port(), free_port(), free_port());
         let mut node = ManagedRabbit {
             node: format!("{}@localhost", &name[name.len() - 10..]),
@@ -1145,7 +1130,7 @@ impl ManagedRabbit {
         node.child = Some(child);
         let overview = format!("http://127.0.0.1:{management_port}/api/overview");
         let http = reqwest::Client::new();
-        let up = TestEnv::eventually(Duration::from_secs(120), || async {
+        let up = eventually(Duration::from_secs(120), || async {
             let answer = http.get(&overview).basic_auth("guest", Some("guest")).send().await;
             answer.is_ok_and(|r| r.status().is_success())
         })
@@ -1166,15 +1151,17 @@ impl ManagedRabbit {
 
 impl Drop for ManagedRabbit {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("rabbitmqctl")
-            .args(["-n", &self.node, "stop"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        blocking_in_place(|| {
+            let _ = std::process::Command::new("timeout")
+                .args(["60", "rabbitmqctl", "-n", &self.node, "stop"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+            if let Some(mut child) = self.child.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        });
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -1187,7 +1174,7 @@ async fn status_counts_ready_and_unacknowledged_jobs_through_the_management_api(
     cfg.amqp_url = rabbit.amqp_url();
     let conn = Connection::connect(&cfg.amqp_url, ConnectionProperties::default()).await.expect("the private node");
     let ch = conn.create_channel().await.unwrap();
-    wxpush::amqp::Topology::from_config(&cfg).declare(&conn).await.expect("declare the topology");
+    Topology::from_config(&cfg).declare(&conn).await.expect("declare the topology");
     for i in 0..5 {
         ch.basic_publish(
             ShortString::from(""),
@@ -1216,7 +1203,7 @@ async fn status_counts_ready_and_unacknowledged_jobs_through_the_management_api(
     }
 
     let options = status::StatusOptions { management_url: Some(rabbit.management_url()) };
-    let counted = TestEnv::eventually(Duration::from_secs(20), || {
+    let counted = eventually(Duration::from_secs(20), || {
         let (cfg, options) = (cfg.clone(), options.clone());
         async move {
             let r = status::status_with(&cfg, &options).await;
@@ -1253,7 +1240,7 @@ async fn check_prints_the_effective_configuration_with_secrets_redacted() {
     let amqp_url = cfg.amqp_url.replacen("guest:guest@", "guest:pa55-effective@", 1);
     let run = |args: &'static [&'static str]| {
         let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_wxpush-ctl"));
-        for (var, _) in wxpush::config::ENV_VARS {
+        for (var, _) in ENV_VARS {
             cmd.env_remove(var);
         }
         cmd.env_remove("WXPUSH_CONFIG")

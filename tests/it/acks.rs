@@ -1,18 +1,16 @@
 //! The acknowledger settles out-of-order finishes in runs without ever covering a delivery that
 //! is still in progress or was requeued.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::harness::*;
+use crate::wx::{Acknowledger, Disposition};
 use futures_util::StreamExt;
 use lapin::{
     BasicProperties,
     options::{BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, QueueDeclareOptions},
     types::{FieldTable, ShortString},
 };
-use wxpush::{acks::Acknowledger, worker::Disposition};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn out_of_order_finishes_are_acked_and_requeues_come_back() {
@@ -34,7 +32,7 @@ async fn out_of_order_finishes_are_acked_and_requeues_come_back() {
         .await
         .unwrap();
     }
-    assert!(TestEnv::eventually(Duration::from_secs(5), || async { env.queue_len(&queue).await == 40 }).await);
+    assert!(eventually(Duration::from_secs(5), || async { env.queue_len(&queue).await == 40 }).await);
 
     let consume = env.bus.connection.create_channel().await.unwrap();
     consume.basic_qos(40, BasicQosOptions::default()).await.unwrap();
@@ -67,12 +65,11 @@ async fn out_of_order_finishes_are_acked_and_requeues_come_back() {
         let d = if tag % 7 == 0 { Disposition::Requeue } else { Disposition::Ack };
         handle.finished(*tag, d);
     }
-    tokio::time::sleep(Duration::from_millis(50)).await;
     let requeued = tags[1..].iter().filter(|t| *t % 7 == 0).count() as u32;
     // Acks held behind the first delivery went out one by one after max_wait; requeued ones are
     // back in the queue; the first is still unacknowledged.
     assert!(
-        TestEnv::eventually(Duration::from_secs(5), || async { env.queue_len(&queue).await == requeued }).await,
+        eventually(Duration::from_secs(5), || async { env.queue_len(&queue).await == requeued }).await,
         "the requeued deliveries are back"
     );
     handle.finished(first, Disposition::Ack);
@@ -82,5 +79,5 @@ async fn out_of_order_finishes_are_acked_and_requeues_come_back() {
     consume.close(200, ShortString::from("done")).await.unwrap();
     // Closing the channel returns whatever was not acknowledged: only the requeued ones remain,
     // and the channel never failed on a bad multiple ack (it closed cleanly above).
-    assert!(TestEnv::eventually(Duration::from_secs(5), || async { env.queue_len(&queue).await == requeued }).await);
+    assert!(eventually(Duration::from_secs(5), || async { env.queue_len(&queue).await == requeued }).await);
 }

@@ -3,27 +3,19 @@
 //! bodies, forged attempt counts and metric labels. Each test fails on the worker before these
 //! fixes.
 
-mod common;
-
 use std::{
     collections::HashSet,
-    sync::OnceLock,
     time::{Duration, Instant},
 };
 
-use common::*;
+use crate::harness::*;
+use crate::wx::{ATTEMPTS_HEADER, Faults, SandboxAccount, SandboxConfig, unrouted_name};
 use lapin::{
     BasicProperties,
     options::QueueDeclareOptions,
     types::{AMQPValue, FieldTable, LongString, ShortString},
 };
-use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::Value;
-use wxpush::{
-    amqp::headers::ATTEMPTS as ATTEMPTS_HEADER,
-    amqp::unrouted_name,
-    sandbox::{Faults, SandboxAccount, SandboxConfig},
-};
 
 /// 86 CJK characters: 258 bytes in UTF-8, within the contract's 128 characters but over the
 /// 255 bytes of an AMQP short string.
@@ -60,10 +52,7 @@ async fn a_job_id_longer_than_a_short_string_gets_its_result() {
     let failed = by_id(&invalid_id).unwrap_or_else(|| panic!("no send.failed for the invalid job: {results:?}"));
     assert_eq!(failed.routing_key, "send.failed");
     assert!(
-        TestEnv::eventually(Duration::from_secs(5), || async {
-            env.queue_len(&env.config.dead_letter_queue).await == 1
-        })
-        .await
+        eventually(Duration::from_secs(5), || async { env.queue_len(&env.config.dead_letter_queue).await == 1 }).await
     );
     assert_eq!(sandbox.stats().sends_accepted, 1);
     // Nothing more comes: no poison copy, no second result.
@@ -81,7 +70,7 @@ async fn results_no_binding_takes_wait_in_the_unrouted_queue() {
     let worker = spawn_worker(&env.config);
     // Wait for the worker's declarations, then take away the only binding.
     let unrouted = unrouted_name(&env.config.results_exchange);
-    let declared = TestEnv::eventually(Duration::from_secs(10), || async {
+    let declared = eventually(Duration::from_secs(10), || async {
         let ch = env.bus.connection.create_channel().await.expect("channel");
         let passive = QueueDeclareOptions { passive: true, ..Default::default() };
         ch.queue_declare(ShortString::from(unrouted.as_str()), passive, FieldTable::default()).await.is_ok()
@@ -100,7 +89,7 @@ async fn results_no_binding_takes_wait_in_the_unrouted_queue() {
         .expect("unbind the observer");
 
     env.publish_job(&job("unrouted-1", "oUser1")).await;
-    let kept = TestEnv::eventually(Duration::from_secs(15), || async { env.queue_len(&unrouted).await == 1 }).await;
+    let kept = eventually(Duration::from_secs(15), || async { env.queue_len(&unrouted).await == 1 }).await;
     assert!(kept, "the send.succeeded result no binding took is kept in {unrouted}");
     assert_eq!(sandbox.stats().sends_accepted, 1);
     worker.stop().await;
@@ -137,18 +126,14 @@ async fn a_token_refusal_storm_makes_one_forced_refresh_and_ends_with_a_reason()
 /// than `refresh_ahead` (240 s, the default).
 async fn token_requests_of_a_pool(workers: usize, run: Duration) -> (u64, f64) {
     let lifetime = Duration::from_secs(3);
-    let sandbox = start_sandbox(SandboxConfig {
-        token_lifetime: lifetime,
-        token_overlap: Duration::from_millis(1500),
-        ..SandboxConfig::default()
-    })
-    .await;
+    let sandbox = sandbox_with_token_lifetime(lifetime).await;
     let ns = unique(&format!("pool{workers}"));
     let mut cfg = config(&ns, &sandbox.base_url());
     cfg.token.refresh_ahead = Duration::from_secs(240);
     let env = TestEnv::new("pool", cfg).await;
     let started = Instant::now();
     let processes: Vec<WorkerProcess> = (0..workers).map(|_| WorkerProcess::start(&env.config)).collect();
+    // The behaviour under test: token lifetimes pass while the pool runs.
     tokio::time::sleep(run).await;
     let requests = sandbox.stats().token_requests;
     let lifetimes = started.elapsed().as_secs_f64() / lifetime.as_secs_f64();
@@ -239,17 +224,16 @@ async fn oversized_jobs_are_refused_without_taking_the_workers_memory() {
     let worker = WorkerProcess::start(&env.config);
     // A valid job first, so that the worker is up and its idle footprint is measured.
     env.publish_job(&job("huge-before", "oUser1")).await;
-    assert!(TestEnv::eventually(Duration::from_secs(15), || async { sandbox.stats().sends_accepted == 1 }).await);
+    assert!(eventually(Duration::from_secs(15), || async { sandbox.stats().sends_accepted == 1 }).await);
     let idle = peak_rss(worker.pid());
     let body = vec![b' '; 16 * MB];
     for i in 0..20 {
         let id = format!("huge-{i}");
         env.publish_raw(&body, BasicProperties::default().with_message_id(ShortString::from(id))).await;
     }
-    let parked = TestEnv::eventually(Duration::from_secs(60), || async {
-        env.queue_len(&env.config.dead_letter_queue).await == 20
-    })
-    .await;
+    let parked =
+        eventually(Duration::from_secs(60), || async { env.queue_len(&env.config.dead_letter_queue).await == 20 })
+            .await;
     assert!(parked, "the 20 oversized jobs are in the dead-letter queue, bodies untouched");
     let peak = peak_rss(worker.pid());
     eprintln!("worker peak RSS: {} MB idle, {} MB after 20 jobs of 16 MB", idle / MB as u64, peak / MB as u64);
@@ -289,12 +273,6 @@ async fn a_forged_attempt_count_never_resets_or_extends_a_job() {
     worker.stop().await;
 }
 
-/// The process-wide recorder of this test binary.
-fn recorder() -> PrometheusHandle {
-    static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
-    HANDLE.get_or_init(wxpush::telemetry::install_metrics).clone().expect("this test binary installs the recorder")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metric_labels_take_only_configured_accounts_and_token_health_is_exported() {
     let metrics = recorder();
@@ -326,7 +304,7 @@ async fn metric_labels_take_only_configured_accounts_and_token_health_is_exporte
         .and_then(|v| v.parse::<f64>().ok());
     assert!(unknown_failed.is_some_and(|n| n >= 1.0), "counted under unknown: {unknown_failed:?}\n{page}");
     let healthy = |account: &str| format!(r#"wxpush_token_healthy{{account="{account}"}} "#);
-    let unhealthy = TestEnv::eventually(Duration::from_secs(10), || async {
+    let unhealthy = eventually(Duration::from_secs(10), || async {
         metrics.render().lines().any(|l| l == format!("{}0", healthy(&broken)))
     })
     .await;

@@ -5,7 +5,6 @@
 //! The first use checks that both answer. When one does not, the test binary stops at once with
 //! one line saying how to start them, instead of every test failing with a connection error.
 //! (Standalone: benches include this file with `#[path]`.)
-#![allow(dead_code)]
 
 use std::{
     io::Write,
