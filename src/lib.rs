@@ -21,7 +21,6 @@
 //! The `sandbox` and `ctl` modules are cargo features (on by default): a worker or webhook
 //! build can leave them out.
 
-pub mod acks;
 pub mod amqp;
 pub mod backlog;
 pub mod backoff;

@@ -6,9 +6,11 @@
 //! - [`settle`]: the confirmed publishes that end a delivery, and how it is acknowledged;
 //! - [`admission`], [`pauses`]: the pool-wide rate slot and account pauses;
 //! - [`session`]: one RabbitMQ connection's consumer, publisher and acknowledger;
+//! - [`acks`]: acknowledgements in runs (`multiple`), decided by a pure state machine;
 //! - [`tokens`]: the pool's shared access token per account (over [`crate::store::token`]);
 //! - [`metrics`]: per-account metric handles.
 
+pub mod acks;
 pub mod admission;
 pub mod metrics;
 pub mod pauses;

@@ -14,9 +14,8 @@ use lapin::{
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{error, warn};
 
-use super::{pipeline::Pipeline, settle::Disposition};
+use super::{acks::Acknowledger, pipeline::Pipeline, settle::Disposition};
 use crate::{
-    acks::Acknowledger,
     amqp::{AmqpError, Nodes, Publisher},
     config::Config,
     health::Health,

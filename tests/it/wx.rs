@@ -2,7 +2,6 @@
 //! renames one, this is the file to re-point. Grouped by the library's modules.
 
 pub use wxpush::{
-    acks::Acknowledger,
     amqp::{
         AmqpError, Nodes, ReconnectingPublisher, Topology, dead_letter_queue_args, declare_dead_letter_queue,
         declare_results_exchange, declare_unrouted_queue, header_str,
@@ -39,5 +38,5 @@ pub use wxpush::{
     telemetry::{catalog::describe_metrics, install_metrics},
     tls::{Tls, TlsSettings},
     webhook::{Listeners, Webhook, WebhookSettings, serve_with},
-    worker::{Disposition, run as run_worker},
+    worker::{Disposition, acks::Acknowledger, run as run_worker},
 };
