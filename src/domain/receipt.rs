@@ -8,22 +8,36 @@
 //!   pretty-printing adds); nested elements (`SubscribeMsgSentEvent/List`, `ScanCodeInfo`, …)
 //!   become JSON objects, and an element repeated under one parent becomes an array;
 //! - a safe-mode body is the same shape with an `Encrypt` field: [`parse_fields`] reads it, the
-//!   caller checks `msg_signature` and decrypts, and [`Push::parse`] reads the plaintext.
+//!   caller checks `msg_signature` and decrypts, and [`Push::parse`] reads the plaintext;
+//! - the subscription-message events are typed ([`Subscription`]): their `List`, one object or
+//!   an array in JSON and one element or several in XML, becomes a list of items, and a `List`
+//!   that cannot be read makes the whole push unreadable.
 //!
 //! No DTD is ever processed: a `<!DOCTYPE` (the only place entities can be declared) is refused,
 //! and an entity reference other than the five predefined ones and character references is an
 //! error, so neither external entities nor entity expansion bombs can reach this code.
 
+use chrono::{DateTime, Utc};
 use quick_xml::{Reader, events::Event};
 use serde_json::{Map, Value};
 
-use super::result::DeliveryStatus;
+use super::{
+    job::JobKind,
+    result::{Consent, ConsentEvent, DeliveryEvent, DeliveryStatus, SETTINGS_SCENE},
+};
 
 /// Every field of a push, by element (or JSON key) name.
 pub type Fields = Map<String, Value>;
 
 /// The event WeChat pushes when a template message's delivery is known.
 pub const TEMPLATE_SEND_JOB_FINISH: &str = "TEMPLATESENDJOBFINISH";
+
+/// The receipt of subscription messages, one `List` item per message.
+pub const SUBSCRIBE_MSG_SENT_EVENT: &str = "subscribe_msg_sent_event";
+/// A user's answers in a subscription popup, one `List` item per template.
+pub const SUBSCRIBE_MSG_POPUP_EVENT: &str = "subscribe_msg_popup_event";
+/// A user's change in the service-notification settings, one `List` item per template.
+pub const SUBSCRIBE_MSG_CHANGE_EVENT: &str = "subscribe_msg_change_event";
 
 /// How deep elements may nest; real pushes go three levels deep, this is only a guard.
 const MAX_DEPTH: usize = 32;
@@ -63,6 +77,15 @@ pub enum ReceiptError {
     NotText { field: &'static str },
     #[error("{field} is not a number: {value:?}")]
     NotANumber { field: &'static str, value: String },
+    #[error("List has no items")]
+    EmptyList,
+    #[error("List[{index}] is not an object")]
+    ItemNotObject { index: usize },
+    /// A field of one `List` item; `reason` is shown, not chained, so the message is whole.
+    #[error("List[{index}]: {reason}")]
+    InList { index: usize, reason: Box<ReceiptError> },
+    #[error("SubscribeStatusString {value:?} is neither accept nor reject")]
+    UnknownConsent { value: String },
 }
 
 /// The format a push arrived in.
@@ -87,6 +110,44 @@ impl TemplateReceipt {
     }
 }
 
+/// One `List` item of `subscribe_msg_sent_event`: the receipt of one subscription message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SentItem {
+    pub template_id: String,
+    /// The msgid subscribe/send (or bizsend) returned; 64 bits, kept exact.
+    pub msgid: u64,
+    /// `ErrorCode`: 0 delivered, anything else failed.
+    pub error_code: i64,
+    /// `ErrorStatus` exactly as WeChat sent it.
+    pub error_status: String,
+}
+
+impl SentItem {
+    pub fn status(&self) -> DeliveryStatus {
+        DeliveryStatus::from_error_code(self.error_code)
+    }
+}
+
+/// One `List` item of a popup or change event: the user's answer for one template.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsentItem {
+    pub template_id: String,
+    /// `SubscribeStatusString` exactly as WeChat sent it.
+    pub raw_status: String,
+    pub consent: Consent,
+    /// `PopupScene` (popups only).
+    pub popup_scene: Option<String>,
+}
+
+/// A subscription-message event, its `List` read into items (one object or an array in JSON,
+/// one element or several in XML).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Subscription {
+    Sent(Vec<SentItem>),
+    Popup(Vec<ConsentItem>),
+    Change(Vec<ConsentItem>),
+}
+
 /// One push from WeChat: the common header, the receipt when it is one, and every field.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Push {
@@ -102,6 +163,8 @@ pub struct Push {
     pub event: Option<String>,
     /// Set for TEMPLATESENDJOBFINISH.
     pub receipt: Option<TemplateReceipt>,
+    /// Set for the three subscription-message events.
+    pub subscription: Option<Subscription>,
     /// Every field as received, including the ones above.
     pub fields: Fields,
 }
@@ -126,18 +189,17 @@ impl Push {
         };
         let receipt = match &event {
             Some(e) if e.eq_ignore_ascii_case(TEMPLATE_SEND_JOB_FINISH) => {
-                // The doc spells it MsgID; messages and some SDKs spell it MsgId.
-                let field = if fields.contains_key("MsgID") { "MsgID" } else { "MsgId" };
-                let msgid = parse_number::<u64>(&fields, field).map_err(|e| match e {
-                    ReceiptError::Missing(_) => ReceiptError::Missing("MsgID"),
-                    other => other,
-                })?;
+                let msgid = parse_msgid(&fields)?;
                 let raw_status = required_text(&fields, "Status")?;
                 Some(TemplateReceipt { msgid, raw_status })
             }
             _ => None,
         };
-        Ok(Push { format, to_user_name, from_user_name, create_time, msg_type, event, receipt, fields })
+        let subscription = match &event {
+            Some(e) => parse_subscription(e, &fields)?,
+            None => None,
+        };
+        Ok(Push { format, to_user_name, from_user_name, create_time, msg_type, event, receipt, subscription, fields })
     }
 
     /// Whether this is a delivery receipt.
@@ -146,7 +208,8 @@ impl Push {
     }
 
     /// Routing key on the results exchange: `delivery.<status>` for a receipt,
-    /// `event.<event lowercase>` for any other event, `message.<msgtype lowercase>` for a
+    /// `event.<event lowercase>` for any other event (a subscription event is published per
+    /// `List` item instead: [`Push::delivery_events`], [`Push::consent_events`]), `message.<msgtype lowercase>` for a
     /// user's message. Characters a topic key cannot carry as one word become `_`.
     pub fn routing_key(&self) -> String {
         if let Some(r) = &self.receipt {
@@ -172,6 +235,166 @@ impl Push {
         }
         format!("event:{}:{}:{}", self.from_user_name, self.create_time, self.event.as_deref().unwrap_or(""))
     }
+}
+
+impl Push {
+    /// The delivery events this push reports, each with what makes it "the same event": the
+    /// one of a TEMPLATESENDJOBFINISH (kind `template`), or one per item of a
+    /// subscribe_msg_sent_event (kind `subscribe_kind`, the account's), de-duplicated like a
+    /// receipt by MsgID and result. `job_id` is left to the caller (the msgid record).
+    pub fn delivery_events(
+        &self,
+        account: &str,
+        subscribe_kind: JobKind,
+        received_at: DateTime<Utc>,
+    ) -> Vec<(String, DeliveryEvent)> {
+        let event = |msgid, status, raw_status: &str| DeliveryEvent {
+            kind: "delivery".into(),
+            account: account.to_owned(),
+            msgid,
+            job_id: None,
+            job_kind: JobKind::Template,
+            touser: self.from_user_name.clone(),
+            to_user_name: self.to_user_name.clone(),
+            status,
+            raw_status: raw_status.to_owned(),
+            template_id: None,
+            errcode: None,
+            create_time: self.create_time,
+            received_at,
+        };
+        if let Some(r) = &self.receipt {
+            return vec![(self.dedupe_key(), event(r.msgid, r.status(), &r.raw_status))];
+        }
+        let Some(Subscription::Sent(items)) = &self.subscription else { return Vec::new() };
+        items
+            .iter()
+            .map(|i| {
+                let key = format!("sent:{}:{}:{}", i.msgid, i.error_code, i.error_status);
+                let delivery = DeliveryEvent {
+                    job_kind: subscribe_kind,
+                    template_id: Some(i.template_id.clone()),
+                    errcode: Some(i.error_code),
+                    ..event(i.msgid, i.status(), &i.error_status)
+                };
+                (key, delivery)
+            })
+            .collect()
+    }
+
+    /// The consent events of a popup or change event, one per item, each with what makes it
+    /// "the same event" (FromUserName, CreateTime, TemplateId and the answer, as WeChat's docs
+    /// advise, and the event's name).
+    pub fn consent_events(
+        &self,
+        account: &str,
+        subscribe_kind: JobKind,
+        received_at: DateTime<Utc>,
+    ) -> Vec<(String, ConsentEvent)> {
+        let (items, popup) = match &self.subscription {
+            Some(Subscription::Popup(items)) => (items, true),
+            Some(Subscription::Change(items)) => (items, false),
+            _ => return Vec::new(),
+        };
+        let event = self.event.clone().unwrap_or_default();
+        items
+            .iter()
+            .map(|i| {
+                let key = format!(
+                    "consent:{event}:{}:{}:{}:{}",
+                    self.from_user_name, self.create_time, i.template_id, i.raw_status
+                );
+                let consent = ConsentEvent {
+                    kind: "consent".into(),
+                    account: account.to_owned(),
+                    job_kind: subscribe_kind,
+                    openid: self.from_user_name.clone(),
+                    to_user_name: self.to_user_name.clone(),
+                    template_id: i.template_id.clone(),
+                    consent: i.consent,
+                    status: i.raw_status.clone(),
+                    scene: if popup { i.popup_scene.clone() } else { Some(SETTINGS_SCENE.to_owned()) },
+                    event: event.clone(),
+                    create_time: self.create_time,
+                    received_at,
+                };
+                (key, consent)
+            })
+            .collect()
+    }
+}
+
+/// `MsgID` of a receipt or a sent item: 64 bits, kept exact.
+fn parse_msgid(fields: &Fields) -> Result<u64, ReceiptError> {
+    // The doc spells it MsgID; messages and some SDKs spell it MsgId.
+    let field = if fields.contains_key("MsgID") { "MsgID" } else { "MsgId" };
+    parse_number::<u64>(fields, field).map_err(|e| match e {
+        ReceiptError::Missing(_) => ReceiptError::Missing("MsgID"),
+        other => other,
+    })
+}
+
+/// Types a subscription-message event; `None` for any other event.
+fn parse_subscription(event: &str, fields: &Fields) -> Result<Option<Subscription>, ReceiptError> {
+    let is = |name: &str| event.eq_ignore_ascii_case(name);
+    let subscription = if is(SUBSCRIBE_MSG_SENT_EVENT) {
+        Subscription::Sent(read_items(fields, "SubscribeMsgSentEvent", sent_item)?)
+    } else if is(SUBSCRIBE_MSG_POPUP_EVENT) {
+        Subscription::Popup(read_items(fields, "SubscribeMsgPopupEvent", consent_item)?)
+    } else if is(SUBSCRIBE_MSG_CHANGE_EVENT) {
+        Subscription::Change(read_items(fields, "SubscribeMsgChangeEvent", consent_item)?)
+    } else {
+        return Ok(None);
+    };
+    Ok(Some(subscription))
+}
+
+/// The items of an event's `List`, wherever the push put it: at the top (JSON), under the
+/// event's element (XML, and older JSON: `{"List": …}`), or as that element itself (older
+/// JSON: an array). A `List` is one item or an array of them.
+fn read_items<T>(
+    fields: &Fields,
+    wrapper: &str,
+    read: fn(&Fields) -> Result<T, ReceiptError>,
+) -> Result<Vec<T>, ReceiptError> {
+    let list = match (fields.get("List"), fields.get(wrapper)) {
+        (Some(list), _) => list,
+        (None, Some(inner)) => inner.get("List").unwrap_or(inner),
+        (None, None) => return Err(ReceiptError::Missing("List")),
+    };
+    let items: Vec<&Value> = match list {
+        Value::Array(items) => items.iter().collect(),
+        one => vec![one],
+    };
+    if items.is_empty() {
+        return Err(ReceiptError::EmptyList);
+    }
+    items
+        .into_iter()
+        .enumerate()
+        .map(|(index, item)| match item {
+            Value::Object(item) => read(item).map_err(|e| ReceiptError::InList { index, reason: Box::new(e) }),
+            _ => Err(ReceiptError::ItemNotObject { index }),
+        })
+        .collect()
+}
+
+fn sent_item(item: &Fields) -> Result<SentItem, ReceiptError> {
+    Ok(SentItem {
+        template_id: required_text(item, "TemplateId")?,
+        msgid: parse_msgid(item)?,
+        error_code: parse_number(item, "ErrorCode")?,
+        error_status: required_text(item, "ErrorStatus")?,
+    })
+}
+
+fn consent_item(item: &Fields) -> Result<ConsentItem, ReceiptError> {
+    let template_id = required_text(item, "TemplateId")?;
+    let raw_status = required_text(item, "SubscribeStatusString")?;
+    let consent =
+        Consent::from_raw(&raw_status).ok_or_else(|| ReceiptError::UnknownConsent { value: quote(&raw_status) })?;
+    let popup_scene = optional_text(item, "PopupScene")?.map(|s| s.trim().to_owned());
+    Ok(ConsentItem { template_id, raw_status, consent, popup_scene })
 }
 
 /// Reads the fields of a push body (XML or JSON), without requiring any of them; used for the
@@ -638,6 +861,242 @@ mod tests {
         assert!(Push::parse(with_bom.as_bytes()).is_ok());
     }
 
+    const SENT_XML_ONE: &str = "<xml>\n    <ToUserName><![CDATA[gh_123456789abc]]></ToUserName>\n    <FromUserName><![CDATA[otFpruAK8D-E6EfStSYonYSBZ8_4]]></FromUserName>\n    <CreateTime>1610969468</CreateTime>\n    <MsgType><![CDATA[event]]></MsgType>\n    <Event><![CDATA[subscribe_msg_sent_event]]></Event>\n    <SubscribeMsgSentEvent>\n        <List>\n            <TemplateId><![CDATA[VRR0UEO9VJOLs0MHlU0OilqX6MVFDwH3_3gz3Oc0NIc]]></TemplateId>\n            <MsgID>1700827132819554304</MsgID>\n            <ErrorCode>0</ErrorCode>\n            <ErrorStatus><![CDATA[success]]></ErrorStatus>\n        </List>\n    </SubscribeMsgSentEvent>\n</xml>";
+    const SENT_JSON_ONE: &str = r#"{"ToUserName": "gh_123456789abc", "FromUserName": "o7esq5PHRGBQYmeNyfG064wEFVpQ", "CreateTime": "1620963428", "MsgType": "event", "Event": "subscribe_msg_sent_event", "List": {"TemplateId": "BEwX0BO-T3MqK3Uc5oTU3CGBqzjpndk2jzUf7VfExd8", "MsgID": "1864323726461255680", "ErrorCode": "0", "ErrorStatus": "success"}}"#;
+    const POPUP_XML: &str = "<xml>\n    <ToUserName><![CDATA[gh_123456789abc]]></ToUserName>\n    <FromUserName><![CDATA[otFpruAK8D-E6EfStSYonYSBZ8_4]]></FromUserName>\n    <CreateTime>1610969440</CreateTime>\n    <MsgType><![CDATA[event]]></MsgType>\n    <Event><![CDATA[subscribe_msg_popup_event]]></Event>\n    <SubscribeMsgPopupEvent>\n        <List>\n            <TemplateId><![CDATA[VRR0UEO9VJOLs0MHlU0OilqX6MVFDwH3_3gz3Oc0NIc]]></TemplateId>\n            <SubscribeStatusString><![CDATA[accept]]></SubscribeStatusString>\n            <PopupScene>2</PopupScene>\n        </List>\n        <List>\n            <TemplateId><![CDATA[9nLIlbOQZC5Y89AZteFEux3WCXRRRG5Wfzkpssu4bLI]]></TemplateId>\n            <SubscribeStatusString><![CDATA[reject]]></SubscribeStatusString>\n            <PopupScene>2</PopupScene>\n        </List>\n    </SubscribeMsgPopupEvent>\n</xml>";
+    const CHANGE_JSON: &str = r#"{"ToUserName": "gh_123456789abc", "FromUserName": "o7esq5OI1Uej6Xixw1lA2H7XDVbc", "CreateTime": "1610968440", "MsgType": "event", "Event": "subscribe_msg_change_event", "List": {"TemplateId": "BEwX0BOT3MqK3Uc5oTU3CGBqzjpndk2jzUf7VfExd8", "SubscribeStatusString": "reject"}}"#;
+
+    fn sent_item(template_id: &str, msgid: u64, error_code: i64, error_status: &str) -> SentItem {
+        SentItem { template_id: template_id.into(), msgid, error_code, error_status: error_status.into() }
+    }
+
+    fn sent_items(body: &str) -> Vec<SentItem> {
+        match Push::parse(body.as_bytes()).unwrap().subscription {
+            Some(Subscription::Sent(items)) => items,
+            other => panic!("not a sent event: {other:?}"),
+        }
+    }
+
+    /// The JSON push of a sent event with `list` as its List (top level, the current shape).
+    fn sent_json(list: &str) -> String {
+        format!(
+            r#"{{"ToUserName":"gh_1","FromUserName":"o_user","CreateTime":1620963428,"MsgType":"event","Event":"subscribe_msg_sent_event","List":{list}}}"#
+        )
+    }
+
+    #[test]
+    fn a_sent_event_with_one_item_reads_in_xml_and_json() {
+        let item = sent_item("VRR0UEO9VJOLs0MHlU0OilqX6MVFDwH3_3gz3Oc0NIc", 1700827132819554304, 0, "success");
+        assert_eq!(sent_items(SENT_XML_ONE), [item]);
+        let p = Push::parse(SENT_JSON_ONE.as_bytes()).unwrap();
+        assert_eq!(p.format, Format::Json);
+        assert_eq!(p.create_time, 1620963428);
+        let item = sent_item("BEwX0BO-T3MqK3Uc5oTU3CGBqzjpndk2jzUf7VfExd8", 1864323726461255680, 0, "success");
+        assert_eq!(p.subscription, Some(Subscription::Sent(vec![item])));
+        assert!(!p.is_receipt(), "a sent event is not a template receipt");
+    }
+
+    #[test]
+    fn a_sent_event_with_several_items_reads_each_in_order() {
+        let xml = SENT_XML_ONE.replace(
+            "</SubscribeMsgSentEvent>",
+            "<List><TemplateId>T2</TemplateId><MsgId>18446744073709551615</MsgId><ErrorCode>10001</ErrorCode><ErrorStatus>system failed</ErrorStatus></List></SubscribeMsgSentEvent>",
+        );
+        let items = sent_items(&xml);
+        assert_eq!(items.len(), 2);
+        assert_eq!(items[1], sent_item("T2", u64::MAX, 10001, "system failed"));
+        assert_eq!((items[0].status(), items[1].status()), (DeliveryStatus::Success, DeliveryStatus::Failed));
+
+        let json = sent_json(
+            r#"[{"TemplateId":"T1","MsgID":"9007199254740993","ErrorCode":"0","ErrorStatus":"success"},
+                {"TemplateId":"T2","MsgID":3599307433715204104,"ErrorCode":-1,"ErrorStatus":"failed"}]"#,
+        );
+        let items = sent_items(&json);
+        // Past 2^53 the id is kept exact, from a string and from a number alike.
+        assert_eq!(
+            items,
+            [sent_item("T1", 9007199254740993, 0, "success"), sent_item("T2", 3599307433715204104, -1, "failed")]
+        );
+    }
+
+    #[test]
+    fn the_older_json_shapes_wrap_the_list() {
+        let item = r#"{"TemplateId":"T1","MsgID":"42","ErrorCode":"0","ErrorStatus":"success"}"#;
+        for wrapped in [format!(r#"{{"List":{item}}}"#), format!(r#"{{"List":[{item}]}}"#), format!("[{item}]")] {
+            let json = sent_json("0").replace(r#","List":0"#, &format!(r#","SubscribeMsgSentEvent":{wrapped}"#));
+            assert_eq!(sent_items(&json), [sent_item("T1", 42, 0, "success")], "{json}");
+        }
+        let popup = r#"{"ToUserName":"gh_1","FromUserName":"o","CreateTime":"1620973045","MsgType":"event","Event":"subscribe_msg_popup_event","SubscribeMsgPopupEvent":[{"TemplateId":"T","SubscribeStatusString":"accept","PopupScene":"0"}]}"#;
+        let p = Push::parse(popup.as_bytes()).unwrap();
+        let Some(Subscription::Popup(items)) = p.subscription else { panic!("{p:?}") };
+        assert_eq!(items[0].popup_scene.as_deref(), Some("0"));
+    }
+
+    #[test]
+    fn popup_and_change_events_read_every_answer() {
+        let p = Push::parse(POPUP_XML.as_bytes()).unwrap();
+        let Some(Subscription::Popup(items)) = &p.subscription else { panic!("{p:?}") };
+        assert_eq!(
+            items,
+            &[
+                ConsentItem {
+                    template_id: "VRR0UEO9VJOLs0MHlU0OilqX6MVFDwH3_3gz3Oc0NIc".into(),
+                    raw_status: "accept".into(),
+                    consent: Consent::Accepted,
+                    popup_scene: Some("2".into()),
+                },
+                ConsentItem {
+                    template_id: "9nLIlbOQZC5Y89AZteFEux3WCXRRRG5Wfzkpssu4bLI".into(),
+                    raw_status: "reject".into(),
+                    consent: Consent::Rejected,
+                    popup_scene: Some("2".into()),
+                },
+            ]
+        );
+        let p = Push::parse(CHANGE_JSON.as_bytes()).unwrap();
+        let Some(Subscription::Change(items)) = &p.subscription else { panic!("{p:?}") };
+        assert_eq!((items.len(), items[0].consent, items[0].popup_scene.clone()), (1, Consent::Rejected, None));
+    }
+
+    #[test]
+    fn sent_items_become_delivery_events_of_the_accounts_kind() {
+        let at = Utc::now();
+        let xml = SENT_XML_ONE.replace(
+            "</SubscribeMsgSentEvent>",
+            "<List><TemplateId>T2</TemplateId><MsgID>7</MsgID><ErrorCode>10001</ErrorCode><ErrorStatus>system failed</ErrorStatus></List></SubscribeMsgSentEvent>",
+        );
+        let p = Push::parse(xml.as_bytes()).unwrap();
+        let events = p.delivery_events("mini", JobKind::MiniprogramSubscribe, at);
+        assert_eq!(events.len(), 2);
+        let (key, first) = &events[0];
+        assert_eq!(key, "sent:1700827132819554304:0:success");
+        assert_eq!(
+            (first.account.as_str(), first.job_kind, first.msgid),
+            ("mini", JobKind::MiniprogramSubscribe, 1700827132819554304)
+        );
+        assert_eq!(
+            (first.status.routing_key(), first.errcode, first.raw_status.as_str()),
+            ("delivery.success", Some(0), "success")
+        );
+        assert_eq!(first.template_id.as_deref(), Some("VRR0UEO9VJOLs0MHlU0OilqX6MVFDwH3_3gz3Oc0NIc"));
+        assert_eq!(
+            (first.touser.as_str(), first.to_user_name.as_str()),
+            ("otFpruAK8D-E6EfStSYonYSBZ8_4", "gh_123456789abc")
+        );
+        assert_eq!((first.create_time, first.received_at, first.job_id.clone()), (1610969468, at, None));
+        let (key, second) = &events[1];
+        assert_eq!(key, "sent:7:10001:system failed");
+        assert_eq!((second.status.routing_key(), second.errcode), ("delivery.failed", Some(10001)));
+        assert!(p.consent_events("mini", JobKind::MiniprogramSubscribe, at).is_empty());
+
+        // A template receipt is one delivery event of kind template, keyed as before.
+        let p = Push::parse(SEED_SUCCESS.as_bytes()).unwrap();
+        let events = p.delivery_events("default", JobKind::Subscribe, at);
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0].0, p.dedupe_key());
+        assert_eq!(
+            (events[0].1.job_kind, events[0].1.template_id.clone(), events[0].1.errcode),
+            (JobKind::Template, None, None)
+        );
+        // Other events are neither.
+        let other = Push::parse(
+            r#"{"ToUserName":"a","FromUserName":"b","CreateTime":1,"MsgType":"event","Event":"SCAN"}"#.as_bytes(),
+        )
+        .unwrap();
+        assert!(other.delivery_events("default", JobKind::Subscribe, at).is_empty());
+        assert!(other.consent_events("default", JobKind::Subscribe, at).is_empty());
+    }
+
+    #[test]
+    fn consent_items_become_consent_events_with_their_scene() {
+        let at = Utc::now();
+        let p = Push::parse(POPUP_XML.as_bytes()).unwrap();
+        let events = p.consent_events("default", JobKind::Subscribe, at);
+        let keys: Vec<&str> = events.iter().map(|(_, e)| e.routing_key()).collect();
+        assert_eq!(keys, ["consent.accepted", "consent.rejected"]);
+        let (key, first) = &events[0];
+        assert_eq!(
+            key,
+            "consent:subscribe_msg_popup_event:otFpruAK8D-E6EfStSYonYSBZ8_4:1610969440:VRR0UEO9VJOLs0MHlU0OilqX6MVFDwH3_3gz3Oc0NIc:accept"
+        );
+        assert_ne!(events[0].0, events[1].0);
+        assert_eq!(
+            (first.kind.as_str(), first.account.as_str(), first.job_kind),
+            ("consent", "default", JobKind::Subscribe)
+        );
+        assert_eq!(
+            (first.openid.as_str(), first.to_user_name.as_str()),
+            ("otFpruAK8D-E6EfStSYonYSBZ8_4", "gh_123456789abc")
+        );
+        assert_eq!(
+            (first.status.as_str(), first.scene.as_deref(), first.event.as_str()),
+            ("accept", Some("2"), "subscribe_msg_popup_event")
+        );
+        assert_eq!((first.create_time, first.received_at), (1610969440, at));
+        assert!(p.delivery_events("default", JobKind::Subscribe, at).is_empty());
+
+        let p = Push::parse(CHANGE_JSON.as_bytes()).unwrap();
+        let events = p.consent_events("mini", JobKind::MiniprogramSubscribe, at);
+        assert_eq!(events.len(), 1);
+        let e = &events[0].1;
+        assert_eq!(
+            (e.routing_key(), e.scene.as_deref(), e.status.as_str()),
+            ("consent.rejected", Some(SETTINGS_SCENE), "reject")
+        );
+        assert_eq!(
+            (e.job_kind, e.template_id.as_str()),
+            (JobKind::MiniprogramSubscribe, "BEwX0BOT3MqK3Uc5oTU3CGBqzjpndk2jzUf7VfExd8")
+        );
+    }
+
+    #[test]
+    fn malformed_lists_say_what_is_wrong() {
+        let err = |body: String| Push::parse(body.as_bytes()).unwrap_err().to_string();
+        let item = |fields: &str| sent_json(&format!("{{{fields}}}"));
+        assert_eq!(err(sent_json("[]")), "List has no items");
+        assert_eq!(err(sent_json("null")), "List[0] is not an object");
+        assert_eq!(
+            err(sent_json(r#"[{"TemplateId":"T","MsgID":"1","ErrorCode":"0","ErrorStatus":"ok"}, "x"]"#)),
+            "List[1] is not an object"
+        );
+        assert_eq!(err(sent_json("[[]]")), "List[0] is not an object");
+        assert_eq!(err(item(r#""MsgID":"1","ErrorCode":"0","ErrorStatus":"ok""#)), "List[0]: TemplateId is missing");
+        assert_eq!(err(item(r#""TemplateId":"T","ErrorCode":"0","ErrorStatus":"ok""#)), "List[0]: MsgID is missing");
+        assert_eq!(
+            err(item(r#""TemplateId":"T","MsgID":"1.0","ErrorCode":"0","ErrorStatus":"ok""#)),
+            "List[0]: MsgID is not a number: \"1.0\""
+        );
+        assert_eq!(
+            err(item(r#""TemplateId":"T","MsgID":"1","ErrorCode":"ok","ErrorStatus":"ok""#)),
+            "List[0]: ErrorCode is not a number: \"ok\""
+        );
+        assert_eq!(err(item(r#""TemplateId":"T","MsgID":"1","ErrorCode":"0""#)), "List[0]: ErrorStatus is missing");
+        assert_eq!(
+            err(item(r#""TemplateId":{"a":1},"MsgID":"1","ErrorCode":"0","ErrorStatus":"ok""#)),
+            "List[0]: TemplateId is not text"
+        );
+        let no_list = sent_json("0").replace(r#","List":0"#, "");
+        assert_eq!(err(no_list), "List is missing");
+        // In XML: an empty wrapper, an empty item, an item with a field twice.
+        let xml = |list: &str| {
+            SENT_XML_ONE.replace(
+                &SENT_XML_ONE
+                    [SENT_XML_ONE.find("<SubscribeMsgSentEvent>").unwrap()..SENT_XML_ONE.find("</xml>").unwrap()],
+                list,
+            )
+        };
+        assert_eq!(err(xml("<SubscribeMsgSentEvent></SubscribeMsgSentEvent>")), "List[0] is not an object");
+        assert_eq!(err(xml("<SubscribeMsgSentEvent><List/></SubscribeMsgSentEvent>")), "List[0] is not an object");
+        assert_eq!(err(xml("")), "List is missing");
+        let twice = "<SubscribeMsgSentEvent><List><TemplateId>a</TemplateId><TemplateId>b</TemplateId><MsgID>1</MsgID><ErrorCode>0</ErrorCode><ErrorStatus>s</ErrorStatus></List></SubscribeMsgSentEvent>";
+        assert_eq!(err(xml(twice)), "List[0]: TemplateId appears more than once");
+        // A consent answer other than accept or reject is not guessed at.
+        let popup = POPUP_XML.replace("<![CDATA[reject]]>", "<![CDATA[ban]]>");
+        assert_eq!(err(popup), "List[1]: SubscribeStatusString \"ban\" is neither accept nor reject");
+        let change = CHANGE_JSON.replace(r#""SubscribeStatusString": "reject""#, r#""Status": "reject""#);
+        assert_eq!(err(change), "List[0]: SubscribeStatusString is missing");
+    }
+
     proptest::proptest! {
         #[test]
         fn no_string_panics_the_parser(s in "\\PC{0,300}") {
@@ -654,6 +1113,8 @@ mod tests {
             "<xml>", "</xml>", "<a>", "</a>", "<a/>", "<![CDATA[", "]]>", "]]&g;", "&amp;", "&#0;", "&#x110000;", "&x;",
             "<!DOCTYPE x>", "<!ENTITY", "<?pi?>", "<!--", "-->", "1", "MsgID", "<MsgID>", "</MsgID>", "{", "}", "\"",
             ":", "<Event>", "</Event>", "TEMPLATESENDJOBFINISH", " ", "\n", "<", ">", "&", "\u{feff}",
+            "subscribe_msg_sent_event", "subscribe_msg_popup_event", "<List>", "</List>", "<SubscribeMsgSentEvent>",
+            "</SubscribeMsgSentEvent>", "<TemplateId>", "</TemplateId>", "<ErrorCode>", "</ErrorCode>",
         ]), 0..60)) {
             let s: String = parts.concat();
             let _ = Push::parse(s.as_bytes());
@@ -664,6 +1125,71 @@ mod tests {
             let xml = SEED_SUCCESS.replace("200163836", &id.to_string());
             let p = Push::parse(xml.as_bytes()).unwrap();
             proptest::prop_assert_eq!(p.receipt.map(|r| r.msgid), Some(id));
+        }
+    }
+
+    /// Any JSON value in any of a List's places reads or is refused, never panics.
+    fn json_soup() -> impl proptest::strategy::Strategy<Value = Value> {
+        use proptest::prelude::*;
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            any::<u64>().prop_map(Value::from),
+            any::<f64>().prop_map(Value::from),
+            proptest::sample::select(vec![
+                "",
+                "0",
+                "1",
+                "accept",
+                "reject",
+                "success",
+                "-1",
+                "1e3",
+                "18446744073709551616"
+            ])
+            .prop_map(Value::from),
+        ];
+        leaf.prop_recursive(3, 24, 4, |inner| {
+            let keys = proptest::sample::select(vec![
+                "List",
+                "TemplateId",
+                "MsgID",
+                "MsgId",
+                "ErrorCode",
+                "ErrorStatus",
+                "SubscribeStatusString",
+                "PopupScene",
+            ]);
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                proptest::collection::btree_map(keys, inner, 0..6)
+                    .prop_map(|m| Value::Object(m.into_iter().map(|(k, v)| (k.to_owned(), v)).collect())),
+            ]
+        })
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn no_list_panics_the_parser(
+            list in json_soup(),
+            event in proptest::sample::select(vec![SUBSCRIBE_MSG_SENT_EVENT, SUBSCRIBE_MSG_POPUP_EVENT, SUBSCRIBE_MSG_CHANGE_EVENT]),
+            place in proptest::sample::select(vec!["List", "SubscribeMsgSentEvent", "SubscribeMsgPopupEvent", "SubscribeMsgChangeEvent"]),
+        ) {
+            let mut fields = Fields::new();
+            for (k, v) in [("ToUserName", "gh"), ("FromUserName", "o"), ("CreateTime", "1"), ("MsgType", "event"), ("Event", event)] {
+                fields.insert(k.into(), Value::from(v));
+            }
+            fields.insert(place.into(), list);
+            let body = serde_json::to_vec(&fields).unwrap();
+            if let Ok(p) = Push::parse(&body) {
+                let (deliveries, consents) = (
+                    p.delivery_events("a", JobKind::Subscribe, Utc::now()),
+                    p.consent_events("a", JobKind::Subscribe, Utc::now()),
+                );
+                // A readable subscription event always reports something.
+                proptest::prop_assert!(p.subscription.is_none() || !deliveries.is_empty() || !consents.is_empty());
+            }
         }
     }
 }

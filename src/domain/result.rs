@@ -111,7 +111,8 @@ impl SendResult {
     }
 }
 
-/// A TEMPLATESENDJOBFINISH receipt, published as `delivery.<status>`.
+/// A delivery receipt, published as `delivery.<status>`: a template message's
+/// `TEMPLATESENDJOBFINISH`, or one item of a subscription message's `subscribe_msg_sent_event`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DeliveryEvent {
     #[serde(rename = "type")]
@@ -119,13 +120,91 @@ pub struct DeliveryEvent {
     pub account: String,
     pub msgid: u64,
     pub job_id: Option<String>,
+    /// The kind of message delivered: `template` for TEMPLATESENDJOBFINISH, the account's
+    /// subscription kind for a sent event (records of older versions have none: template).
+    #[serde(rename = "kind", default)]
+    pub job_kind: JobKind,
     pub touser: String,
     pub to_user_name: String,
     pub status: DeliveryStatus,
+    /// `Status` (template) or `ErrorStatus` (subscription) exactly as WeChat sent it.
     pub raw_status: String,
+    /// `TemplateId` of a sent event; WeChat's template receipt has none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template_id: Option<String>,
+    /// `ErrorCode` of a sent event (0 delivered); WeChat's template receipt has none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub errcode: Option<i64>,
     pub create_time: i64,
     #[serde(with = "millis")]
     pub received_at: DateTime<Utc>,
+}
+
+/// A user's answer about a subscription template: one `List` item of
+/// `subscribe_msg_popup_event` or `subscribe_msg_change_event`, published as
+/// `consent.accepted` or `consent.rejected`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConsentEvent {
+    /// Always `consent`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub account: String,
+    /// The job kind the consent is for: `subscribe` (official account) or
+    /// `miniprogram_subscribe` (mini program).
+    #[serde(rename = "kind")]
+    pub job_kind: JobKind,
+    /// The user (`FromUserName`).
+    pub openid: String,
+    /// The account's original id (`ToUserName`).
+    pub to_user_name: String,
+    pub template_id: String,
+    pub consent: Consent,
+    /// `SubscribeStatusString` exactly as WeChat sent it (`accept`, `reject`).
+    pub status: String,
+    /// Where the user answered: a popup's `PopupScene` as sent (`0` in a mini program, `1` an
+    /// H5 page, `2` an article; null when the push has none), or `settings` for a change made
+    /// in the service-notification settings.
+    pub scene: Option<String>,
+    /// WeChat's `Event`: `subscribe_msg_popup_event` or `subscribe_msg_change_event`.
+    pub event: String,
+    /// `CreateTime`: when the user answered, in seconds since the epoch.
+    pub create_time: i64,
+    #[serde(with = "millis")]
+    pub received_at: DateTime<Utc>,
+}
+
+/// The scene of a consent change made in the settings rather than in a popup.
+pub const SETTINGS_SCENE: &str = "settings";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Consent {
+    Accepted,
+    Rejected,
+}
+
+impl Consent {
+    /// Reads `SubscribeStatusString`; `None` for anything but `accept` or `reject`.
+    pub fn from_raw(raw: &str) -> Option<Self> {
+        match raw.trim().to_ascii_lowercase().as_str() {
+            "accept" => Some(Self::Accepted),
+            "reject" => Some(Self::Rejected),
+            _ => None,
+        }
+    }
+
+    pub fn routing_key(self) -> &'static str {
+        match self {
+            Self::Accepted => "consent.accepted",
+            Self::Rejected => "consent.rejected",
+        }
+    }
+}
+
+impl ConsentEvent {
+    pub fn routing_key(&self) -> &'static str {
+        self.consent.routing_key()
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -148,6 +227,12 @@ impl DeliveryStatus {
             "failed:systemfailed" => Self::SystemFailed,
             _ => Self::Failed,
         }
+    }
+
+    /// A sent event's `ErrorCode`: 0 is delivered, anything else failed (WeChat's only
+    /// failures here are system failures of the asynchronous push).
+    pub fn from_error_code(code: i64) -> Self {
+        if code == 0 { Self::Success } else { Self::Failed }
     }
 
     pub fn routing_key(self) -> &'static str {
@@ -261,10 +346,13 @@ mod tests {
             account: "default".into(),
             msgid: 200163836,
             job_id: Some("order-42-paid".into()),
+            job_kind: JobKind::Template,
             touser: "oia2TjuEGTNoeX76QEjQNrcURxG8".into(),
             to_user_name: "gh_7f083739789a".into(),
             status: DeliveryStatus::from_raw("failed:user block"),
             raw_status: "failed:user block".into(),
+            template_id: None,
+            errcode: None,
             create_time: 1395658984,
             received_at: DateTime::parse_from_rfc3339("2026-11-28T02:19:49.001Z").unwrap().with_timezone(&Utc),
         };
@@ -275,6 +363,7 @@ mod tests {
                 "account": "default",
                 "msgid": 200163836,
                 "job_id": "order-42-paid",
+                "kind": "template",
                 "touser": "oia2TjuEGTNoeX76QEjQNrcURxG8",
                 "to_user_name": "gh_7f083739789a",
                 "status": "user_block",
@@ -283,5 +372,93 @@ mod tests {
                 "received_at": "2026-11-28T02:19:49.001Z"
             })
         );
+    }
+
+    #[test]
+    fn a_subscription_delivery_event_carries_its_kind_template_and_errcode() {
+        let e = DeliveryEvent {
+            kind: "delivery".into(),
+            account: "mini".into(),
+            msgid: 1864323726461255680,
+            job_id: None,
+            job_kind: JobKind::MiniprogramSubscribe,
+            touser: "o7esq5PHRGBQYmeNyfG064wEFVpQ".into(),
+            to_user_name: "gh_123456789abc".into(),
+            status: DeliveryStatus::from_error_code(10001),
+            raw_status: "system failed".into(),
+            template_id: Some("BEwX0BO-T3MqK3Uc5oTU3CGBqzjpndk2jzUf7VfExd8".into()),
+            errcode: Some(10001),
+            create_time: 1620963428,
+            received_at: at(),
+        };
+        assert_eq!(e.status.routing_key(), "delivery.failed");
+        let text = serde_json::to_string(&e).unwrap();
+        assert!(text.contains("\"msgid\":1864323726461255680"), "{text}");
+        let v: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(
+            v,
+            json!({
+                "type": "delivery",
+                "account": "mini",
+                "msgid": 1864323726461255680u64,
+                "job_id": null,
+                "kind": "miniprogram_subscribe",
+                "touser": "o7esq5PHRGBQYmeNyfG064wEFVpQ",
+                "to_user_name": "gh_123456789abc",
+                "status": "failed",
+                "raw_status": "system failed",
+                "template_id": "BEwX0BO-T3MqK3Uc5oTU3CGBqzjpndk2jzUf7VfExd8",
+                "errcode": 10001,
+                "create_time": 1620963428,
+                "received_at": "2026-11-28T02:19:48.123Z"
+            })
+        );
+        assert_eq!(DeliveryStatus::from_error_code(0), DeliveryStatus::Success);
+        // A record written before deliveries had a kind reads as a template's.
+        let mut old = v.clone();
+        old.as_object_mut().unwrap().remove("kind");
+        assert_eq!(serde_json::from_value::<DeliveryEvent>(old).unwrap().job_kind, JobKind::Template);
+    }
+
+    #[test]
+    fn a_consent_event_serializes_with_its_routing_key() {
+        let e = ConsentEvent {
+            kind: "consent".into(),
+            account: "default".into(),
+            job_kind: JobKind::Subscribe,
+            openid: "otFpruAK8D-E6EfStSYonYSBZ8_4".into(),
+            to_user_name: "gh_123456789abc".into(),
+            template_id: "VRR0UEO9VJOLs0MHlU0OilqX6MVFDwH3_3gz3Oc0NIc".into(),
+            consent: Consent::Accepted,
+            status: "accept".into(),
+            scene: Some("2".into()),
+            event: "subscribe_msg_popup_event".into(),
+            create_time: 1610969440,
+            received_at: at(),
+        };
+        assert_eq!(e.routing_key(), "consent.accepted");
+        assert_eq!(
+            serde_json::to_value(&e).unwrap(),
+            json!({
+                "type": "consent",
+                "account": "default",
+                "kind": "subscribe",
+                "openid": "otFpruAK8D-E6EfStSYonYSBZ8_4",
+                "to_user_name": "gh_123456789abc",
+                "template_id": "VRR0UEO9VJOLs0MHlU0OilqX6MVFDwH3_3gz3Oc0NIc",
+                "consent": "accepted",
+                "status": "accept",
+                "scene": "2",
+                "event": "subscribe_msg_popup_event",
+                "create_time": 1610969440,
+                "received_at": "2026-11-28T02:19:48.123Z"
+            })
+        );
+        assert_eq!(Consent::Rejected.routing_key(), "consent.rejected");
+        for (raw, consent) in
+            [("accept", Some(Consent::Accepted)), (" Reject ", Some(Consent::Rejected)), ("ban", None), ("", None)]
+        {
+            assert_eq!(Consent::from_raw(raw), consent, "{raw:?}");
+        }
     }
 }

@@ -9,15 +9,20 @@
 //! `/metrics` ([`metrics`]) are on the admin address (`WXPUSH_WEBHOOK_ADMIN_LISTEN`), which is not
 //! exposed to WeChat. Both ports run on [`server`], which bounds what slow clients can hold.
 //!
-//! Routing keys on the results exchange: `delivery.<status>` for TEMPLATESENDJOBFINISH (body:
-//! [`crate::domain::result::DeliveryEvent`]), `event.<event lowercase>` for other events and
+//! Routing keys on the results exchange: `delivery.<status>` for TEMPLATESENDJOBFINISH and for
+//! each `List` item of `subscribe_msg_sent_event` (body:
+//! [`crate::domain::result::DeliveryEvent`]), `consent.accepted` / `consent.rejected` for each
+//! item of `subscribe_msg_popup_event` and `subscribe_msg_change_event` (body:
+//! [`crate::domain::result::ConsentEvent`]), `event.<event lowercase>` for other events and
 //! `message.<msgtype lowercase>` for users' messages (body: every field of the push plus
-//! `type`, `account`, `received_at`).
+//! `type`, `account`, `received_at`). Pushes may be XML or JSON (a mini program's console
+//! setting), plaintext or safe mode (`Encrypt` in an XML or a JSON envelope).
 //!
 //! A receipt's `job_id` comes from the msgid record the worker writes when WeChat accepts a
 //! send. WeChat can push the receipt before that write lands, so the record is looked up again
-//! for up to `msgid_wait` (1.5 s by default); after that the event goes out with `job_id` null,
-//! and a consumer ties it through `msgid`, which the job's `send.succeeded` result also carries.
+//! for up to `msgid_wait` (1.5 s by default, for all the items of one push together); after that
+//! the event goes out with `job_id` null, and a consumer ties it through `msgid`, which the
+//! job's `send.succeeded` result also carries.
 
 pub mod metrics;
 pub mod push;

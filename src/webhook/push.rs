@@ -32,8 +32,8 @@ use crate::{
     amqp::{PublishError, Short, header_str, json_properties},
     backoff::Backoff,
     domain::{
-        receipt::{self, Push, TemplateReceipt},
-        result::DeliveryEvent,
+        receipt::{self, Push},
+        result::{ConsentEvent, DeliveryEvent},
     },
     store::{StoreError, ledger::Claim},
 };
@@ -127,11 +127,7 @@ impl Inner {
             Err(e) => return self.dead_letter(&account, &query, &body, format!("unreadable push: {e}")).await,
         };
 
-        let result = match &push.receipt {
-            Some(r) => self.publish_receipt(&account, &push, r, received_at).await,
-            None => self.publish_event(&account, &push, received_at).await,
-        };
-        match result {
+        match self.publish_push(&account, &push, received_at).await {
             Ok(delivered) => {
                 let outcome = if delivered == Delivered::Published { Outcome::Published } else { Outcome::Duplicate };
                 debug!(account = %account.name, event = %push.dedupe_key(), outcome = outcome.label(), "push carried through");
@@ -141,36 +137,65 @@ impl Inner {
         }
     }
 
-    /// TEMPLATESENDJOBFINISH → a `delivery.<status>` event tied to its job.
-    async fn publish_receipt(
+    /// Publishes what a push reports: delivery events (a template receipt, or each item of a
+    /// subscription sent event), consent events (each item of a popup or change event), or
+    /// else the push itself. Items go out in order, each once; the push is `Published` when
+    /// any of them was published now.
+    async fn publish_push(
         &self,
         account: &AccountKeys,
         push: &Push,
-        r: &TemplateReceipt,
         received_at: DateTime<Utc>,
     ) -> Result<Delivered, DeliverError> {
+        let kind = account.subscribe_kind;
+        let deliveries = push.delivery_events(&account.name, kind, received_at);
+        if !deliveries.is_empty() {
+            // One wait for msgid records per push, however many items: WeChat waits 5 s in all.
+            let deadline = tokio::time::Instant::now() + self.settings.msgid_wait;
+            return publish_each(deliveries, |(key, event)| self.publish_delivery(account, key, event, deadline)).await;
+        }
+        let consents = push.consent_events(&account.name, kind, received_at);
+        if !consents.is_empty() {
+            return publish_each(consents, |(key, event)| self.publish_consent(account, key, event)).await;
+        }
+        self.publish_event(account, push, received_at).await
+    }
+
+    /// A delivery event (`delivery.<status>`) tied to its job through the msgid record, looked
+    /// for again until `deadline` when the claim did not find it.
+    async fn publish_delivery(
+        &self,
+        account: &AccountKeys,
+        key: String,
+        mut event: DeliveryEvent,
+        deadline: tokio::time::Instant,
+    ) -> Result<Delivered, DeliverError> {
         let appid = account.appid.as_str();
-        self.publish_once(appid, &push.dedupe_key(), Some(r.msgid), |found| async move {
-            let job_id = match found {
+        let msgid = event.msgid;
+        self.publish_once(appid, &key, Some(msgid), |found| async move {
+            event.job_id = match found {
                 Some(job) => Some(job),
-                None => self.wait_for_msgid_record(appid, r.msgid).await,
-            };
-            let event = DeliveryEvent {
-                kind: "delivery".into(),
-                account: account.name.clone(),
-                msgid: r.msgid,
-                job_id,
-                touser: push.from_user_name.clone(),
-                to_user_name: push.to_user_name.clone(),
-                status: r.status(),
-                raw_status: r.raw_status.clone(),
-                create_time: push.create_time,
-                received_at,
+                None => self.wait_for_msgid_record(appid, msgid, deadline).await,
             };
             let body = serde_json::to_vec(&event).map_err(DeliverError::Encode)?;
             let props = json_properties(event.job_id.as_deref());
             self.publish_confirmed(&self.settings.results_exchange, event.status.routing_key(), &body, props, false)
                 .await
+        })
+        .await
+    }
+
+    /// A consent event: `consent.accepted` / `consent.rejected`.
+    async fn publish_consent(
+        &self,
+        account: &AccountKeys,
+        key: String,
+        event: ConsentEvent,
+    ) -> Result<Delivered, DeliverError> {
+        let body = serde_json::to_vec(&event).map_err(DeliverError::Encode)?;
+        let exchange = &self.settings.results_exchange;
+        self.publish_once(&account.appid, &key, None, |_| async {
+            self.publish_confirmed(exchange, event.routing_key(), &body, json_properties(None), false).await
         })
         .await
     }
@@ -330,9 +355,8 @@ impl Inner {
     }
 
     /// A receipt may arrive before the worker has recorded its msgid (WeChat can be faster
-    /// than the worker's Redis write). Looks again a few times within `msgid_wait`.
-    async fn wait_for_msgid_record(&self, appid: &str, msgid: u64) -> Option<String> {
-        let deadline = tokio::time::Instant::now() + self.settings.msgid_wait;
+    /// than the worker's Redis write). Looks again a few times until `deadline`.
+    async fn wait_for_msgid_record(&self, appid: &str, msgid: u64, deadline: tokio::time::Instant) -> Option<String> {
         let mut looks = MSGID_LOOKS.delays();
         while looks.sleep_within(deadline).await {
             match self.redis.job_for_msgid(appid, msgid).await {
@@ -366,4 +390,20 @@ impl Inner {
         error!(account = %account.name, %event, error = &e as &dyn Error, "push not carried through; answering 503 so WeChat pushes again");
         (Reply::Refused(StatusCode::SERVICE_UNAVAILABLE, e.to_string()), Outcome::Unavailable(e.reason()))
     }
+}
+
+/// Publishes `items` one after the other through `publish`, stopping at the first failure
+/// (WeChat pushes again, and the items already confirmed are then duplicates).
+async fn publish_each<T, F, Fut>(items: Vec<T>, mut publish: F) -> Result<Delivered, DeliverError>
+where
+    F: FnMut(T) -> Fut,
+    Fut: Future<Output = Result<Delivered, DeliverError>>,
+{
+    let mut delivered = Delivered::AlreadyDone;
+    for item in items {
+        if publish(item).await? == Delivered::Published {
+            delivered = Delivered::Published;
+        }
+    }
+    Ok(delivered)
 }

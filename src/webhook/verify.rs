@@ -7,8 +7,11 @@ use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
 
-use crate::config::Account;
-use crate::domain::crypto::{self, Cipher, CryptoError};
+use crate::config::{Account, AccountKind};
+use crate::domain::{
+    crypto::{self, Cipher, CryptoError},
+    job::JobKind,
+};
 
 /// Why a request is refused before its body is looked at. The messages are safe to return to
 /// the caller and to log: they never contain a secret or an expected signature.
@@ -117,6 +120,9 @@ impl PushQuery {
 pub struct AccountKeys {
     pub name: String,
     pub appid: String,
+    /// The kind of the account's subscription messages, which its sent and consent events
+    /// report: `subscribe` for an official account, `miniprogram_subscribe` for a mini program.
+    pub subscribe_kind: JobKind,
     token: SecretString,
     /// The current key first, then the previous one (kept during a rotation).
     ciphers: Vec<Cipher>,
@@ -129,6 +135,7 @@ impl std::fmt::Debug for AccountKeys {
         f.debug_struct("AccountKeys")
             .field("name", &self.name)
             .field("appid", &self.appid)
+            .field("subscribe_kind", &self.subscribe_kind)
             .field("keys", &self.ciphers.len())
             .field("accept_plaintext", &self.accept_plaintext)
             .finish_non_exhaustive()
@@ -164,9 +171,14 @@ impl AccountKeys {
                 ciphers.push(cipher);
             }
         }
+        let subscribe_kind = match account.kind {
+            AccountKind::OfficialAccount => JobKind::Subscribe,
+            AccountKind::Miniprogram => JobKind::MiniprogramSubscribe,
+        };
         Ok(Some(AccountKeys {
             name: account.name.clone(),
             appid: account.appid.clone(),
+            subscribe_kind,
             token,
             ciphers,
             accept_plaintext: account.accept_plaintext,
@@ -396,6 +408,15 @@ mod tests {
         assert_eq!(rotating.decrypt(&enc_new).unwrap(), b"<xml>new</xml>");
         let rotated = AccountKeys::from_account(&account("t", Some(new), None, "wx1")).unwrap().unwrap();
         assert!(rotated.decrypt(&enc_old).is_err());
+    }
+
+    #[test]
+    fn subscription_events_take_the_kind_of_the_account() {
+        assert_eq!(keys("t").subscribe_kind, JobKind::Subscribe);
+        let mut mini = account("t", None, None, "wx1");
+        mini.kind = AccountKind::Miniprogram;
+        let mini = AccountKeys::from_account(&mini).unwrap().unwrap();
+        assert_eq!(mini.subscribe_kind, JobKind::MiniprogramSubscribe);
     }
 
     #[test]

@@ -263,8 +263,9 @@ async fn other_events_and_messages_are_published_with_all_their_fields() {
     let sent = "<xml><ToUserName><![CDATA[gh_1]]></ToUserName><FromUserName><![CDATA[o_s]]></FromUserName><CreateTime>1700000002</CreateTime><MsgType><![CDATA[event]]></MsgType><Event><![CDATA[subscribe_msg_sent_event]]></Event><SubscribeMsgSentEvent><List><TemplateId><![CDATA[T1]]></TemplateId><MsgID>1700827132819554304</MsgID><ErrorCode>0</ErrorCode><ErrorStatus><![CDATA[success]]></ErrorStatus></List></SubscribeMsgSentEvent></xml>";
     assert_eq!(h.post_plain("/wechat", "AAAAA", sent).await.0, StatusCode::OK);
     let d = h.next_result().await;
-    assert_eq!(d.routing_key.as_str(), "event.subscribe_msg_sent_event");
-    assert_eq!(json(&d)["SubscribeMsgSentEvent"]["List"]["MsgID"], "1700827132819554304");
+    // A subscription message's receipt is typed (issue 15): a delivery event of the account's kind.
+    assert_eq!(d.routing_key.as_str(), "delivery.success");
+    assert_eq!((json(&d)["msgid"].as_u64(), json(&d)["kind"].clone()), (Some(1700827132819554304), "subscribe".into()));
 
     let text = "<xml><ToUserName><![CDATA[gh_1]]></ToUserName><FromUserName><![CDATA[o_t]]></FromUserName><CreateTime>1700000003</CreateTime><MsgType><![CDATA[text]]></MsgType><Content><![CDATA[hello]]></Content><MsgId>6054768590064713728</MsgId></xml>";
     assert_eq!(h.post_plain("/wechat", "AAAAA", text).await.0, StatusCode::OK);
