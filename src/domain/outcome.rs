@@ -24,6 +24,22 @@ pub enum Answer {
     TokenRefused { errcode: Option<i64>, errmsg: Option<String>, why: String, retry_after: Duration },
 }
 
+impl Answer {
+    /// A send that failed in a way another attempt may cure (what `wxpush_send_retries_total`
+    /// counts, whether or not attempts are left).
+    pub fn is_transient_failure(&self) -> bool {
+        match self {
+            Answer::Transport(_) => true,
+            Answer::WeChat { errcode, msgid, .. } => match errcode::classify(*errcode) {
+                Action::Retry | Action::RefreshToken => true,
+                Action::Accepted => msgid.is_none(),
+                _ => false,
+            },
+            Answer::TokenRefused { .. } => false,
+        }
+    }
+}
+
 /// What the job does next.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {

@@ -97,7 +97,7 @@ async fn consume(config: &Config, shared: &Shared, shutdown: &CancellationToken)
                     return Some(session);
                 }
                 shared.health.set_amqp(false);
-                session.abandon(&shared.tracker).await;
+                session.abandon(&shared.tracker);
                 delays.next_delay()
             }
             Err(e) => {

@@ -276,12 +276,14 @@ impl Pipeline {
                 Ok(answer) => answer,
                 Err(wait) => return Ended::Decided(wait, spent),
             };
+            if answer.is_transient_failure() {
+                self.settler.metrics().of(&account.name).retries.increment(1);
+            }
             let outcome = decide(&answer, attempt, &self.policy, Utc::now());
             if outcome.spends_attempt() {
                 spent = attempt;
             }
             let Outcome::Retry { after, why } = outcome else { return Ended::Decided(outcome, spent) };
-            self.settler.metrics().of(&account.name).retries.increment(1);
             let after = jittered(after);
             debug!(attempt, %why, delay_ms = after.as_millis() as u64, "transient failure; retrying");
             if after > self.timing.in_process_max {

@@ -25,6 +25,8 @@ use crate::{
 /// closing): a node that hangs must not keep the worker from exiting. Whatever is unsettled
 /// then returns to the queue when the connection drops.
 const SHUTDOWN_BROKER_WAIT: Duration = Duration::from_secs(5);
+/// How long a lost connection is given to close and settle what it can.
+const LOST_SESSION_WAIT: Duration = Duration::from_secs(2);
 
 /// Why a session's loop ended.
 pub enum Ended {
@@ -125,11 +127,18 @@ impl Session {
         });
     }
 
-    /// Leaves a broken connection. In-flight jobs of it finish on their own: their acks fail and
-    /// the broker redelivers them, which the idempotency ledger makes harmless.
-    pub async fn abandon(self, tracker: &TaskTracker) {
-        let _ = self.connection.close(320, ShortString::from("reconnecting")).await;
-        tracker.spawn(self.acks.close());
+    /// Leaves a broken connection, in the background: the caller reconnects (or shuts down) at
+    /// once. In-flight jobs of it finish on their own: their acks fail and the broker
+    /// redelivers them, which the idempotency ledger makes harmless. Bounded, so that a node
+    /// that hangs cannot hold up the drain at shutdown.
+    pub fn abandon(self, tracker: &TaskTracker) {
+        tracker.spawn(async move {
+            let leaving = async {
+                let _ = self.connection.close(320, ShortString::from("reconnecting")).await;
+                self.acks.close().await;
+            };
+            let _ = tokio::time::timeout(LOST_SESSION_WAIT, leaving).await;
+        });
     }
 
     /// Settles what finished, then closes: that returns every unacknowledged delivery.

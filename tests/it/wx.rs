@@ -10,7 +10,7 @@ pub use wxpush::{
         topology::declare_queue,
         unrouted_name,
     },
-    config::{Account, Config, ENV_VARS, QueueType, TokenApi},
+    config::{Account, AccountKind, Config, ENV_VARS, QueueType, TokenApi},
     ctl::{
         CtlError,
         check::{self, Level},
@@ -37,6 +37,6 @@ pub use wxpush::{
     },
     telemetry::{catalog::describe_metrics, install_metrics},
     tls::{Tls, TlsSettings},
-    webhook::{Listeners, Webhook, WebhookSettings, serve_with},
+    webhook::{Listeners, Webhook, WebhookSettings, broker as webhook_broker, serve_with},
     worker::{Disposition, acks::Acknowledger, run as run_worker},
 };

@@ -3,28 +3,21 @@
 //! in XML and JSON, plaintext and safe mode (docs/wechat-api.md, section 6, "Events").
 //!
 //! Each test runs its own webhook with four accounts (an official account and a mini program,
-//! each in plaintext and in safe mode) in a namespace of its own (`common::TestEnv`). "Nothing
+//! each in plaintext and in safe mode) in a namespace of its own (`harness::TestEnv`). "Nothing
 //! more arrived" is shown by pushing a marker event and reading up to it, never by sleeping.
 //!
 //! The small harness below ([`Hook`]) starts the webhook, signs and encrypts pushes as WeChat
 //! does; it stands beside the one of tests/webhook.rs until the two are merged.
 
-mod common;
-
 use std::time::Duration;
 
-use common::{Received, TestEnv, unique};
+use crate::harness::{Received, TestEnv, unique};
+use crate::wx::{Account, AccountKind, Cipher, Config, Listeners, Redis, Webhook, WebhookSettings, crypto, serve_with};
 use reqwest::StatusCode;
 use secrecy::SecretString;
 use serde_json::{Value, json};
 use tokio::{net::TcpListener, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
-use wxpush::{
-    config::{Account, AccountKind, Config},
-    domain::crypto::{self, Cipher},
-    store::Redis,
-    webhook::{Listeners, Webhook, WebhookSettings, serve_with},
-};
 
 const WAIT: Duration = Duration::from_secs(15);
 
@@ -191,15 +184,16 @@ struct Hook {
 impl Hook {
     async fn start(tag: &str) -> Hook {
         let ns = unique(tag);
-        let mut config = common::config(&ns, "http://127.0.0.1:9");
+        let mut config = crate::harness::config(&ns, "http://127.0.0.1:9");
         config.accounts = ACCOUNTS.iter().map(account).collect();
         let env = TestEnv::new(tag, config).await;
         let config: &Config = &env.config;
         let mut settings = WebhookSettings::from_config(config);
         settings.msgid_wait = Duration::from_millis(300);
         settings.publish_timeout = Duration::from_secs(5);
-        let webhook_redis = Redis::connect(common::redis_url(), &ns).await.expect("webhook's Redis");
-        let webhook = Webhook::new(config, settings, wxpush::webhook::broker(config), webhook_redis).expect("webhook");
+        let webhook_redis = Redis::connect(crate::harness::redis_url(), &ns).await.expect("webhook's Redis");
+        let webhook =
+            Webhook::new(config, settings, crate::wx::webhook_broker(config), webhook_redis).expect("webhook");
         let listeners = Listeners {
             public: TcpListener::bind("127.0.0.1:0").await.expect("bind"),
             admin: TcpListener::bind("127.0.0.1:0").await.expect("bind admin"),
@@ -210,7 +204,7 @@ impl Hook {
         let server = tokio::spawn(async move {
             serve_with(webhook, listeners, async move { stopped.cancelled().await }).await.expect("serve");
         });
-        let redis = Redis::connect(common::redis_url(), &ns).await.expect("Redis is up");
+        let redis = Redis::connect(crate::harness::redis_url(), &ns).await.expect("Redis is up");
         Hook { env, base, http: reqwest::Client::new(), redis, stop, server }
     }
 
