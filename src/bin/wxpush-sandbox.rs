@@ -1,5 +1,6 @@
 //! wxpush-sandbox: a local stand-in for api.weixin.qq.com (token, stable_token, template/send,
-//! receipts pushed to a webhook, fault injection). Point the worker at it with
+//! subscribe/bizsend and subscribe/send with their consents, receipts and events pushed to a
+//! webhook, fault injection). Point the worker at it with
 //! `WXPUSH_WECHAT_API_BASE=http://127.0.0.1:9300`.
 
 use std::{net::SocketAddr, time::Duration};
@@ -7,7 +8,10 @@ use std::{net::SocketAddr, time::Duration};
 use anyhow::{Context, bail};
 use clap::Parser;
 use wxpush::{
-    sandbox::{Faults, ReceiptSettings, Sandbox, SandboxAccount, SandboxConfig, WebhookTarget},
+    sandbox::{
+        AccountKind, Consent, EventFormat, Faults, ReceiptSettings, Sandbox, SandboxAccount, SandboxConfig, Stats,
+        WebhookTarget,
+    },
     telemetry::{self, Program},
 };
 
@@ -29,6 +33,25 @@ struct Cli {
     /// account. Repeatable.
     #[arg(long = "webhook", env = "WXPUSH_SANDBOX_WEBHOOKS", value_delimiter = ',')]
     webhooks: Vec<String>,
+
+    /// An --account that is a mini program (subscribe/send only); repeatable.
+    #[arg(long = "miniprogram", env = "WXPUSH_SANDBOX_MINIPROGRAMS", value_delimiter = ',')]
+    miniprograms: Vec<String>,
+
+    /// An --account whose events are pushed as JSON instead of XML; repeatable.
+    #[arg(long = "json-events", env = "WXPUSH_SANDBOX_JSON_EVENTS", value_delimiter = ',')]
+    json_events: Vec<String>,
+
+    /// An --account (or `all`) whose recipients start with a long-term consent to every
+    /// template, so that subscription sends succeed without granting first; repeatable.
+    /// Default: none, as WeChat (43101 until a consent is granted through the admin API).
+    #[arg(long = "auto-consent", env = "WXPUSH_SANDBOX_AUTO_CONSENT", value_delimiter = ',')]
+    auto_consent: Vec<String>,
+
+    /// A mini program page as `appid=pages/index/index`; repeatable. An account with pages
+    /// answers 41030 to a subscribe/send whose `page` is not one of them; without, any page.
+    #[arg(long = "page", env = "WXPUSH_SANDBOX_PAGES", value_delimiter = ',')]
+    pages: Vec<String>,
 
     /// The server-config Token that signs receipt pushes.
     #[arg(long, env = "WXPUSH_CALLBACK_TOKEN", hide_env_values = true)]
@@ -104,7 +127,7 @@ fn accounts(cli: &Cli) -> anyhow::Result<Vec<SandboxAccount>> {
         }
     };
     let mut accounts = Vec::new();
-    for spec in specs.iter().map(|s| s.trim()).filter(|s| !s.is_empty()) {
+    for spec in values(&specs) {
         // Only the appid is named: the secret must not reach the terminal or a log.
         let Some((appid, secret)) = spec.split_once(':') else {
             bail!(
@@ -115,7 +138,25 @@ fn accounts(cli: &Cli) -> anyhow::Result<Vec<SandboxAccount>> {
         accounts.push(SandboxAccount::new(appid.trim(), secret.trim()));
     }
 
-    for hook in cli.webhooks.iter().map(|s| s.trim()).filter(|s| !s.is_empty()) {
+    webhooks(cli, &mut accounts)?;
+    subscription_settings(cli, &mut accounts)?;
+    Ok(accounts)
+}
+
+/// The account named by a flag's value.
+fn named<'a>(accounts: &'a mut [SandboxAccount], appid: &str, flag: &str) -> anyhow::Result<&'a mut SandboxAccount> {
+    accounts
+        .iter_mut()
+        .find(|a| a.appid == appid)
+        .with_context(|| format!("--{flag} names appid {appid:?}, which is not an --account"))
+}
+
+fn values(list: &[String]) -> impl Iterator<Item = &str> {
+    list.iter().map(|s| s.trim()).filter(|s| !s.is_empty())
+}
+
+fn webhooks(cli: &Cli, accounts: &mut [SandboxAccount]) -> anyhow::Result<()> {
+    for hook in values(&cli.webhooks) {
         let token = cli.callback_token.clone().context("--webhook needs --callback-token (WXPUSH_CALLBACK_TOKEN)")?;
         let target = |url: &str| WebhookTarget {
             url: url.to_owned(),
@@ -123,19 +164,37 @@ fn accounts(cli: &Cli) -> anyhow::Result<Vec<SandboxAccount>> {
             encoding_aes_key: cli.encoding_aes_key.clone(),
         };
         if hook.starts_with("http://") || hook.starts_with("https://") {
-            for a in &mut accounts {
+            for a in accounts.iter_mut() {
                 a.webhook = Some(target(hook));
             }
         } else {
             let (appid, url) = hook.split_once('=').context("--webhook must be appid=URL or a URL")?;
-            let a = accounts
-                .iter_mut()
-                .find(|a| a.appid == appid)
-                .with_context(|| format!("--webhook names appid {appid:?}, which is not an --account"))?;
-            a.webhook = Some(target(url));
+            named(accounts, appid, "webhook")?.webhook = Some(target(url));
         }
     }
-    Ok(accounts)
+    Ok(())
+}
+
+/// --miniprogram, --json-events, --auto-consent, --page.
+fn subscription_settings(cli: &Cli, accounts: &mut [SandboxAccount]) -> anyhow::Result<()> {
+    for appid in values(&cli.miniprograms) {
+        named(accounts, appid, "miniprogram")?.kind = AccountKind::Miniprogram;
+    }
+    for appid in values(&cli.json_events) {
+        named(accounts, appid, "json-events")?.event_format = EventFormat::Json;
+    }
+    for appid in values(&cli.auto_consent) {
+        if appid == "all" {
+            accounts.iter_mut().for_each(|a| a.auto_consent = Some(Consent::LongTerm));
+        } else {
+            named(accounts, appid, "auto-consent")?.auto_consent = Some(Consent::LongTerm);
+        }
+    }
+    for spec in values(&cli.pages) {
+        let (appid, page) = spec.split_once('=').context("--page must be appid=page")?;
+        named(accounts, appid, "page")?.pages.get_or_insert_with(Vec::new).push(page.trim().to_owned());
+    }
+    Ok(())
 }
 
 #[tokio::main]
@@ -168,7 +227,8 @@ async fn main() -> anyhow::Result<()> {
     for a in &config.accounts {
         let webhook = a.webhook.as_ref().map(|w| w.url.as_str()).unwrap_or("none");
         let mode = if a.webhook.as_ref().is_some_and(|w| w.encoding_aes_key.is_some()) { "safe" } else { "plaintext" };
-        tracing::info!(appid = %a.appid, webhook, mode, "account");
+        let (kind, format, auto_consent) = (a.kind.as_str(), a.event_format, a.auto_consent.is_some());
+        tracing::info!(appid = %a.appid, kind, webhook, mode, ?format, auto_consent, "account");
     }
     let listener =
         tokio::net::TcpListener::bind(cli.listen).await.with_context(|| format!("cannot listen on {}", cli.listen))?;
@@ -178,7 +238,13 @@ async fn main() -> anyhow::Result<()> {
     }
     tracing::info!(base_url = %sandbox.base_url(), "ready: set WXPUSH_WECHAT_API_BASE to this base URL");
     telemetry::shutdown_signal().await;
-    let stats = sandbox.stats();
+    log_stats(&sandbox.stats());
+    sandbox.shutdown_and_wait().await;
+    Ok(())
+}
+
+/// The counters at the end of a run.
+fn log_stats(stats: &Stats) {
     // The counts by errcode as one string, e.g. {"40003":2}; the rest as numbers.
     let errors = serde_json::to_string(&stats.errors).unwrap_or_default();
     tracing::info!(
@@ -187,6 +253,9 @@ async fn main() -> anyhow::Result<()> {
         send_requests = stats.send_requests,
         sends_accepted = stats.sends_accepted,
         duplicates = stats.duplicates,
+        subscribe_requests = stats.subscribe_requests,
+        subscribe_accepted = stats.subscribe_accepted,
+        no_consent = stats.no_consent,
         errors,
         http_503 = stats.http_503,
         receipts_pushed = stats.receipts_pushed,
@@ -194,6 +263,4 @@ async fn main() -> anyhow::Result<()> {
         receipts_abandoned = stats.receipts_abandoned,
         "stopping"
     );
-    sandbox.shutdown_and_wait().await;
-    Ok(())
 }

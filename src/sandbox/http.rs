@@ -19,11 +19,16 @@ use serde_json::Value;
 
 use super::{
     Faults, Record, Shared,
-    receipts::{self, Receipt},
+    consent::{ConsentChange, ConsentError, Filter, Hold},
+    events::{Event, Item, SubscribeEvent},
+    lock,
+    receipts::{self, Receipt, sent_result_for, status_for},
     send::{self, Decision, SendRequest, WxError},
+    subscribe,
     tokens::{Issued, TokenCheck},
     unix_now,
 };
+use crate::domain::job::JobKind;
 
 /// WeChat answers JSON with this content type.
 const JSON_CT: &str = "application/json; encoding=utf-8";
@@ -33,11 +38,16 @@ pub(super) fn router(shared: Arc<Shared>) -> Router {
         .route("/cgi-bin/token", get(classic_token))
         .route("/cgi-bin/stable_token", post(stable_token))
         .route("/cgi-bin/message/template/send", post(template_send))
+        .route("/cgi-bin/message/subscribe/bizsend", post(bizsend))
+        .route("/cgi-bin/message/subscribe/send", post(subscribe_send))
         .route("/_sandbox/stats", get(stats))
         .route("/_sandbox/messages", get(messages))
         .route("/_sandbox/faults", get(get_faults).put(put_faults))
         .route("/_sandbox/revoke_tokens", post(revoke_tokens))
         .route("/_sandbox/reset_daily_counts", post(reset_daily_counts))
+        .route("/_sandbox/consents", get(list_consents))
+        .route("/_sandbox/consents/grant", post(grant_consent))
+        .route("/_sandbox/consents/revoke", post(revoke_consent))
         .with_state(shared)
 }
 
@@ -121,11 +131,26 @@ fn check_credentials(
     Ok(account)
 }
 
-// ---- template send ------------------------------------------------------------------------
+// ---- sends --------------------------------------------------------------------------------
 
 async fn template_send(State(s): State<Arc<Shared>>, RawQuery(query): RawQuery, body: Bytes) -> Response {
-    s.counters.send_requests.fetch_add(1, Ordering::Relaxed);
-    match send_checked(&s, query, body).await {
+    send(&s, query, body, JobKind::Template).await
+}
+
+/// An official account's 订阅通知.
+async fn bizsend(State(s): State<Arc<Shared>>, RawQuery(query): RawQuery, body: Bytes) -> Response {
+    send(&s, query, body, JobKind::Subscribe).await
+}
+
+/// A mini program's subscription message.
+async fn subscribe_send(State(s): State<Arc<Shared>>, RawQuery(query): RawQuery, body: Bytes) -> Response {
+    send(&s, query, body, JobKind::MiniprogramSubscribe).await
+}
+
+async fn send(s: &Arc<Shared>, query: Option<String>, body: Bytes, kind: JobKind) -> Response {
+    let requests = if kind == JobKind::Template { &s.counters.send_requests } else { &s.counters.subscribe_requests };
+    requests.fetch_add(1, Ordering::Relaxed);
+    match send_checked(s, query, body, kind).await {
         Ok(r) => r,
         Err(e) => {
             s.count_error(e.errcode);
@@ -134,28 +159,32 @@ async fn template_send(State(s): State<Arc<Shared>>, RawQuery(query): RawQuery, 
     }
 }
 
-/// token → request → caps → faults (latency, 503, -1) → de-duplication → accept.
-async fn send_checked(s: &Arc<Shared>, query: Option<String>, body: Bytes) -> Result<Response, WxError> {
-    let token = query_param(&query, "access_token").filter(|t| !t.is_empty()).ok_or_else(|| WxError::new(41001))?;
-    let account = match s.tokens_read().check(&token, Instant::now()) {
-        TokenCheck::Valid(a) => a,
-        TokenCheck::Invalid => return Err(WxError::new(40001)),
-        TokenCheck::Expired => return Err(WxError::new(42001)),
-    };
-    let parsed: Value = serde_json::from_slice(&body).map_err(|_| WxError::new(47001))?;
-    let req = send::validate(&parsed)?;
+/// token → account kind → request → consent (subscriptions) → caps → faults (latency, 503, -1)
+/// → de-duplication → accept.
+async fn send_checked(s: &Arc<Shared>, query: Option<String>, body: Bytes, kind: JobKind) -> Result<Response, WxError> {
+    let account = authorize(s, &query, kind)?;
     let acct = &s.accounts[account];
+    let parsed: Value = serde_json::from_slice(&body).map_err(|_| WxError::new(47001))?;
+    let req = match kind {
+        JobKind::Template => send::validate(&parsed)?,
+        _ => subscribe::validate(&parsed, kind, acct.pages.as_ref())?,
+    };
+    // Taken before the caps and faults, given back unless the message is accepted.
+    let hold = match kind {
+        JobKind::Template => None,
+        _ => Some(Hold::take(&acct.consents, req.touser, req.template_id).ok_or_else(|| WxError::new(43101))?),
+    };
+    let state = acct.send_state(kind);
     let faults = s.faults();
-    if let Some(code) = super::lock(&acct.send).cap_error(&faults, unix_now()) {
+    if let Some(code) = lock(state).cap_error(&faults, unix_now()) {
         return Err(WxError::new(code));
     }
     if faults.latency_ms > 0 {
         tokio::time::sleep(Duration::from_millis(faults.latency_ms)).await;
     }
-    let now = Instant::now();
     let unix = unix_now();
     let next_msgid = || s.next_msgid.fetch_add(1, Ordering::Relaxed);
-    let decision = super::lock(&acct.send).decide(&faults, unix, now, &req, next_msgid);
+    let decision = lock(state).decide(&faults, unix, Instant::now(), &req, next_msgid);
     match decision {
         Decision::Http503 => {
             s.counters.http_503.fetch_add(1, Ordering::Relaxed);
@@ -167,7 +196,10 @@ async fn send_checked(s: &Arc<Shared>, query: Option<String>, body: Bytes) -> Re
             Ok(ok_answer(msgid))
         }
         Decision::Accepted { msgid, slow } => {
-            accept(s, account, msgid, unix, &req, &body);
+            if let Some(hold) = hold {
+                hold.commit();
+            }
+            accept(s, Accepted { account, kind, msgid, unix }, &req, &body);
             if slow {
                 // The message is already sent: a client that times out here and retries without
                 // the same client_msg_id sends it twice, as with the real API.
@@ -178,12 +210,48 @@ async fn send_checked(s: &Arc<Shared>, query: Option<String>, body: Bytes) -> Re
     }
 }
 
-fn accept(s: &Arc<Shared>, account: usize, msgid: u64, unix: Duration, req: &SendRequest<'_>, body: &[u8]) {
-    s.counters.sends_accepted.fetch_add(1, Ordering::Relaxed);
+/// The token's account, if it may call the endpoint of `kind` (48001 otherwise: an official
+/// account's API with a mini program's token, or the other way round).
+fn authorize(s: &Shared, query: &Option<String>, kind: JobKind) -> Result<usize, WxError> {
+    let token = query_param(query, "access_token").filter(|t| !t.is_empty()).ok_or_else(|| WxError::new(41001))?;
+    let account = match s.tokens_read().check(&token, Instant::now()) {
+        TokenCheck::Valid(a) => a,
+        TokenCheck::Invalid => return Err(WxError::new(40001)),
+        TokenCheck::Expired => return Err(WxError::new(42001)),
+    };
+    if !s.accounts[account].kind.sends(kind) {
+        return Err(WxError::new(48001));
+    }
+    Ok(account)
+}
+
+/// An accepted message: which account's, through which endpoint, its msgid and when.
+struct Accepted {
+    account: usize,
+    kind: JobKind,
+    msgid: u64,
+    unix: Duration,
+}
+
+/// Records the message and schedules its receipt (template) or sent event (subscription).
+fn accept(s: &Arc<Shared>, a: Accepted, req: &SendRequest<'_>, body: &[u8]) {
+    let Accepted { account, kind, msgid, unix } = a;
+    let accepted = if kind == JobKind::Template { &s.counters.sends_accepted } else { &s.counters.subscribe_accepted };
+    accepted.fetch_add(1, Ordering::Relaxed);
     let accepted_at_ms = i64::try_from(unix.as_millis()).unwrap_or(i64::MAX);
-    s.record(Record { msgid, account, body: Arc::from(body), accepted_at_ms });
+    s.record(Record { msgid, kind, account, body: Arc::from(body), accepted_at_ms });
+    let event = match kind {
+        JobKind::Template => Event::TemplateFinish { msgid, status: status_for(req.touser) },
+        JobKind::Subscribe | JobKind::MiniprogramSubscribe => {
+            let (code, status) = sent_result_for(req.touser);
+            Event::Subscribe {
+                kind: SubscribeEvent::Sent,
+                items: vec![Item::sent(req.template_id, msgid, code, status)],
+            }
+        }
+    };
     let create_time = i64::try_from(unix.as_secs()).unwrap_or(i64::MAX);
-    receipts::schedule(s, Receipt { account, msgid, touser: req.touser.to_owned(), create_time });
+    receipts::schedule(s, Receipt { account, touser: req.touser.to_owned(), create_time, event });
 }
 
 fn ok_answer(msgid: u64) -> Response {
@@ -243,4 +311,31 @@ async fn reset_daily_counts(State(s): State<Arc<Shared>>) -> StatusCode {
     s.reset_daily_counts();
     tracing::info!("daily counts reset");
     StatusCode::NO_CONTENT
+}
+
+/// `POST /_sandbox/consents/grant` with a JSON [`ConsentChange`].
+async fn grant_consent(State(s): State<Arc<Shared>>, body: Bytes) -> Response {
+    change_consent(&s, &body, true)
+}
+
+/// `POST /_sandbox/consents/revoke` with a JSON [`ConsentChange`].
+async fn revoke_consent(State(s): State<Arc<Shared>>, body: Bytes) -> Response {
+    change_consent(&s, &body, false)
+}
+
+fn change_consent(s: &Arc<Shared>, body: &[u8], grant: bool) -> Response {
+    let change: ConsentChange = match serde_json::from_slice(body) {
+        Ok(c) => c,
+        Err(e) => return (StatusCode::BAD_REQUEST, format!("consent: {e}\n")).into_response(),
+    };
+    match s.change_consent(&change, grant) {
+        Ok(records) => Json(records).into_response(),
+        Err(e @ ConsentError::UnknownAppid(_)) => (StatusCode::NOT_FOUND, format!("consent: {e}\n")).into_response(),
+        Err(e) => (StatusCode::BAD_REQUEST, format!("consent: {e}\n")).into_response(),
+    }
+}
+
+/// `GET /_sandbox/consents[?appid=…&openid=…&template_id=…]`.
+async fn list_consents(State(s): State<Arc<Shared>>, Query(filter): Query<Filter>) -> Response {
+    Json(s.consents(&filter)).into_response()
 }

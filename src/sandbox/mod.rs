@@ -1,11 +1,13 @@
 //! wxpush-sandbox: a local stand-in for api.weixin.qq.com.
 //!
-//! It serves the three endpoints the worker uses (`/cgi-bin/token`, `/cgi-bin/stable_token`,
-//! `/cgi-bin/message/template/send`) with the behaviour WeChat documents
-//! (`docs/wechat-api.md`), pushes `TEMPLATESENDJOBFINISH` receipts to a webhook (plaintext or
-//! safe mode), and injects faults on demand, so the product can be demonstrated, tested and
-//! benchmarked on one machine. Tests drive it in-process through [`Sandbox`], other processes
-//! through the admin API under `/_sandbox/`.
+//! It serves the endpoints the worker uses (`/cgi-bin/token`, `/cgi-bin/stable_token`,
+//! `/cgi-bin/message/template/send`, `/cgi-bin/message/subscribe/bizsend`,
+//! `/cgi-bin/message/subscribe/send`) with the behaviour WeChat documents
+//! (`docs/wechat-api.md`), keeps the recipients' subscription consents, pushes
+//! `TEMPLATESENDJOBFINISH` receipts and the subscription events to a webhook (XML or JSON,
+//! plaintext or safe mode), and injects faults on demand, so the product can be demonstrated,
+//! tested and benchmarked on one machine. Tests drive it in-process through [`Sandbox`], other
+//! processes through the admin API under `/_sandbox/`.
 //!
 //! Admin API, on the same server:
 //! - `GET /_sandbox/stats` → [`Stats`];
@@ -13,21 +15,31 @@
 //! - `GET /_sandbox/faults` → the current [`Faults`];
 //! - `PUT /_sandbox/faults[?seed=N]` with a JSON [`Faults`] (fields left out are off; 400 on an
 //!   unknown field or a rate outside 0..=1);
-//! - `POST /_sandbox/revoke_tokens`, `POST /_sandbox/reset_daily_counts` → 204.
+//! - `POST /_sandbox/revoke_tokens`, `POST /_sandbox/reset_daily_counts` → 204;
+//! - `POST /_sandbox/consents/grant`, `POST /_sandbox/consents/revoke` with a JSON
+//!   [`ConsentChange`] → the [`ConsentRecord`]s of its templates (400 when invalid, 404 for an
+//!   unknown appid);
+//! - `GET /_sandbox/consents[?appid=…&openid=…&template_id=…]` → the [`ConsentRecord`]s granted
+//!   or revoked so far (recipients still on their account's `auto_consent` are not listed).
 //!
 //! Deterministic triggers (not WeChat behaviour, but needed to reach every answer on purpose):
 //! - a `touser` of the form `errcode-<N>-anything` is answered with errcode `N`;
 //! - a `template_id` starting with `invalid` is answered with 40037;
 //! - the receipt's `Status` is `failed:user block` when `touser` contains `block`,
-//!   `failed: system failed` when it contains `sysfail`, else `success`.
+//!   `failed: system failed` when it contains `sysfail`, else `success`;
+//! - a subscription message's sent event has `ErrorCode` -1 and `ErrorStatus` `system error` when
+//!   `touser` contains `sysfail`, else 0 and `success`.
 
+mod consent;
+mod events;
 mod http;
 mod receipts;
 mod send;
+mod subscribe;
 mod tokens;
 
 use std::{
-    collections::{BTreeMap, HashMap, VecDeque},
+    collections::{BTreeMap, HashMap, HashSet, VecDeque},
     fmt,
     net::SocketAddr,
     sync::{
@@ -43,6 +55,10 @@ use serde::{Deserialize, Serialize};
 use sha1::{Digest, Sha1};
 use tokio::{net::TcpListener, sync::Semaphore, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
+
+pub use self::consent::{Consent, ConsentChange, ConsentError, ConsentEvent, ConsentRecord};
+pub use crate::config::AccountKind;
+use crate::domain::job::JobKind;
 
 /// How long WeChat keeps a `client_msg_id` ("10分钟有效").
 pub const CLIENT_MSG_ID_WINDOW: Duration = Duration::from_secs(600);
@@ -78,19 +94,56 @@ impl Default for SandboxConfig {
     }
 }
 
-/// One official account the sandbox knows.
+/// One account (an official account or a mini program) the sandbox knows.
 #[derive(Clone)]
 pub struct SandboxAccount {
     pub appid: String,
     pub secret: String,
-    /// Where its receipts are pushed; `None`: no receipts.
+    /// Official accounts send template messages and `subscribe/bizsend`; mini programs only
+    /// `subscribe/send`. The other endpoints answer its tokens 48001 (api unauthorized).
+    pub kind: AccountKind,
+    /// Where its receipts and events are pushed; `None`: no pushes.
     pub webhook: Option<WebhookTarget>,
+    /// The format of its pushes (the console's 数据格式): XML, or JSON, which WeChat offers mini
+    /// programs.
+    pub event_format: EventFormat,
+    /// Every recipient's consent to every template until one is granted or revoked through the
+    /// admin API. `None` (the default) is WeChat's behaviour: subscription sends answer 43101
+    /// until a consent is granted.
+    pub auto_consent: Option<Consent>,
+    /// A mini program's pages (as in app.json, e.g. `pages/index/index`): `subscribe/send`
+    /// answers 41030 for a `page` not among them. `None` (the default): any page.
+    pub pages: Option<Vec<String>>,
 }
 
 impl SandboxAccount {
+    /// An official account: no webhook, XML pushes, no consents, any page.
     pub fn new(appid: impl Into<String>, secret: impl Into<String>) -> Self {
-        Self { appid: appid.into(), secret: secret.into(), webhook: None }
+        Self {
+            appid: appid.into(),
+            secret: secret.into(),
+            kind: AccountKind::OfficialAccount,
+            webhook: None,
+            event_format: EventFormat::Xml,
+            auto_consent: None,
+            pages: None,
+        }
     }
+
+    /// A mini program, otherwise as [`SandboxAccount::new`].
+    pub fn miniprogram(appid: impl Into<String>, secret: impl Into<String>) -> Self {
+        Self { kind: AccountKind::Miniprogram, ..Self::new(appid, secret) }
+    }
+}
+
+/// The format of an account's pushes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventFormat {
+    #[default]
+    Xml,
+    /// JSON; in safe mode `{"ToUserName", "Encrypt"}` around the encrypted JSON event.
+    Json,
 }
 
 // Written by hand so that a logged configuration never shows a secret.
@@ -99,7 +152,11 @@ impl fmt::Debug for SandboxAccount {
         f.debug_struct("SandboxAccount")
             .field("appid", &self.appid)
             .field("secret", &"[REDACTED]")
+            .field("kind", &self.kind)
             .field("webhook", &self.webhook)
+            .field("event_format", &self.event_format)
+            .field("auto_consent", &self.auto_consent)
+            .field("pages", &self.pages)
             .finish()
     }
 }
@@ -124,7 +181,7 @@ impl fmt::Debug for WebhookTarget {
     }
 }
 
-/// Injected faults on template sends; all off by default. Every field may be left out of the
+/// Injected faults on sends (template and subscription alike); all off by default. Every field may be left out of the
 /// JSON body of `PUT /_sandbox/faults`; an unknown field is refused, so a typo cannot pass unseen.
 #[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -141,9 +198,11 @@ pub struct Faults {
     /// Fraction of accepted sends whose answer is delayed `slow_ms` after the message is sent.
     pub slow_rate: f64,
     pub slow_ms: u64,
-    /// Per appid: accepted sends in the current wall-clock second beyond this → 45011.
+    /// Per appid and API (template sends and subscription sends are counted apart, as WeChat
+    /// keeps a quota per API): accepted sends in the current wall-clock second beyond this →
+    /// 45011.
     pub per_second_cap: Option<u32>,
-    /// Per appid: accepted sends "today" (Beijing time) beyond this → 45009.
+    /// Per appid and API: accepted sends "today" (Beijing time) beyond this → 45009.
     pub daily_cap: Option<u64>,
 }
 
@@ -173,12 +232,13 @@ impl Faults {
     }
 }
 
-/// Receipt (`TEMPLATESENDJOBFINISH`) pushes.
+/// Event pushes: `TEMPLATESENDJOBFINISH` receipts and the subscription events.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ReceiptSettings {
+    /// Off: nothing is pushed, neither receipts nor subscription events.
     pub enabled: bool,
-    /// Between accepting a message and pushing its receipt.
+    /// Between accepting a message (or changing a consent) and pushing its event.
     pub delay_ms: u64,
     /// WeChat hangs up after 5 s and counts the push as unanswered.
     pub answer_timeout_ms: u64,
@@ -194,6 +254,7 @@ impl Default for ReceiptSettings {
 
 /// Counters since start.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Stats {
     /// Calls to `/cgi-bin/token` and `/cgi-bin/stable_token`, failed ones included.
     pub token_requests: u64,
@@ -207,10 +268,17 @@ pub struct Stats {
     pub sends_accepted: u64,
     /// Sends answered with an earlier message's msgid (same touser + client_msg_id within 10 min).
     pub duplicates: u64,
-    /// Non-zero errcodes answered to sends, by errcode (token endpoints are not counted here).
+    /// Calls to `subscribe/bizsend` and `subscribe/send`, whatever their answer.
+    pub subscribe_requests: u64,
+    /// Subscription messages accepted.
+    pub subscribe_accepted: u64,
+    /// Sends answered 43101 (no subscription consent left).
+    pub no_consent: u64,
+    /// Non-zero errcodes answered to sends of every kind, by errcode (token endpoints are not
+    /// counted here).
     pub errors: BTreeMap<i64, u64>,
     pub http_503: u64,
-    /// Every HTTP push of a receipt, re-pushes included.
+    /// Every HTTP push of a receipt or subscription event, re-pushes included.
     pub receipts_pushed: u64,
     pub receipts_acked: u64,
     /// Receipts given up after `1 + max_repushes` unanswered pushes (or never pushed because
@@ -222,6 +290,9 @@ pub struct Stats {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SentMessage {
     pub msgid: u64,
+    /// Which endpoint accepted it.
+    #[serde(default)]
+    pub kind: JobKind,
     pub appid: String,
     pub touser: String,
     pub template_id: String,
@@ -332,6 +403,21 @@ impl Sandbox {
         self.shared.reset_daily_counts();
     }
 
+    /// Grants consents, as `POST /_sandbox/consents/grant` does; returns them.
+    pub fn grant_consent(&self, change: &ConsentChange) -> Result<Vec<ConsentRecord>, ConsentError> {
+        self.shared.change_consent(change, true)
+    }
+
+    /// Revokes consents, as `POST /_sandbox/consents/revoke` does; returns them (all zero).
+    pub fn revoke_consent(&self, change: &ConsentChange) -> Result<Vec<ConsentRecord>, ConsentError> {
+        self.shared.change_consent(change, false)
+    }
+
+    /// Every consent granted or revoked so far, by appid, openid and template.
+    pub fn consents(&self) -> Vec<ConsentRecord> {
+        self.shared.consents(&consent::Filter::default())
+    }
+
     /// Stops accepting connections, lets in-flight requests finish, cancels pending receipts.
     pub fn shutdown(mut self) {
         self.stop();
@@ -370,15 +456,54 @@ fn unix_now() -> Duration {
 struct Account {
     appid: Arc<str>,
     secret: String,
+    kind: AccountKind,
     original_id: String,
     webhook: Option<receipts::Webhook>,
+    format: EventFormat,
+    pages: Option<HashSet<String>>,
+    /// Template sends' caps, fault draws and de-duplication.
     send: Mutex<send::SendState>,
+    /// Subscription sends' own: another API, with its own quota and fault sequence.
+    subscribe: Mutex<send::SendState>,
+    consents: Mutex<consent::Consents>,
+}
+
+impl Account {
+    /// The `i`th configured account, its appid and secret already checked.
+    fn new(i: usize, a: SandboxAccount) -> Result<Self, SandboxConfigError> {
+        let webhook = match &a.webhook {
+            Some(w) => Some(receipts::Webhook::new(&a.appid, w)?),
+            None => None,
+        };
+        let pages = a.pages.map(|p| p.iter().map(|page| subscribe::page_path(page).to_owned()).collect());
+        Ok(Account {
+            original_id: original_id(&a.appid),
+            appid: a.appid.into(),
+            secret: a.secret,
+            kind: a.kind,
+            webhook,
+            format: a.event_format,
+            pages,
+            send: Mutex::new(send::SendState::new(fault_rng(DEFAULT_FAULT_SEED, i))),
+            subscribe: Mutex::new(send::SendState::new(subscribe_fault_rng(DEFAULT_FAULT_SEED, i))),
+            consents: Mutex::new(consent::Consents::new(a.auto_consent)),
+        })
+    }
+
+    fn send_state(&self, kind: JobKind) -> &Mutex<send::SendState> {
+        match kind {
+            JobKind::Template => &self.send,
+            JobKind::Subscribe | JobKind::MiniprogramSubscribe => &self.subscribe,
+        }
+    }
 }
 
 /// A message as recorded: the body is kept as bytes (far smaller than a `Value`) and read again
 /// only when someone asks for the list.
+#[derive(Clone)]
 struct Record {
     msgid: u64,
+    kind: JobKind,
     account: usize,
     body: Arc<[u8]>,
     accepted_at_ms: i64,
@@ -392,6 +517,9 @@ struct Counters {
     send_requests: AtomicU64,
     sends_accepted: AtomicU64,
     duplicates: AtomicU64,
+    subscribe_requests: AtomicU64,
+    subscribe_accepted: AtomicU64,
+    no_consent: AtomicU64,
     http_503: AtomicU64,
     receipts_pushed: AtomicU64,
     receipts_acked: AtomicU64,
@@ -436,17 +564,7 @@ impl Shared {
             if by_appid.insert(a.appid.clone(), i).is_some() {
                 return Err(SandboxConfigError::DuplicateAppid(a.appid));
             }
-            let webhook = match &a.webhook {
-                Some(w) => Some(receipts::Webhook::new(&a.appid, w)?),
-                None => None,
-            };
-            accounts.push(Account {
-                original_id: original_id(&a.appid),
-                appid: a.appid.into(),
-                secret: a.secret,
-                webhook,
-                send: Mutex::new(send::SendState::new(fault_rng(DEFAULT_FAULT_SEED, i))),
-            });
+            accounts.push(Account::new(i, a)?);
         }
         let http = reqwest::Client::builder()
             .no_proxy() // webhooks are local; a proxy from the environment would only get in the way
@@ -511,16 +629,21 @@ impl Shared {
         let seed = self.seed.load(Ordering::Relaxed);
         for (i, a) in self.accounts.iter().enumerate() {
             lock(&a.send).reseed(fault_rng(seed, i));
+            lock(&a.subscribe).reseed(subscribe_fault_rng(seed, i));
         }
     }
 
     fn reset_daily_counts(&self) {
         for a in &self.accounts {
             lock(&a.send).reset_daily();
+            lock(&a.subscribe).reset_daily();
         }
     }
 
     fn count_error(&self, errcode: i64) {
+        if errcode == 43101 {
+            self.counters.no_consent.fetch_add(1, Ordering::Relaxed);
+        }
         *lock(&self.errors).entry(errcode).or_insert(0) += 1;
     }
 
@@ -542,6 +665,9 @@ impl Shared {
             send_requests: get(&c.send_requests),
             sends_accepted: get(&c.sends_accepted),
             duplicates: get(&c.duplicates),
+            subscribe_requests: get(&c.subscribe_requests),
+            subscribe_accepted: get(&c.subscribe_accepted),
+            no_consent: get(&c.no_consent),
             errors: lock(&self.errors).clone(),
             http_503: get(&c.http_503),
             receipts_pushed: get(&c.receipts_pushed),
@@ -553,20 +679,16 @@ impl Shared {
     /// Messages `offset..offset+limit`, oldest first.
     fn messages(&self, offset: usize, limit: usize) -> Vec<SentMessage> {
         // Take the records out first (an Arc clone each) so the lock is not held while parsing.
-        let records: Vec<(u64, usize, Arc<[u8]>, i64)> = lock(&self.messages)
-            .iter()
-            .skip(offset)
-            .take(limit)
-            .map(|r| (r.msgid, r.account, r.body.clone(), r.accepted_at_ms))
-            .collect();
+        let records: Vec<Record> = lock(&self.messages).iter().skip(offset).take(limit).cloned().collect();
         records
             .into_iter()
-            .map(|(msgid, account, body, ms)| {
+            .map(|Record { msgid, kind, account, body, accepted_at_ms: ms }| {
                 // The body was parsed and validated when it was accepted, so this cannot fail.
                 let body: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
                 let text = |k: &str| body.get(k).and_then(|v| v.as_str()).map(str::to_owned);
                 SentMessage {
                     msgid,
+                    kind,
                     appid: self.accounts.get(account).map(|a| a.appid.to_string()).unwrap_or_default(),
                     touser: text("touser").unwrap_or_default(),
                     template_id: text("template_id").unwrap_or_default(),
@@ -582,6 +704,12 @@ impl Shared {
 /// Each account draws its faults from its own generator, so accounts do not contend for one.
 fn fault_rng(seed: u64, account: usize) -> SmallRng {
     SmallRng::seed_from_u64(seed.wrapping_add(account as u64))
+}
+
+/// Subscription sends draw their faults apart from template sends, so that adding them does not
+/// change the faults a given sequence of template sends meets.
+fn subscribe_fault_rng(seed: u64, account: usize) -> SmallRng {
+    fault_rng(seed ^ 0x5ab5_c41b_e000, account)
 }
 
 /// msgids start above 2^62 so that a consumer keeping them as f64 (or in JS) visibly loses them;

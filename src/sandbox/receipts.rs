@@ -1,9 +1,8 @@
-//! `TEMPLATESENDJOBFINISH` pushes to an account's webhook, plaintext or safe mode, with WeChat's
-//! re-push rule: a push not answered `success` (or empty) with HTTP 200 within the answer timeout
+//! Event pushes to an account's webhook (`TEMPLATESENDJOBFINISH` receipts and the subscription
+//! events), in the account's format, plaintext or safe mode, with WeChat's re-push rule: a push not answered `success` (or empty) with HTTP 200 within the answer timeout
 //! is pushed again, up to `max_repushes` more times, one answer timeout after the previous push.
 
 use std::{
-    fmt::Write as _,
     sync::{Arc, atomic::Ordering},
     time::Duration,
 };
@@ -11,7 +10,10 @@ use std::{
 use bytes::Bytes;
 use url::Url;
 
-use super::{SandboxConfigError, Shared, WebhookTarget};
+use super::{
+    EventFormat, SandboxConfigError, Shared, WebhookTarget,
+    events::{self, Event, Header},
+};
 use crate::domain::crypto::{self, Cipher};
 
 /// HTTP pushes in flight at once, across accounts.
@@ -60,38 +62,20 @@ pub(super) fn status_for(touser: &str) -> &'static str {
     }
 }
 
-/// The event exactly as the template-message doc shows it.
-pub(super) fn event_xml(to_user_name: &str, touser: &str, create_time: i64, msgid: u64, status: &str) -> String {
-    let mut xml = String::with_capacity(320 + touser.len());
-    xml.push_str("<xml>\n<ToUserName>");
-    push_cdata(&mut xml, to_user_name);
-    xml.push_str("</ToUserName>\n<FromUserName>");
-    push_cdata(&mut xml, touser);
-    // Writing to a String cannot fail.
-    let _ = write!(
-        xml,
-        "</FromUserName>\n<CreateTime>{create_time}</CreateTime>\n<MsgType><![CDATA[event]]></MsgType>\n\
-         <Event><![CDATA[TEMPLATESENDJOBFINISH]]></Event>\n<MsgID>{msgid}</MsgID>\n<Status>"
-    );
-    push_cdata(&mut xml, status);
-    xml.push_str("</Status>\n</xml>");
-    xml
+/// `ErrorCode` and `ErrorStatus` of a subscription message's sent event, chosen by the openid
+/// like [`status_for`]. WeChat documents success only (`0`, `success`); a failure is "a system
+/// failure of the asynchronous delivery", for which the sandbox uses errcode -1 and its errmsg.
+pub(super) fn sent_result_for(touser: &str) -> (i64, &'static str) {
+    if touser.contains("sysfail") { (-1, super::send::errmsg(-1)) } else { (0, "success") }
 }
 
-/// A CDATA section; a `]]>` inside the text (a touser is whatever the sender sent) is split
-/// across two sections so that the XML stays well-formed.
-fn push_cdata(out: &mut String, text: &str) {
-    out.push_str("<![CDATA[");
-    out.push_str(&text.replace("]]>", "]]]]><![CDATA[>"));
-    out.push_str("]]>");
-}
-
-/// One receipt to push.
+/// One event to push to an account's webhook.
 pub(super) struct Receipt {
     pub account: usize,
-    pub msgid: u64,
+    /// The recipient, the event's `FromUserName`.
     pub touser: String,
     pub create_time: i64,
+    pub event: Event,
 }
 
 /// Decrements the pending count however the task ends (done, abandoned, cancelled).
@@ -115,7 +99,7 @@ pub(super) fn schedule(shared: &Arc<Shared>, receipt: Receipt) {
     if shared.pending_receipts.fetch_add(1, Ordering::Relaxed) >= MAX_PENDING_RECEIPTS {
         shared.pending_receipts.fetch_sub(1, Ordering::Relaxed);
         shared.counters.receipts_abandoned.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(msgid = receipt.msgid, "too many receipts pending: receipt abandoned");
+        tracing::warn!(event = receipt.event.name(), msgid = ?receipt.event.msgid(), "too many receipts pending: receipt abandoned");
         return;
     }
     let guard = Pending(shared.clone());
@@ -135,21 +119,19 @@ async fn deliver(shared: &Shared, receipt: Receipt) {
     let settings = shared.receipts;
     tokio::time::sleep(Duration::from_millis(settings.delay_ms)).await;
 
-    let status = status_for(&receipt.touser);
-    let xml = event_xml(&account.original_id, &receipt.touser, receipt.create_time, receipt.msgid, status);
+    let header = Header {
+        to_user_name: &account.original_id,
+        from_user_name: &receipt.touser,
+        create_time: receipt.create_time,
+    };
+    let event = events::render(account.format, &header, &receipt.event);
     // Made once: every re-push carries the same content (only the query signature is fresh).
     let (body, encrypt) = match &webhook.cipher {
         Some(cipher) => {
-            let encrypt = cipher.encrypt(&rand::random::<[u8; 16]>(), xml.as_bytes(), &account.appid);
-            let mut body = String::with_capacity(encrypt.len() + 120);
-            body.push_str("<xml><ToUserName>");
-            push_cdata(&mut body, &account.original_id);
-            body.push_str("</ToUserName><Encrypt>");
-            push_cdata(&mut body, &encrypt);
-            body.push_str("</Encrypt></xml>");
-            (Bytes::from(body), Some(encrypt))
+            let encrypt = cipher.encrypt(&rand::random::<[u8; 16]>(), event.as_bytes(), &account.appid);
+            (Bytes::from(events::envelope(account.format, &account.original_id, &encrypt)), Some(encrypt))
         }
-        None => (Bytes::from(xml), None),
+        None => (Bytes::from(event), None),
     };
     let timeout = Duration::from_millis(settings.answer_timeout_ms);
 
@@ -159,15 +141,17 @@ async fn deliver(shared: &Shared, receipt: Receipt) {
         let outcome = {
             let Ok(_permit) = shared.push_permits.acquire().await else { return };
             shared.counters.receipts_pushed.fetch_add(1, Ordering::Relaxed);
-            push(shared, url, body.clone(), timeout).await
+            push(shared, url, body.clone(), content_type(account.format), timeout).await
         };
         match outcome {
             Ok(()) => {
                 shared.counters.receipts_acked.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(msgid = receipt.msgid, attempt, "receipt answered");
+                tracing::debug!(event = receipt.event.name(), msgid = ?receipt.event.msgid(), attempt, "push answered");
                 return;
             }
-            Err(why) => tracing::debug!(msgid = receipt.msgid, attempt, %why, "receipt not answered"),
+            Err(why) => {
+                tracing::debug!(event = receipt.event.name(), msgid = ?receipt.event.msgid(), attempt, %why, "push not answered")
+            }
         }
         if attempt < settings.max_repushes {
             // WeChat's cadence: a new push when the previous one has gone unanswered for the
@@ -177,7 +161,8 @@ async fn deliver(shared: &Shared, receipt: Receipt) {
     }
     shared.counters.receipts_abandoned.fetch_add(1, Ordering::Relaxed);
     tracing::info!(
-        msgid = receipt.msgid,
+        event = receipt.event.name(),
+        msgid = ?receipt.event.msgid(),
         pushes = settings.max_repushes + 1,
         "receipt abandoned: the webhook never answered success"
     );
@@ -202,13 +187,26 @@ fn signed_url(webhook: &Webhook, openid: &str, encrypt: Option<&str>) -> Url {
     url
 }
 
+fn content_type(format: EventFormat) -> &'static str {
+    match format {
+        EventFormat::Xml => "text/xml",
+        EventFormat::Json => "application/json",
+    }
+}
+
 /// One push; `Ok` when answered as WeChat requires: HTTP 200 and a body of `success` or nothing.
-async fn push(shared: &Shared, url: Url, body: Bytes, timeout: Duration) -> Result<(), String> {
+async fn push(
+    shared: &Shared,
+    url: Url,
+    body: Bytes,
+    content_type: &'static str,
+    timeout: Duration,
+) -> Result<(), String> {
     let answer = async {
         let resp = shared
             .http
             .post(url)
-            .header(reqwest::header::CONTENT_TYPE, "text/xml")
+            .header(reqwest::header::CONTENT_TYPE, content_type)
             .body(body)
             .send()
             .await
@@ -235,28 +233,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn event_xml_is_the_documented_layout() {
-        let xml = event_xml("gh_7f083739789a", "oia2TjuEGTNoeX76QEjQNrcURxG8", 1395658920, 200163836, "success");
-        assert_eq!(
-            xml,
-            "<xml>\n<ToUserName><![CDATA[gh_7f083739789a]]></ToUserName>\n\
-             <FromUserName><![CDATA[oia2TjuEGTNoeX76QEjQNrcURxG8]]></FromUserName>\n\
-             <CreateTime>1395658920</CreateTime>\n<MsgType><![CDATA[event]]></MsgType>\n\
-             <Event><![CDATA[TEMPLATESENDJOBFINISH]]></Event>\n<MsgID>200163836</MsgID>\n\
-             <Status><![CDATA[success]]></Status>\n</xml>"
-        );
-    }
-
-    #[test]
-    fn cdata_survives_a_hostile_openid() {
-        let xml = event_xml("gh_x", "a]]>b", 1, 2, "success");
-        assert!(xml.contains("<![CDATA[a]]]]><![CDATA[>b]]>"));
-    }
-
-    #[test]
     fn status_follows_the_openid() {
         assert_eq!(status_for("user-block-1"), "failed:user block");
         assert_eq!(status_for("x-sysfail"), "failed: system failed");
         assert_eq!(status_for("oia2"), "success");
+        assert_eq!(sent_result_for("x-sysfail"), (-1, "system error"));
+        assert_eq!(sent_result_for("oia2"), (0, "success"));
     }
 }

@@ -1,5 +1,5 @@
-//! `POST /cgi-bin/message/template/send`: request checks, caps, injected faults and
-//! `client_msg_id` de-duplication, per account.
+//! `POST /cgi-bin/message/template/send`'s request checks; and, for every send endpoint, caps,
+//! injected faults and `client_msg_id` de-duplication, per account.
 
 use std::{
     borrow::Cow,
@@ -12,6 +12,7 @@ use rand::{Rng, rngs::SmallRng};
 use serde_json::Value;
 
 use super::{CLIENT_MSG_ID_WINDOW, Faults};
+use crate::domain::subscribe;
 
 /// Most `client_msg_id`s remembered per account; past it the oldest are forgotten early, so a
 /// benchmark cannot grow the sandbox without bound (WeChat only promises "不保证效果" anyway).
@@ -29,8 +30,14 @@ impl WxError {
         Self { errcode, errmsg: Cow::Borrowed(errmsg(errcode)) }
     }
 
+    /// 47003 naming the field: `argument invalid! data.thing1.value invalid`.
+    pub fn argument(field: &str) -> Self {
+        Self { errcode: 47003, errmsg: Cow::Owned(format!("argument invalid! {field} invalid")) }
+    }
+
+    /// 47003 in template/send's form, which puts every field under `data.`.
     fn invalid_argument(path: &str) -> Self {
-        Self { errcode: 47003, errmsg: Cow::Owned(format!("argument invalid! data.{path} invalid")) }
+        Self::argument(&format!("data.{path}"))
     }
 }
 
@@ -104,42 +111,22 @@ pub(super) fn triggered_errcode(touser: &str) -> Option<i64> {
     (n != 0).then_some(n)
 }
 
-/// The category-template ("类目模板") value rules WeChat enforces, for keys named by type
-/// (`thing1`, `number2`, …). Other keys (industry templates: `first`, `keyword1`, `User`) take
-/// any value.
+/// A category template's ("类目模板") keys are typed (`thing1`, `number2`, …) and WeChat checks
+/// their values by the subscription rules (domain::subscribe, one table for the whole crate).
+/// Other keys (industry templates: `first`, `keyword1`, `User`) take any value.
 fn item_value_ok(key: &str, value: &Value) -> bool {
-    let kind = key.trim_end_matches(|c: char| c.is_ascii_digit());
-    if kind.len() == key.len() {
+    if subscribe::parse_key(key).is_err() {
         return true;
     }
-    let text: Cow<'_, str> = match value {
-        Value::String(s) => Cow::Borrowed(s),
-        Value::Number(n) => Cow::Owned(n.to_string()),
-        _ => {
-            return !matches!(
-                kind,
-                "thing"
-                    | "character_string"
-                    | "number"
-                    | "letter"
-                    | "symbol"
-                    | "phone_number"
-                    | "car_number"
-                    | "phrase"
-            );
-        }
-    };
-    let chars = text.chars().count();
-    match kind {
-        "thing" => chars <= 20,
-        "character_string" => chars <= 32 && text.is_ascii(),
-        "number" => chars <= 32 && text.chars().all(|c| c.is_ascii_digit() || c == '.'),
-        "letter" => chars <= 32 && text.chars().all(|c| c.is_ascii_alphabetic()),
-        "symbol" => chars <= 5,
-        "phone_number" => chars <= 17,
-        "car_number" => chars <= 8,
-        "phrase" => chars <= 5,
-        _ => true,
+    value_text(value).is_some_and(|text| subscribe::validate_value(key, &text).is_ok())
+}
+
+/// A data value as WeChat reads it: a string, or a number as its decimal text.
+pub(super) fn value_text(value: &Value) -> Option<Cow<'_, str>> {
+    match value {
+        Value::String(s) => Some(Cow::Borrowed(s)),
+        Value::Number(n) => Some(Cow::Owned(n.to_string())),
+        _ => None,
     }
 }
 
