@@ -25,10 +25,12 @@ pub use wxpush::{
         calendar::QuotaDay,
         crypto::{self, Cipher},
         errcode,
+        job::JobKind,
     },
     health::{self, Health},
     sandbox::{
-        Faults, ReceiptSettings, Sandbox, SandboxAccount, SandboxConfig, SentMessage, WebhookTarget, original_id,
+        Consent, EventFormat, Faults, ReceiptSettings, Sandbox, SandboxAccount, SandboxConfig, SentMessage,
+        WebhookTarget, original_id,
     },
     store::{
         Keys, Redis, conn,

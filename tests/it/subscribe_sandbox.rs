@@ -2,28 +2,20 @@
 //! `subscribe/send` (mini program), their validation, the consent model and its admin API, and
 //! the events pushed to a webhook in XML and JSON, plaintext and safe mode.
 
-mod common;
-
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex},
     time::Duration,
 };
 
+use crate::harness::{eventually, start_sandbox};
+use crate::wx::{
+    Cipher, Consent, EventFormat, Faults, JobKind, ReceiptSettings, Sandbox, SandboxAccount, SandboxConfig,
+    WebhookTarget, crypto, original_id,
+};
 use axum::{Router, extract::RawQuery, http::HeaderMap, routing::post};
-use common::TestEnv;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
-use wxpush::{
-    domain::{
-        crypto::{self, Cipher},
-        job::JobKind,
-    },
-    sandbox::{
-        Consent, EventFormat, Faults, ReceiptSettings, Sandbox, SandboxAccount, SandboxConfig, WebhookTarget,
-        original_id,
-    },
-};
 
 const OA: &str = "wx5b00000000000001";
 const MP: &str = "wx5b00000000000002";
@@ -53,7 +45,7 @@ fn both(consent: bool) -> Vec<SandboxAccount> {
 
 async fn start(accounts: Vec<SandboxAccount>) -> (Sandbox, Api) {
     let receipts = ReceiptSettings { delay_ms: 10, ..ReceiptSettings::default() };
-    let sandbox = common::start_sandbox(SandboxConfig { accounts, receipts, ..SandboxConfig::default() }).await;
+    let sandbox = start_sandbox(SandboxConfig { accounts, receipts, ..SandboxConfig::default() }).await;
     let api = Api { base: sandbox.base_url(), http: reqwest::Client::builder().no_proxy().build().expect("client") };
     (sandbox, api)
 }
@@ -362,8 +354,7 @@ impl Listener {
 
     /// The first `n` pushes, once they have come (5 s at most).
     async fn pushes(&self, n: usize) -> Vec<Pushed> {
-        let arrived =
-            TestEnv::eventually(Duration::from_secs(5), || async { self.seen.lock().expect("lock").len() >= n }).await;
+        let arrived = eventually(Duration::from_secs(5), || async { self.seen.lock().expect("lock").len() >= n }).await;
         let seen = self.seen.lock().expect("lock").clone();
         assert!(arrived, "{n} pushes expected, got {seen:#?}");
         seen
@@ -463,7 +454,7 @@ async fn sent_events_in_xml_carry_the_msgid_and_the_result() {
     let item = |msgid: u64, code: &str, status: &str| json!([{"TemplateId": TEMPLATE, "MsgID": msgid.to_string(), "ErrorCode": code, "ErrorStatus": status}]);
     assert_eq!(events[0]["List"], item(ok, "0", "success"));
     assert_eq!(events[1]["List"], item(failed, "-1", "system error"), "a failed delivery");
-    assert!(TestEnv::eventually(Duration::from_secs(5), || async { sb.stats().receipts_acked == 2 }).await);
+    assert!(eventually(Duration::from_secs(5), || async { sb.stats().receipts_acked == 2 }).await);
 }
 
 #[tokio::test]
