@@ -19,6 +19,7 @@ mod reliability;
 mod sandbox;
 mod scale;
 mod scripts;
+mod subscribe;
 mod subscribe_sandbox;
 mod subscribe_webhook;
 mod tls;

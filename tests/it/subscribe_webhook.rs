@@ -23,16 +23,16 @@ const WAIT: Duration = Duration::from_secs(15);
 
 /// An account the webhook takes pushes for.
 #[derive(Clone, Copy)]
-struct Acct {
-    name: &'static str,
-    appid: &'static str,
-    token: &'static str,
-    aes_key: Option<&'static str>,
-    kind: AccountKind,
+pub(crate) struct Acct {
+    pub(crate) name: &'static str,
+    pub(crate) appid: &'static str,
+    pub(crate) token: &'static str,
+    pub(crate) aes_key: Option<&'static str>,
+    pub(crate) kind: AccountKind,
 }
 
 impl Acct {
-    fn path(&self) -> String {
+    pub(crate) fn path(&self) -> String {
         if self.name == "default" { "/wechat".into() } else { format!("/wechat/{}", self.name) }
     }
 
@@ -45,7 +45,7 @@ impl Acct {
     }
 }
 
-const OA: Acct = Acct {
+pub(crate) const OA: Acct = Acct {
     name: "default",
     appid: "wxsuboa000000001",
     token: "oatoken",
@@ -61,7 +61,7 @@ const OA_SAFE: Acct = Acct {
 };
 const MINI: Acct =
     Acct { name: "mini", appid: "wxsubmini0000001", token: "minitoken", aes_key: None, kind: AccountKind::Miniprogram };
-const MINI_SAFE: Acct = Acct {
+pub(crate) const MINI_SAFE: Acct = Acct {
     name: "mini-safe",
     appid: "wxsubminisafe001",
     token: "minisafetoken",
@@ -172,9 +172,9 @@ fn msgid() -> u64 {
 }
 
 /// One test's webhook, its namespace, and a view of its results.
-struct Hook {
-    env: TestEnv,
-    base: String,
+pub(crate) struct Hook {
+    pub(crate) env: TestEnv,
+    pub(crate) base: String,
     http: reqwest::Client,
     redis: Redis,
     stop: CancellationToken,
@@ -182,7 +182,7 @@ struct Hook {
 }
 
 impl Hook {
-    async fn start(tag: &str) -> Hook {
+    pub(crate) async fn start(tag: &str) -> Hook {
         let ns = unique(tag);
         let mut config = crate::harness::config(&ns, "http://127.0.0.1:9");
         config.accounts = ACCOUNTS.iter().map(account).collect();
@@ -209,7 +209,7 @@ impl Hook {
     }
 
     /// Stops the webhook; the namespace goes when `env` drops.
-    async fn finish(self) {
+    pub(crate) async fn finish(self) {
         self.stop.cancel();
         tokio::time::timeout(WAIT, self.server).await.expect("webhook stops").expect("webhook task");
     }
