@@ -33,6 +33,7 @@ use wxpush::{
         results::{self, ReceivedResult, ShowOptions, Source},
         status::{self, StatusOptions},
     },
+    domain::job::JobKind,
     telemetry::{self, Program},
 };
 
@@ -269,6 +270,16 @@ struct DemoArgs {
     /// How long to wait for the example job's result.
     #[arg(long, value_name = "SECS", default_value_t = 30)]
     timeout: u64,
+    /// The kind of message to send: template, subscribe or miniprogram_subscribe.
+    #[arg(long, value_name = "KIND", default_value = "template", value_parser = job_kind)]
+    kind: JobKind,
+}
+
+fn job_kind(text: &str) -> Result<JobKind, String> {
+    JobKind::ALL
+        .into_iter()
+        .find(|k| k.as_str() == text)
+        .ok_or_else(|| format!("{text:?} is not a job kind: template, subscribe or miniprogram_subscribe"))
 }
 
 #[tokio::main]
@@ -378,7 +389,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Demo(_) if json => no_json("demo"),
         Command::Demo(args) => {
             let config = ctx.load()?;
-            let options = DemoOptions { timeout: Duration::from_secs(args.timeout), ..DemoOptions::new(&config) };
+            let options = DemoOptions {
+                timeout: Duration::from_secs(args.timeout),
+                kind: args.kind,
+                ..DemoOptions::new(&config)
+            };
             eprintln!("starting the demo in namespace {} …", options.namespace);
             let report = demo::run(&options).await.context("the demo failed")?;
             finish(&report.to_string(), ExitCode::SUCCESS)

@@ -19,9 +19,10 @@ use super::{
 use crate::telemetry::chain;
 use crate::{
     amqp::{self, Topology, json_properties, redact_url},
-    config::{Account, Config, TokenApi},
+    config::{Account, AccountKind, Config, TokenApi},
+    domain::job::JobKind,
     health::Health,
-    sandbox::{Sandbox, SandboxAccount, SandboxConfig, SentMessage},
+    sandbox::{Consent, Sandbox, SandboxAccount, SandboxConfig, SentMessage},
     store::Redis,
 };
 
@@ -39,6 +40,8 @@ pub struct DemoOptions {
     pub redis_url: String,
     /// How long to wait for the job's result.
     pub timeout: Duration,
+    /// Which kind of message the example job sends (its account is of the kind that sends it).
+    pub kind: JobKind,
 }
 
 impl DemoOptions {
@@ -49,6 +52,7 @@ impl DemoOptions {
             amqp_url: config.amqp_url.clone(),
             redis_url: config.redis_url.clone(),
             timeout: Duration::from_secs(30),
+            kind: JobKind::Template,
         }
     }
 
@@ -69,6 +73,7 @@ impl DemoOptions {
             accounts: vec![Account {
                 secret: SecretString::from(secret),
                 token_api: TokenApi::Stable,
+                kind: account_kind(self.kind),
                 ..Account::new(crate::domain::job::DEFAULT_ACCOUNT, DEMO_APPID)
             }],
             ..Config::default()
@@ -77,6 +82,39 @@ impl DemoOptions {
         config.retry.delay_tiers_secs = vec![1, 5];
         config
     }
+}
+
+/// The kind of account that sends `kind`.
+fn account_kind(kind: JobKind) -> AccountKind {
+    match kind {
+        JobKind::MiniprogramSubscribe => AccountKind::Miniprogram,
+        JobKind::Template | JobKind::Subscribe => AccountKind::OfficialAccount,
+    }
+}
+
+/// The demo's job of `kind`: the seed's template job, or a subscription message with typed data.
+pub fn example_job_of(kind: JobKind) -> Value {
+    let mut job = match kind {
+        JobKind::Template => return example_job(),
+        JobKind::Subscribe => json!({"page": "https://example.com/orders/42"}),
+        JobKind::MiniprogramSubscribe => {
+            json!({"page": "pages/order/index", "miniprogram_state": "trial", "lang": "zh_CN"})
+        }
+    };
+    let fields = [
+        ("job_id", json!(DEMO_JOB_ID)),
+        ("kind", json!(kind.as_str())),
+        ("touser", json!("oia2TjuEGTNoeX76QEjQNrcURxG8")),
+        ("template_id", json!("bDmywsp2oEHjwAadTGKkUHpC0RgBVPvfAgsgJ7pWoTA")),
+        (
+            "data",
+            json!({"thing1": {"value": "订单已发货"}, "amount2": {"value": "¥260.00"}, "time3": {"value": "2026-12-02 15:01"}}),
+        ),
+    ];
+    if let Some(obj) = job.as_object_mut() {
+        obj.extend(fields.map(|(k, v)| (k.to_owned(), v)));
+    }
+    job
 }
 
 /// The seed's example job (docs/contract.md "Jobs"; the seed document is explained in docs/wechat-api.md#the-seed-document).
@@ -126,12 +164,15 @@ pub async fn run(options: &DemoOptions) -> Result<DemoReport, CtlError> {
     let connection = reach_services(options).await?;
     let secret = uuid::Uuid::new_v4().simple().to_string();
     let listener = TcpListener::bind("127.0.0.1:0").await.map_err(CtlError::Sandbox)?;
-    let sandbox = Sandbox::start(
-        SandboxConfig { accounts: vec![SandboxAccount::new(DEMO_APPID, secret.as_str())], ..SandboxConfig::default() },
-        listener,
-    )
-    .await
-    .map_err(CtlError::Sandbox)?;
+    // The demo's recipient has consented (subscription messages need it; templates ignore it).
+    let account = SandboxAccount {
+        kind: account_kind(options.kind),
+        auto_consent: Some(Consent::LongTerm),
+        ..SandboxAccount::new(DEMO_APPID, secret.as_str())
+    };
+    let sandbox = Sandbox::start(SandboxConfig { accounts: vec![account], ..SandboxConfig::default() }, listener)
+        .await
+        .map_err(CtlError::Sandbox)?;
     let config = options.worker_config(&sandbox.base_url(), &secret);
 
     let stop = CancellationToken::new();
@@ -142,7 +183,7 @@ pub async fn run(options: &DemoOptions) -> Result<DemoReport, CtlError> {
     // A worker that cannot start ends the demo at once rather than after the timeout.
     let mut worker_exit = None;
     let outcome = tokio::select! {
-        outcome = drive(&connection, &config, options.timeout) => outcome,
+        outcome = drive(&connection, &config, options.kind, options.timeout) => outcome,
         exit = &mut worker => {
             worker_exit = Some(exit);
             Err(CtlError::Demo("the demo worker stopped before the job was done".into()))
@@ -228,14 +269,20 @@ async fn reach_services(options: &DemoOptions) -> Result<Connection, CtlError> {
 }
 
 /// Watches the results, publishes the example job, waits for its result.
-async fn drive(connection: &Connection, config: &Config, timeout: Duration) -> Result<ReceivedResult, CtlError> {
+async fn drive(
+    connection: &Connection,
+    config: &Config,
+    kind: JobKind,
+    timeout: Duration,
+) -> Result<ReceivedResult, CtlError> {
     // The topology first, as the worker declares it, so the job has a queue before the worker
     // is up, and the watcher sees every result.
     Topology::from_config(config).declare(connection).await?;
     let mut watcher = ResultWatcher::start(connection, config, "send.*").await?;
 
     let publisher = amqp::Publisher::open(connection).await?;
-    let body = serde_json::to_vec(&example_job()).map_err(|e| CtlError::Demo(format!("example job: {}", chain(&e))))?;
+    let body =
+        serde_json::to_vec(&example_job_of(kind)).map_err(|e| CtlError::Demo(format!("example job: {}", chain(&e))))?;
     let props = json_properties(None).with_message_id(ShortString::from(DEMO_JOB_ID));
     publisher.publish("", &config.jobs_queue, &body, props, true).await.map_err(|e| {
         CtlError::Demo(format!("could not publish the example job to {}: {}", config.jobs_queue, chain(&e)))
@@ -419,6 +466,12 @@ mod tests {
         let job = crate::domain::job::Job::parse(&body, None).unwrap();
         assert_eq!(job.job_id, DEMO_JOB_ID);
         assert_eq!(job.data.len(), 7);
+        for kind in JobKind::ALL {
+            let body = serde_json::to_vec(&example_job_of(kind)).unwrap();
+            let job = crate::domain::job::Job::parse(&body, None).unwrap();
+            assert_eq!(job.kind, kind);
+            assert!(account_kind(kind).sends(kind));
+        }
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::{
 
 use crate::harness::*;
 use crate::wx::{
-    ATTEMPTS_HEADER, Config, CtlError, DemoOptions, ENV_VARS, Pause, PublishOptions, QueueRole, QuotaDay,
+    ATTEMPTS_HEADER, Config, CtlError, DemoOptions, ENV_VARS, JobKind, Pause, PublishOptions, QueueRole, QuotaDay,
     REASON_HEADER, ReceivedResult, Recorder, Redis, ReplayOptions, SOURCE_HEADER, SandboxAccount, SandboxConfig,
     Selection, ShowOptions, ShowSummary, Silent, Source, Topology, check, dead, declare_results_exchange,
     declare_unrouted_queue, demo, header_str, json_properties, publish, results, status, unrouted_name,
@@ -443,6 +443,7 @@ async fn the_demo_sends_the_seed_job_through_a_worker_and_cleans_up() {
         amqp_url: amqp_url().into(),
         redis_url: redis_url().into(),
         timeout: Duration::from_secs(30),
+        kind: JobKind::Template,
     };
     // The env watches the demo's exchange independently and cleans up should the demo fail.
     let mut env = TestEnv::new("ctl-demo", options.worker_config("http://127.0.0.1:9", "unused")).await;
@@ -479,6 +480,7 @@ async fn the_demo_says_how_to_start_what_is_not_running() {
         amqp_url: amqp_url().into(),
         redis_url: redis_url().into(),
         timeout: Duration::from_secs(5),
+        kind: JobKind::Template,
     };
     let no_rabbit = DemoOptions { amqp_url: "amqp://guest:guest@127.0.0.1:1/%2f".into(), ..base.clone() };
     let e = demo::run(&no_rabbit).await.expect_err("no RabbitMQ");
@@ -1275,4 +1277,21 @@ async fn check_prints_the_effective_configuration_with_secrets_redacted() {
     );
     assert_eq!(report["config"]["accounts"][0]["callback_token"], "[REDACTED]", "{report}");
     assert!(!out.stdout.windows(14).any(|w| w == b"pa55-effective"), "{report}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_sends_each_subscription_kind_through_its_endpoint() {
+    for kind in [JobKind::Subscribe, JobKind::MiniprogramSubscribe] {
+        let options = DemoOptions {
+            namespace: unique("ctl-demo-kind"),
+            amqp_url: amqp_url().into(),
+            redis_url: redis_url().into(),
+            timeout: Duration::from_secs(30),
+            kind,
+        };
+        let report = demo::run(&options).await.expect("the demo succeeds");
+        assert_eq!(report.routing_key, "send.succeeded", "{kind}: {}", report.result_text);
+        assert_eq!((report.result["kind"].as_str(), report.request.kind), (Some(kind.as_str()), kind));
+        assert!(report.leftovers.is_empty(), "{:?}", report.leftovers);
+    }
 }

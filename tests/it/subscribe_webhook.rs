@@ -7,7 +7,7 @@
 //! more arrived" is shown by pushing a marker event and reading up to it, never by sleeping.
 //!
 //! The small harness below ([`Hook`]) starts the webhook, signs and encrypts pushes as WeChat
-//! does; it stands beside the one of tests/webhook.rs until the two are merged.
+//! does; it stands beside the one of tests/it/harness/webhook.rs until the two are merged.
 
 use std::time::Duration;
 
