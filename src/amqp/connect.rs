@@ -54,6 +54,20 @@ async fn connect_one(url: &str, name: &str, tls: &Tls) -> Result<Connection, Amq
     }
 }
 
+/// The largest AMQP frame every connection asks for, unless its URL sets `frame_max`. lapin
+/// keeps 32 frames of buffer each way per connection: at RabbitMQ's default of 128 KiB that is
+/// 8 MiB a connection, at 16 KiB 1 MiB. Jobs and results are far smaller than a frame.
+pub const FRAME_MAX: u32 = 16 * 1024;
+
+/// `url` with `frame_max=`[`FRAME_MAX`] added to its query, unless it has one.
+fn with_frame_max(url: &str) -> String {
+    if url.contains("frame_max=") {
+        return url.to_owned();
+    }
+    let sep = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{sep}frame_max={FRAME_MAX}")
+}
+
 /// The nodes of `WXPUSH_AMQP_URL`: one broker, or several nodes of a cluster. A connection goes
 /// to the first that answers; the next connection (after this one broke) starts with the node
 /// after it, so a node that went away is tried last and the pool spreads over the nodes.
@@ -69,7 +83,7 @@ pub struct Nodes {
 impl Nodes {
     pub fn new(list: &str) -> Nodes {
         let mut urls: Vec<String> =
-            list.split(',').map(str::trim).filter(|u| !u.is_empty()).map(str::to_owned).collect();
+            list.split(',').map(str::trim).filter(|u| !u.is_empty()).map(with_frame_max).collect();
         if urls.is_empty() {
             // Config validation refuses an empty list; keep the error at connect time otherwise.
             urls.push(list.to_owned());
@@ -133,6 +147,15 @@ impl Nodes {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_connection_asks_for_small_frames_unless_the_url_says_otherwise() {
+        assert_eq!(with_frame_max("amqp://u:p@h:5672/%2f"), "amqp://u:p@h:5672/%2f?frame_max=16384");
+        assert_eq!(with_frame_max("amqps://h/%2f?heartbeat=30"), "amqps://h/%2f?heartbeat=30&frame_max=16384");
+        assert_eq!(with_frame_max("amqp://h?frame_max=131072"), "amqp://h?frame_max=131072");
+        let nodes = Nodes::new("amqp://a, amqp://b?frame_max=4096");
+        assert_eq!(nodes.urls, ["amqp://a?frame_max=16384", "amqp://b?frame_max=4096"]);
+    }
 
     #[test]
     fn passwords_are_hidden() {

@@ -253,78 +253,41 @@ impl Job {
         self.expires_at.is_some_and(|at| at <= now)
     }
 
-    /// The body of the job's send (its kind's endpoint), serialized once.
-    pub fn message_body(&self) -> Vec<u8> {
-        match self.kind {
-            JobKind::Template => self.template_message_body(),
-            JobKind::Subscribe | JobKind::MiniprogramSubscribe => self.subscribe_message_body(),
-        }
-    }
-
-    /// The body of `POST /cgi-bin/message/template/send`.
-    fn template_message_body(&self) -> Vec<u8> {
-        #[derive(Serialize)]
-        struct Body<'a> {
-            touser: &'a str,
-            template_id: &'a str,
-            #[serde(skip_serializing_if = "Option::is_none")]
-            url: Option<&'a str>,
-            #[serde(skip_serializing_if = "Option::is_none")]
-            miniprogram: Option<&'a MiniProgram>,
-            #[serde(skip_serializing_if = "Option::is_none")]
-            topcolor: Option<&'a str>,
-            data: &'a BTreeMap<String, DataItem>,
-            client_msg_id: &'a str,
-        }
-        let body = Body {
-            touser: &self.touser,
-            template_id: &self.template_id,
-            url: self.url.as_deref(),
-            miniprogram: self.miniprogram.as_ref(),
-            topcolor: self.topcolor.as_deref(),
-            data: &self.data,
-            client_msg_id: &self.client_msg_id,
-        };
-        // Serializing plain strings and maps of strings cannot fail.
-        serde_json::to_vec(&body).unwrap_or_default()
-    }
-
-    /// The body of `subscribe/bizsend` or `subscribe/send`: typed data values as text, no
-    /// colours, and each endpoint's own fields.
-    fn subscribe_message_body(&self) -> Vec<u8> {
+    /// The body of the job's send (its kind's endpoint), serialized once: a template message's
+    /// fields, or a subscription message's (typed data values as text, no colours, no
+    /// `client_msg_id`).
+    pub fn message_body(&self) -> Result<Vec<u8>, serde_json::Error> {
         #[derive(Serialize)]
         struct Item {
             value: String,
-        }
-        #[derive(Serialize)]
-        struct Body<'a> {
-            touser: &'a str,
-            template_id: &'a str,
-            #[serde(skip_serializing_if = "Option::is_none")]
-            page: Option<&'a str>,
-            #[serde(skip_serializing_if = "Option::is_none")]
-            miniprogram: Option<&'a MiniProgram>,
-            #[serde(skip_serializing_if = "Option::is_none")]
-            miniprogram_state: Option<MiniprogramState>,
-            #[serde(skip_serializing_if = "Option::is_none")]
-            lang: Option<Lang>,
-            data: BTreeMap<&'a str, Item>,
         }
         let text = |v: &Value| match v {
             Value::String(s) => s.clone(),
             other => other.to_string(),
         };
-        let body = Body {
+        match self.kind {
+            JobKind::Template => serde_json::to_vec(&self.body(&self.data, Some(&self.client_msg_id))),
+            JobKind::Subscribe | JobKind::MiniprogramSubscribe => {
+                let data: BTreeMap<&str, Item> =
+                    self.data.iter().map(|(k, item)| (k.as_str(), Item { value: text(&item.value) })).collect();
+                serde_json::to_vec(&self.body(data, None))
+            }
+        }
+    }
+
+    fn body<'a, D>(&'a self, data: D, client_msg_id: Option<&'a str>) -> Body<'a, D> {
+        Body {
             touser: &self.touser,
             template_id: &self.template_id,
+            url: self.url.as_deref(),
             page: self.page.as_deref(),
             miniprogram: self.miniprogram.as_ref(),
+            topcolor: self.topcolor.as_deref(),
             miniprogram_state: self.miniprogram_state,
             lang: self.lang,
-            data: self.data.iter().map(|(k, item)| (k.as_str(), Item { value: text(&item.value) })).collect(),
-        };
-        // Serializing plain strings and maps of strings cannot fail.
-        serde_json::to_vec(&body).unwrap_or_default()
+            data,
+            client_msg_id,
+        }
     }
 
     /// The fields a kind does not take, and a subscription message's typed data.
@@ -345,6 +308,29 @@ impl Job {
         let values: BTreeMap<String, &Value> = self.data.iter().map(|(k, item)| (k.clone(), &item.value)).collect();
         crate::domain::subscribe::validate_data(&values).map_err(|e| e.to_string())
     }
+}
+
+/// A send's body, for every endpoint: each kind sets only the fields it takes (`check_kind`
+/// refuses the others), and absent ones are left out.
+#[derive(Serialize)]
+struct Body<'a, D> {
+    touser: &'a str,
+    template_id: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    url: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    page: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    miniprogram: Option<&'a MiniProgram>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    topcolor: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    miniprogram_state: Option<MiniprogramState>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    lang: Option<Lang>,
+    data: D,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    client_msg_id: Option<&'a str>,
 }
 
 /// A job as [`parse_fast`] reads it: borrowed strings, typed fields.
@@ -660,7 +646,7 @@ mod tests {
         ))
         .unwrap();
         assert_eq!((job.kind, job.kind.endpoint()), (JobKind::Subscribe, "/cgi-bin/message/subscribe/bizsend"));
-        let body: Value = serde_json::from_slice(&job.message_body()).unwrap();
+        let body: Value = serde_json::from_slice(&job.message_body().unwrap()).unwrap();
         assert_eq!(
             body,
             json!({
@@ -673,7 +659,7 @@ mod tests {
             json!({"page": "index", "miniprogram_state": "trial", "lang": "en_US"}),
         ))
         .unwrap();
-        let body: Value = serde_json::from_slice(&mp.message_body()).unwrap();
+        let body: Value = serde_json::from_slice(&mp.message_body().unwrap()).unwrap();
         assert_eq!((body["miniprogram_state"].as_str(), body["lang"].as_str()), (Some("trial"), Some("en_US")));
         assert_eq!(mp.kind.endpoint(), "/cgi-bin/message/subscribe/send");
         assert!(body.get("client_msg_id").is_none());
@@ -741,7 +727,7 @@ mod tests {
     #[test]
     fn the_template_body_carries_every_field_wechat_takes() {
         let job = parse(&full()).unwrap();
-        let body: Value = serde_json::from_slice(&job.message_body()).unwrap();
+        let body: Value = serde_json::from_slice(&job.message_body().unwrap()).unwrap();
         // The job less what is wxpush's own (job_id, account, expires_at).
         let mut expected = full();
         let fields = expected.as_object_mut().unwrap();
@@ -761,7 +747,7 @@ mod tests {
         assert_eq!(a.client_msg_id, b.client_msg_id);
         assert_eq!(a.data["k"].value, json!(3));
         assert!(a.url.is_none() && a.miniprogram.is_none() && a.topcolor.is_none() && a.expires_at.is_none());
-        let body: Value = serde_json::from_slice(&a.message_body()).unwrap();
+        let body: Value = serde_json::from_slice(&a.message_body().unwrap()).unwrap();
         assert!(body.get("url").is_none() && body.get("miniprogram").is_none());
     }
 

@@ -69,11 +69,6 @@ use verify::{AccountKeys, KeyError, PushQuery};
 /// Open connections on the admin port at most: probes and a scraper need a handful.
 const ADMIN_MAX_CONNECTIONS: usize = 64;
 
-/// AMQP frame size the webhook asks for. lapin keeps 32 frames of buffer each way per
-/// connection, zero-filled: at RabbitMQ's default of 128 KiB that is 8 MiB of memory for events
-/// of a few hundred bytes. A dead-lettered push (64 KiB at most) just takes a few frames.
-const AMQP_FRAME_MAX: u32 = 16 * 1024;
-
 /// Largest push accepted; WeChat's pushes are a few hundred bytes.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
 
@@ -289,26 +284,9 @@ impl Listeners {
     }
 }
 
-/// The webhook's RabbitMQ publisher, asking for small frames ([`AMQP_FRAME_MAX`]) unless
-/// `WXPUSH_AMQP_URL` sets `frame_max` itself.
+/// The webhook's RabbitMQ publisher (small frames, as every connection: [`crate::amqp::Nodes`]).
 pub fn broker(config: &Config) -> Arc<ReconnectingPublisher> {
-    ReconnectingPublisher::new(&with_frame_max(&config.amqp_url, AMQP_FRAME_MAX), "wxpush-webhook")
-}
-
-/// Each URL of a comma-separated list with `frame_max=<n>` added to its query, unless it has one.
-fn with_frame_max(urls: &str, frame_max: u32) -> String {
-    urls.split(',')
-        .map(|url| {
-            let url = url.trim();
-            if url.is_empty() || url.contains("frame_max=") {
-                url.to_owned()
-            } else {
-                let sep = if url.contains('?') { '&' } else { '?' };
-                format!("{url}{sep}frame_max={frame_max}")
-            }
-        })
-        .collect::<Vec<_>>()
-        .join(",")
+    ReconnectingPublisher::new(&config.amqp_url, "wxpush-webhook")
 }
 
 /// Runs `webhook` on `listeners` until `shutdown` resolves, then lets pushes in flight finish.
@@ -497,16 +475,6 @@ mod tests {
         assert_eq!((s.max_connections, s.header_timeout), (100, Duration::from_secs(3)));
         let e = Config::from_sources("t", "", |v| (v == "WXPUSH_WEBHOOK_TIMESTAMP_WINDOW_SECS").then(|| "5m".into()));
         assert!(e.unwrap_err().to_string().contains("WXPUSH_WEBHOOK_TIMESTAMP_WINDOW_SECS=\"5m\""));
-    }
-
-    #[test]
-    fn the_broker_is_asked_for_small_frames_unless_the_url_says_otherwise() {
-        assert_eq!(with_frame_max("amqp://u:p@h:5672/%2f", 16384), "amqp://u:p@h:5672/%2f?frame_max=16384");
-        assert_eq!(
-            with_frame_max("amqps://h/%2f?heartbeat=30, amqp://h2", 8192),
-            "amqps://h/%2f?heartbeat=30&frame_max=8192,amqp://h2?frame_max=8192"
-        );
-        assert_eq!(with_frame_max("amqp://h?frame_max=131072", 16384), "amqp://h?frame_max=131072");
     }
 
     #[test]

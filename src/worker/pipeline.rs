@@ -257,7 +257,20 @@ impl Pipeline {
     /// Sends until [`decide`] says stop; short backoffs are waited here, longer ones end as a
     /// [`Outcome::Retry`] for a delay queue. `spent`: attempts before this delivery.
     async fn send(&self, job: &Job, account: &Account, mut spent: u32, cancel: &CancellationToken) -> Ended {
-        let body = bytes::Bytes::from(job.message_body());
+        let body = match job.message_body() {
+            Ok(body) => bytes::Bytes::from(body),
+            // Not reachable with a parsed job's plain fields; never send an empty body.
+            Err(e) => {
+                return Ended::Decided(
+                    Outcome::Failed {
+                        reason: format!("cannot serialize the message: {e}"),
+                        errcode: None,
+                        errmsg: None,
+                    },
+                    spent,
+                );
+            }
+        };
         loop {
             let token = match self.token(account, cancel).await {
                 Ok(token) => token,
