@@ -25,6 +25,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use wxpush::{
     config::Config,
     ctl::{
+        cancel,
         check::{self, CheckOptions},
         dead,
         demo::{self, DemoOptions},
@@ -153,6 +154,18 @@ enum Command {
     },
     /// Run the quick start in one process: sandbox + worker + one job, in a namespace of its own.
     Demo(DemoArgs),
+    /// Cancel jobs across the pool: a worker that picks one up publishes `send.failed` with
+    /// reason `cancelled` and sends nothing (jobs in delay queues too). A job already sent, or
+    /// being sent right now, is left as it is (exit 3).
+    #[command(group = clap::ArgGroup::new("which").required(true).multiple(true).args(["job_ids", "file"]))]
+    Cancel {
+        /// The job_ids to cancel.
+        #[arg(value_name = "JOB_ID")]
+        job_ids: Vec<String>,
+        /// A file of job_ids, one a line (`-` reads standard input; `#` starts a comment).
+        #[arg(long, value_name = "FILE")]
+        file: Option<PathBuf>,
+    },
 }
 
 #[derive(Args)]
@@ -385,6 +398,24 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let report = status::status_with(&config, &StatusOptions { management_url }).await;
             let text = if json { pretty(&report.to_json()) } else { report.to_string() };
             finish(&text, ok_if(report.is_complete(), ExitCode::FAILURE))
+        }
+        Command::Cancel { mut job_ids, file } => {
+            if let Some(file) = file {
+                let text = if file.as_os_str() == "-" {
+                    std::io::read_to_string(std::io::stdin()).context("cannot read job_ids from standard input")?
+                } else {
+                    std::fs::read_to_string(&file).with_context(|| format!("cannot read {}", file.display()))?
+                };
+                job_ids.extend(cancel::read_ids(&text));
+            }
+            let config = ctx.load()?;
+            let found = cancel::cancel(&config, &job_ids).await.context("cannot cancel the jobs")?;
+            let text = if json {
+                found.iter().map(|f| f.to_json().to_string()).collect::<Vec<_>>().join("\n")
+            } else {
+                found.iter().map(|f| f.to_line()).collect::<Vec<_>>().join("\n")
+            };
+            finish(&text, ok_if(found.iter().all(|f| f.stopped()), ExitCode::from(PARTIAL)))
         }
         Command::Demo(_) if json => no_json("demo"),
         Command::Demo(args) => {

@@ -12,6 +12,7 @@
 //! Nothing here prints a secret: app secrets, callback tokens, AES keys and access tokens are
 //! only ever reported as "set" or "not set".
 
+pub mod cancel;
 pub mod check;
 pub mod dead;
 pub mod demo;

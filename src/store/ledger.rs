@@ -23,6 +23,20 @@ pub enum Claim {
     /// Someone else holds the lease (a duplicate in flight, or a crashed holder whose lease has
     /// not yet run out): look again after `retry_after`.
     Busy { retry_after: Duration },
+    /// An operator cancelled the job (`wxpush-ctl cancel`): do nothing but say so.
+    Cancelled,
+}
+
+/// What cancelling a job found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Cancel {
+    /// No worker has it now: whenever it is delivered (again), it ends `cancelled`.
+    Cancelled,
+    AlreadyCancelled,
+    /// It was sent: its recorded result. Nothing changes.
+    AlreadyDone(Vec<u8>),
+    /// A worker holds it right now and may be sending it: nothing changes; ask again.
+    InFlight,
 }
 
 /// A busy record is looked at again after what is left of its lease, within these bounds.
@@ -61,6 +75,7 @@ impl Redis {
         Ok(match code {
             0 => Claim::Claimed,
             1 => Claim::Done(payload),
+            3 => Claim::Cancelled,
             _ => {
                 let ttl = std::str::from_utf8(&payload).ok().and_then(|s| s.parse().ok()).unwrap_or(1000);
                 Claim::Busy {
@@ -86,6 +101,18 @@ impl Redis {
     /// Asks for the lease on `job_id` for `lease`.
     pub async fn claim_job(&self, job_id: &str, owner: &str, lease: Duration) -> Result<Claim, StoreError> {
         Ok(self.claim(&self.keys().job(job_id), owner, lease, None).await?.0)
+    }
+
+    /// Cancels `job_id` pool-wide for `ttl` (the ledger's), unless it is sent or being sent.
+    pub async fn cancel_job(&self, job_id: &str, ttl: Duration) -> Result<Cancel, StoreError> {
+        let (code, payload): (i64, Vec<u8>) =
+            scripts::CANCEL.key(self.keys().job(job_id)).arg(millis(ttl)).invoke_async(&mut self.conn()).await?;
+        Ok(match code {
+            0 => Cancel::Cancelled,
+            1 => Cancel::AlreadyCancelled,
+            2 => Cancel::AlreadyDone(payload),
+            _ => Cancel::InFlight,
+        })
     }
 
     /// Extends our lease on `job_id` to `lease` from now; false when it is no longer ours.

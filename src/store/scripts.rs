@@ -20,11 +20,30 @@ pub(super) static CLAIM: LazyLock<Script> = LazyLock::new(|| {
         end
         local kind = string.sub(v, 1, 1)
         if kind == 'D' then return {1, string.sub(v, 2)} end
+        if v == 'C' then return {3, ''} end
         if v == 'P' .. ARGV[1] then
             redis.call('PEXPIRE', KEYS[1], ARGV[2])
             return {0, ''}
         end
         return {2, tostring(redis.call('PTTL', KEYS[1]))}
+        ",
+    )
+});
+
+/// Cancels a job whose record is free: `C` in place of a lease, for ARGV[1] ms. KEYS: the job's
+/// record. Returns {0} cancelled, {1} cancelled before, {2, result} already done, {3, ms} held
+/// by a worker now.
+pub(super) static CANCEL: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+        local v = redis.call('GET', KEYS[1])
+        if not v then
+            redis.call('SET', KEYS[1], 'C', 'PX', ARGV[1])
+            return {0, ''}
+        end
+        if v == 'C' then return {1, ''} end
+        if string.sub(v, 1, 1) == 'D' then return {2, string.sub(v, 2)} end
+        return {3, tostring(redis.call('PTTL', KEYS[1]))}
         ",
     )
 });

@@ -297,7 +297,8 @@ impl Inner {
         let (claim, found) = mark.claim(msgid, s.pending_ttl, s.pending_wait).await?;
         match claim {
             Claim::Claimed => {}
-            Claim::Done(_) => return Ok(Delivered::AlreadyDone),
+            // Pushed events are never cancelled; the arm keeps the protocol's answers whole.
+            Claim::Done(_) | Claim::Cancelled => return Ok(Delivered::AlreadyDone),
             Claim::Busy { .. } => return Err(DeliverError::Busy),
         }
         let key = mark.key().to_owned();

@@ -229,6 +229,11 @@ impl Pipeline {
         loop {
             let wait = match self.redis.claim_job(&job.job_id, owner, self.timing.lease).await {
                 Ok(Claim::Claimed) => return Ok(()),
+                Ok(Claim::Cancelled) => {
+                    info!("job cancelled by an operator; nothing is sent");
+                    let result = SendResult::failed(job, None, None, "cancelled".into(), attempts);
+                    return Err(Box::new(Settlement::publish(result)));
+                }
                 Ok(Claim::Done(recorded)) => {
                     info!("job already done; publishing its recorded result again");
                     return Err(Box::new(recorded_result(job, recorded)));

@@ -9,10 +9,11 @@ use std::{
 
 use crate::harness::*;
 use crate::wx::{
-    ATTEMPTS_HEADER, Config, CtlError, DemoOptions, ENV_VARS, JobKind, Pause, PublishOptions, QueueRole, QuotaDay,
-    REASON_HEADER, ReceivedResult, Recorder, Redis, ReplayOptions, SOURCE_HEADER, SandboxAccount, SandboxConfig,
-    Selection, ShowOptions, ShowSummary, Silent, Source, Topology, check, dead, declare_results_exchange,
-    declare_unrouted_queue, demo, header_str, json_properties, publish, results, status, unrouted_name,
+    ATTEMPTS_HEADER, Config, CtlError, DemoOptions, ENV_VARS, Faults, JobKind, Pause, PublishOptions, QueueRole,
+    QuotaDay, REASON_HEADER, ReceivedResult, Recorder, Redis, ReplayOptions, SOURCE_HEADER, SandboxAccount,
+    SandboxConfig, Selection, ShowOptions, ShowSummary, Silent, Source, Topology, check, dead,
+    declare_results_exchange, declare_unrouted_queue, demo, header_str, json_properties, publish, results, status,
+    unrouted_name,
 };
 use futures_util::StreamExt;
 use lapin::{
@@ -1294,4 +1295,65 @@ async fn the_demo_sends_each_subscription_kind_through_its_endpoint() {
         assert_eq!((report.result["kind"].as_str(), report.request.kind), (Some(kind.as_str()), kind));
         assert!(report.leftovers.is_empty(), "{:?}", report.leftovers);
     }
+}
+
+// ---- cancel --------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_job_ends_cancelled_unsent_and_a_sent_one_keeps_its_result() {
+    let sandbox = start_sandbox(SandboxConfig::default()).await;
+    let mut env = TestEnv::new("ctl-cancel", config(&unique("ctl-cancel"), &sandbox.base_url())).await;
+    env.declare_topology().await;
+    let out = run_ctl(&env.config, &["cancel", "cancel-early"], None).await;
+    assert_eq!((out.status.code(), stdout(&out).trim()), (Some(0), "cancel-early: cancelled"));
+
+    let worker = spawn_worker(&env.config);
+    env.publish_job(&job("cancel-early", "u-early")).await;
+    env.publish_job(&job("cancel-late", "u-late")).await;
+    let results = env.results(2, Duration::from_secs(20)).await;
+    let of =
+        |id: &str| results.iter().find(|r| r.body["job_id"] == id).map(|r| (r.routing_key.clone(), r.body.clone()));
+    let (key, early) = of("cancel-early").expect("a result for the cancelled job");
+    assert_eq!((key.as_str(), &early["reason"]), ("send.failed", &serde_json::json!("cancelled")));
+    let (key, late) = of("cancel-late").expect("a result for the other job");
+    assert_eq!(key, "send.succeeded");
+    let sent: Vec<String> = sandbox.messages().into_iter().map(|m| m.touser).collect();
+    assert_eq!(sent, ["u-late"], "the cancelled job never reached WeChat");
+
+    // A job already sent says so, changes nothing, and exits 3.
+    let out = run_ctl(&env.config, &["cancel", "cancel-late"], None).await;
+    let msgid = late["msgid"].as_u64().expect("a msgid");
+    assert_eq!(out.status.code(), Some(3), "{}", stdout(&out));
+    assert_eq!(stdout(&out).trim(), format!("cancel-late: already sent (msgid {msgid}); nothing changed"));
+    env.publish_job(&job("cancel-late", "u-late")).await;
+    let again = env.next_result(Duration::from_secs(20)).await.expect("the recorded result again");
+    assert_eq!((again.routing_key.as_str(), &again.body["msgid"]), ("send.succeeded", &late["msgid"]));
+    worker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_waiting_in_a_delay_queue_can_be_cancelled() {
+    let sandbox = start_sandbox(SandboxConfig::default()).await;
+    sandbox.set_faults(Faults { system_error_rate: 1.0, ..Faults::default() });
+    let mut cfg = config(&unique("ctl-cancel-delay"), &sandbox.base_url());
+    // Every retry goes through a delay queue.
+    cfg.retry.in_process_max = Duration::ZERO;
+    let mut env = TestEnv::new("ctl-cancel-delay", cfg).await;
+    env.declare_topology().await;
+    let worker = spawn_worker(&env.config);
+    env.publish_job(&job("cancel-delayed", "u-delayed")).await;
+    let failed_once = eventually(Duration::from_secs(15), || async { sandbox.stats().send_requests >= 1 }).await;
+    assert!(failed_once, "the first send failed");
+    // Once the worker has let the job go to the delay queue, its record is free to cancel.
+    let cancelled = eventually(Duration::from_secs(10), || async {
+        let out = run_ctl(&env.config, &["cancel", "cancel-delayed"], None).await;
+        stdout(&out).contains(": cancelled")
+    })
+    .await;
+    assert!(cancelled, "the delayed job was cancelled");
+    sandbox.set_faults(Faults::default());
+    let result = env.next_result(Duration::from_secs(20)).await.expect("the delayed job's result");
+    assert_eq!((result.routing_key.as_str(), &result.body["reason"]), ("send.failed", &serde_json::json!("cancelled")));
+    assert!(sandbox.messages().is_empty(), "nothing was sent");
+    worker.stop().await;
 }
