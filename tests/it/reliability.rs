@@ -223,3 +223,32 @@ pub async fn a_duplicate_job_is_sent_once(tag: &str, redis_url: &str) {
     let redis = Redis::connect(redis_url, &ns).await.expect("connect to Redis");
     assert_eq!(redis.job_for_msgid(APPID, msgid).await.expect("msgid").as_deref(), Some("twice"));
 }
+
+/// 43117 ("too many messages to this openid") is that recipient's limit, not the account's: the
+/// job backs off and retries until its attempts are spent, while jobs to other recipients go
+/// straight through and the account is never paused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_throttled_recipient_retries_alone_without_pausing_the_account() {
+    let sandbox = start_sandbox(SandboxConfig::default()).await;
+    let mut cfg = config(&unique("per-openid"), &sandbox.base_url());
+    cfg.max_attempts = 3;
+    let mut env = TestEnv::new("per-openid", cfg).await;
+    env.declare_topology().await;
+    env.publish_job(&job("throttled", "errcode-43117-busy-user")).await;
+    for i in 0..5 {
+        env.publish_job(&job(&format!("others-{i}"), &format!("u-other-{i}"))).await;
+    }
+    let worker = spawn_worker(&env.config);
+    let results = env.results(6, Duration::from_secs(20)).await;
+    let throttled = results.iter().find(|r| r.body["job_id"] == "throttled").expect("the throttled job's result");
+    assert_eq!(throttled.routing_key, "send.failed", "{}", throttled.body);
+    assert_eq!(
+        (&throttled.body["attempts"], &throttled.body["errcode"], &throttled.body["reason"]),
+        (&json!(3), &json!(43117), &json!("attempts exhausted: errcode 43117 (too many messages to this openid)"))
+    );
+    let others = results.iter().filter(|r| r.routing_key == "send.succeeded").count();
+    assert_eq!(others, 5, "every other recipient was sent to: {results:?}");
+    let redis = Redis::connect(redis_url(), &env.config.redis_prefix).await.expect("Redis");
+    assert_eq!(redis.account_pause(APPID).await.expect("pause read"), None, "the account was never paused");
+    worker.stop().await;
+}
