@@ -2,9 +2,11 @@
 //! back. Nothing else names a header, so the envelope format is on one page.
 
 use chrono::{DateTime, Utc};
+
+pub use super::header_str;
 use lapin::{
     BasicProperties,
-    types::{AMQPValue, FieldTable, LongString, ShortString},
+    types::{AMQPValue, FieldTable, ShortString},
 };
 
 /// How many send attempts a job has had (set when it goes to a delay queue).
@@ -36,19 +38,34 @@ pub mod broker {
     pub const FIRST_DEATH_EXCHANGE: &str = "x-first-death-exchange";
     pub const FIRST_DEATH_QUEUE: &str = "x-first-death-queue";
     pub const FIRST_DEATH_REASON: &str = "x-first-death-reason";
+    pub const LAST_DEATH_EXCHANGE: &str = "x-last-death-exchange";
+    pub const LAST_DEATH_QUEUE: &str = "x-last-death-queue";
+    pub const LAST_DEATH_REASON: &str = "x-last-death-reason";
 }
 
-/// A string header value.
-pub fn text(value: &str) -> AMQPValue {
-    AMQPValue::LongString(LongString::from(value))
+/// A header as text: strings as they are, numbers and the rest in a readable form.
+pub fn text_of(props: &BasicProperties, name: &str) -> Option<String> {
+    props.headers().as_ref()?.inner().get(name).map(value_text)
 }
 
-/// A header's value as text, when it is a string.
-pub fn read_text(props: &BasicProperties, name: &str) -> Option<String> {
-    match props.headers().as_ref()?.inner().get(name)? {
-        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
-        AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
-        _ => None,
+fn value_text(value: &AMQPValue) -> String {
+    match value {
+        AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+        AMQPValue::ShortString(s) => s.as_str().to_owned(),
+        AMQPValue::Boolean(b) => b.to_string(),
+        AMQPValue::ShortShortInt(n) => n.to_string(),
+        AMQPValue::ShortShortUInt(n) => n.to_string(),
+        AMQPValue::ShortInt(n) => n.to_string(),
+        AMQPValue::ShortUInt(n) => n.to_string(),
+        AMQPValue::LongInt(n) => n.to_string(),
+        AMQPValue::LongUInt(n) => n.to_string(),
+        AMQPValue::LongLongInt(n) => n.to_string(),
+        AMQPValue::Float(n) => n.to_string(),
+        AMQPValue::Double(n) => n.to_string(),
+        AMQPValue::Timestamp(t) => chrono::DateTime::from_timestamp(*t as i64, 0)
+            .map_or_else(|| t.to_string(), |d| d.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
+        AMQPValue::ByteArray(b) => String::from_utf8_lossy(b.as_slice()).into_owned(),
+        other => format!("{other:?}"),
     }
 }
 
@@ -92,7 +109,7 @@ fn edited(props: &BasicProperties, edit: impl FnOnce(&mut FieldTable)) -> BasicP
 pub fn delayed(props: &BasicProperties, attempts: u32, why: &str, parked: bool) -> BasicProperties {
     edited(props, |h| {
         h.insert(ShortString::from(ATTEMPTS), AMQPValue::LongUInt(attempts));
-        h.insert(ShortString::from(REASON), text(why));
+        h.insert(ShortString::from(REASON), header_str(why));
         if parked {
             h.insert(ShortString::from(PARKED), AMQPValue::Boolean(true));
         }
@@ -102,9 +119,9 @@ pub fn delayed(props: &BasicProperties, attempts: u32, why: &str, parked: bool) 
 /// The envelope of a job on its way to the dead-letter queue: why, from where, and when.
 pub fn dead_lettered(props: &BasicProperties, reason: &str, source_queue: &str, at: DateTime<Utc>) -> BasicProperties {
     edited(props, |h| {
-        h.insert(ShortString::from(REASON), text(reason));
-        h.insert(ShortString::from(SOURCE_QUEUE), text(source_queue));
-        h.insert(ShortString::from(DEAD_LETTERED_AT), text(&at.to_rfc3339()));
+        h.insert(ShortString::from(REASON), header_str(reason));
+        h.insert(ShortString::from(SOURCE_QUEUE), header_str(source_queue));
+        h.insert(ShortString::from(DEAD_LETTERED_AT), header_str(&at.to_rfc3339()));
     })
 }
 
@@ -123,7 +140,7 @@ mod tests {
         assert_eq!(attempts(&BasicProperties::default()), Ok(0));
         assert_eq!(attempts(&with(ATTEMPTS, AMQPValue::ShortShortUInt(3))), Ok(3));
         assert_eq!(attempts(&with(ATTEMPTS, AMQPValue::LongLongInt(7))), Ok(7));
-        for bad in [AMQPValue::LongLongInt(-1), AMQPValue::LongLongInt(1 << 33), text("3")] {
+        for bad in [AMQPValue::LongLongInt(-1), AMQPValue::LongLongInt(1 << 33), header_str("3")] {
             let e = attempts(&with(ATTEMPTS, bad)).unwrap_err();
             assert!(e.contains(ATTEMPTS), "{e}");
         }
@@ -131,16 +148,16 @@ mod tests {
 
     #[test]
     fn delayed_and_dead_lettered_envelopes_keep_other_headers() {
-        let props = with("x-custom", text("kept"));
+        let props = with("x-custom", header_str("kept"));
         let d = delayed(&props, 2, "busy", true);
         assert_eq!(attempts(&d), Ok(2));
         assert!(is_parked(&d) && !is_parked(&props));
-        assert_eq!(read_text(&d, REASON).as_deref(), Some("busy"));
-        assert_eq!(read_text(&d, "x-custom").as_deref(), Some("kept"));
+        assert_eq!(text_of(&d, REASON).as_deref(), Some("busy"));
+        assert_eq!(text_of(&d, "x-custom").as_deref(), Some("kept"));
         assert_eq!(*d.delivery_mode(), Some(2));
         let dl = dead_lettered(&props, "expired", "jobs", Utc::now());
-        assert_eq!(read_text(&dl, SOURCE_QUEUE).as_deref(), Some("jobs"));
-        assert!(read_text(&dl, DEAD_LETTERED_AT).is_some());
+        assert_eq!(text_of(&dl, SOURCE_QUEUE).as_deref(), Some("jobs"));
+        assert!(text_of(&dl, DEAD_LETTERED_AT).is_some());
         assert!(!is_parked(&dl));
     }
 }

@@ -184,32 +184,6 @@ pub(crate) async fn requeue_all(channel: &Channel, last: Option<DeliveryTag>) ->
     Ok(())
 }
 
-/// A header as text: strings as they are, numbers and the rest in a readable form.
-pub(crate) fn header_text(props: &BasicProperties, name: &str) -> Option<String> {
-    props.headers().as_ref()?.inner().get(name).map(value_text)
-}
-
-fn value_text(value: &AMQPValue) -> String {
-    match value {
-        AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
-        AMQPValue::ShortString(s) => s.as_str().to_owned(),
-        AMQPValue::Boolean(b) => b.to_string(),
-        AMQPValue::ShortShortInt(n) => n.to_string(),
-        AMQPValue::ShortShortUInt(n) => n.to_string(),
-        AMQPValue::ShortInt(n) => n.to_string(),
-        AMQPValue::ShortUInt(n) => n.to_string(),
-        AMQPValue::LongInt(n) => n.to_string(),
-        AMQPValue::LongUInt(n) => n.to_string(),
-        AMQPValue::LongLongInt(n) => n.to_string(),
-        AMQPValue::Float(n) => n.to_string(),
-        AMQPValue::Double(n) => n.to_string(),
-        AMQPValue::Timestamp(t) => chrono::DateTime::from_timestamp(*t as i64, 0)
-            .map_or_else(|| t.to_string(), |d| d.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
-        AMQPValue::ByteArray(b) => String::from_utf8_lossy(b.as_slice()).into_owned(),
-        other => format!("{other:?}"),
-    }
-}
-
 /// The job_id of a message: its `message_id` property, else the body's `job_id` when the body
 /// is a JSON object that has one.
 pub fn job_id_of(props: &BasicProperties, body: &[u8]) -> Option<String> {
@@ -237,19 +211,20 @@ pub(crate) fn preview(body: &[u8], max: usize) -> String {
 /// The message's properties with the dead-letter bookkeeping removed, so that a replayed job
 /// starts afresh (attempts from zero) and carries no stale reason.
 pub(crate) fn fresh_properties(props: &BasicProperties) -> BasicProperties {
+    use crate::amqp::headers::{self, broker};
     const DROPPED: &[&str] = &[
-        crate::amqp::headers::REASON,
-        crate::amqp::headers::SOURCE_QUEUE,
-        crate::amqp::headers::ATTEMPTS,
-        super::DEAD_LETTERED_AT_HEADER,
+        headers::REASON,
+        headers::SOURCE_QUEUE,
+        headers::ATTEMPTS,
+        headers::DEAD_LETTERED_AT,
         // RabbitMQ's own dead-lettering history, for DLQs fed by a broker policy.
-        "x-death",
-        "x-first-death-exchange",
-        "x-first-death-queue",
-        "x-first-death-reason",
-        "x-last-death-exchange",
-        "x-last-death-queue",
-        "x-last-death-reason",
+        broker::DEATH,
+        broker::FIRST_DEATH_EXCHANGE,
+        broker::FIRST_DEATH_QUEUE,
+        broker::FIRST_DEATH_REASON,
+        broker::LAST_DEATH_EXCHANGE,
+        broker::LAST_DEATH_QUEUE,
+        broker::LAST_DEATH_REASON,
     ];
     let mut out = BasicProperties::default();
     if let Some(v) = props.content_type() {
@@ -341,9 +316,9 @@ mod tests {
         assert_eq!(fresh.message_id().as_ref().map(|m| m.as_str()), Some("job-1"));
         assert_eq!(fresh.content_type().as_ref().map(|m| m.as_str()), Some("application/json"));
         assert_eq!(*fresh.delivery_mode(), Some(2));
-        assert_eq!(header_text(&fresh, "x-tenant").as_deref(), Some("shop"));
-        assert_eq!(header_text(&fresh, crate::amqp::headers::REASON), None);
-        assert_eq!(header_text(&fresh, crate::amqp::headers::ATTEMPTS), None);
+        assert_eq!(crate::amqp::headers::text_of(&fresh, "x-tenant").as_deref(), Some("shop"));
+        assert_eq!(crate::amqp::headers::text_of(&fresh, crate::amqp::headers::REASON), None);
+        assert_eq!(crate::amqp::headers::text_of(&fresh, crate::amqp::headers::ATTEMPTS), None);
 
         let only_ours = BasicProperties::default().with_headers({
             let mut h = FieldTable::default();

@@ -26,14 +26,18 @@ use lapin::{
 use serde::Serialize;
 
 use super::{
-    CtlError, DEAD_LETTERED_AT_HEADER,
-    broker::{self, call, fresh_properties, get, header_text, job_id_of, preview, requeue_all},
+    CtlError,
+    broker::{self, call, fresh_properties, get, job_id_of, preview, requeue_all},
 };
 use crate::telemetry::chain;
 use crate::{
     amqp::{
         NotTaken,
-        headers::{REASON as REASON_HEADER, SOURCE_QUEUE as SOURCE_HEADER},
+        headers::{
+            DEAD_LETTERED_AT as DEAD_LETTERED_AT_HEADER, REASON as REASON_HEADER, SOURCE_QUEUE as SOURCE_HEADER,
+            broker::{FIRST_DEATH_QUEUE, FIRST_DEATH_REASON},
+            text_of,
+        },
         taken,
     },
     config::Config,
@@ -66,11 +70,10 @@ impl ParkedJob {
         Self {
             position,
             job_id: job_id_of(props, &d.data),
-            reason: header_text(props, REASON_HEADER).or_else(|| {
-                header_text(props, "x-first-death-reason").map(|r| format!("RabbitMQ dead-lettered it ({r})"))
-            }),
-            source_queue: header_text(props, SOURCE_HEADER).or_else(|| header_text(props, "x-first-death-queue")),
-            dead_lettered_at: header_text(props, DEAD_LETTERED_AT_HEADER),
+            reason: text_of(props, REASON_HEADER)
+                .or_else(|| text_of(props, FIRST_DEATH_REASON).map(|r| format!("RabbitMQ dead-lettered it ({r})"))),
+            source_queue: text_of(props, SOURCE_HEADER).or_else(|| text_of(props, FIRST_DEATH_QUEUE)),
+            dead_lettered_at: text_of(props, DEAD_LETTERED_AT_HEADER),
             size: d.data.len(),
             preview: preview(&d.data, PREVIEW_CHARS),
         }

@@ -30,9 +30,6 @@ use crate::{amqp::AmqpError, store::StoreError, worker::WorkerError};
 
 pub use broker::{QueueInfo, job_id_of};
 
-/// Header the pipeline stamps on a dead-lettered job (the time it was parked, RFC 3339).
-pub const DEAD_LETTERED_AT_HEADER: &str = "x-wxpush-dead-lettered-at";
-
 /// How long one RabbitMQ or Redis round trip may take before the tool gives up on it.
 pub const RPC_TIMEOUT: Duration = Duration::from_secs(15);
 

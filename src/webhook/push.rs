@@ -29,7 +29,11 @@ use super::{
     verify::{AccountKeys, Mode, PushQuery, VerifyError},
 };
 use crate::{
-    amqp::{PublishError, Short, header_str, json_properties},
+    amqp::{
+        PublishError, Short, header_str,
+        headers::{REASON, push},
+        json_properties,
+    },
     backoff::Backoff,
     domain::{
         receipt::{self, Push},
@@ -240,17 +244,17 @@ impl Inner {
         warn!(account = %account.name, %reason, bytes = body.len(), "push cannot be read; parking it in the dead-letter queue");
         let event = format!("dead:{}", hex::encode(Sha1::digest(body)));
         let mut headers = FieldTable::default();
-        headers.insert(ShortString::from("x-wxpush-reason"), header_str(&reason));
-        headers.insert(ShortString::from("x-wxpush-source"), header_str("webhook"));
-        headers.insert(ShortString::from("x-wxpush-account"), header_str(&account.name));
+        headers.insert(ShortString::from(REASON), header_str(&reason));
+        headers.insert(ShortString::from(push::SOURCE), header_str("webhook"));
+        headers.insert(ShortString::from(push::ACCOUNT), header_str(&account.name));
         // Enough to verify (and replay) the push later; none of it is secret.
         for (name, value) in [
-            ("x-wxpush-timestamp", &query.timestamp),
-            ("x-wxpush-nonce", &query.nonce),
-            ("x-wxpush-signature", &query.signature),
-            ("x-wxpush-msg-signature", &query.msg_signature),
-            ("x-wxpush-encrypt-type", &query.encrypt_type),
-            ("x-wxpush-openid", &query.openid),
+            (push::TIMESTAMP, &query.timestamp),
+            (push::NONCE, &query.nonce),
+            (push::SIGNATURE, &query.signature),
+            (push::MSG_SIGNATURE, &query.msg_signature),
+            (push::ENCRYPT_TYPE, &query.encrypt_type),
+            (push::OPENID, &query.openid),
         ] {
             if let Some(v) = value {
                 headers.insert(ShortString::from(name), header_str(v));

@@ -5,7 +5,9 @@ pub use wxpush::{
     amqp::{
         AmqpError, Nodes, ReconnectingPublisher, Topology, dead_letter_queue_args, declare_dead_letter_queue,
         declare_results_exchange, declare_unrouted_queue, header_str,
-        headers::{ATTEMPTS as ATTEMPTS_HEADER, REASON as REASON_HEADER, SOURCE_QUEUE as SOURCE_HEADER},
+        headers::{
+            ATTEMPTS as ATTEMPTS_HEADER, REASON as REASON_HEADER, SOURCE_QUEUE as SOURCE_HEADER, text_of as header_text,
+        },
         json_properties,
         topology::declare_queue,
         unrouted_name,

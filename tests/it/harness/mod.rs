@@ -27,7 +27,7 @@ use lapin::{
     BasicProperties, Channel, Connection, ConnectionProperties, Consumer,
     message::Delivery,
     options::{BasicAckOptions, BasicPublishOptions, ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions},
-    types::{AMQPValue, FieldTable, ShortString},
+    types::{FieldTable, ShortString},
 };
 use metrics_exporter_prometheus::PrometheusHandle;
 use secrecy::SecretString;
@@ -397,14 +397,7 @@ pub async fn delete_redis_prefix(prefix: &str) {
     }
 }
 
-/// Header `name` of a message, as text (values of other types as their debug text).
-pub fn header_text(props: &BasicProperties, name: &str) -> Option<String> {
-    match props.headers().as_ref()?.inner().get(name)? {
-        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
-        AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
-        other => Some(format!("{other:?}")),
-    }
-}
+pub use crate::wx::header_text;
 
 /// The process' metrics recorder, shared by every test (labels of their own keep them apart):
 /// the webhook's exporter (buckets on every histogram) with the worker's HELP texts as well.
