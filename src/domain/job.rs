@@ -134,6 +134,12 @@ pub struct DataItem {
     pub color: Option<String>,
 }
 
+impl crate::domain::subscribe::DataValue for DataItem {
+    fn text(&self) -> Option<std::borrow::Cow<'_, str>> {
+        self.value.text()
+    }
+}
+
 /// Why a job could not be accepted, with the `job_id` when one could be read.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[error("invalid job: {reason}")]
@@ -305,8 +311,7 @@ impl Job {
         if let Some((key, _)) = self.data.iter().find(|(_, item)| item.color.is_some()) {
             return Err(format!("data.{key}.color: subscription messages have no colours"));
         }
-        let values: BTreeMap<String, &Value> = self.data.iter().map(|(k, item)| (k.clone(), &item.value)).collect();
-        crate::domain::subscribe::validate_data(&values).map_err(|e| e.to_string())
+        crate::domain::subscribe::validate_data(&self.data).map_err(|e| e.to_string())
     }
 }
 

@@ -12,8 +12,9 @@ use chrono::Utc;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
-use super::{jittered, metrics::Metrics, sleep_or_cancel};
+use super::{metrics::Metrics, sleep_or_cancel};
 use crate::{
+    backoff::jittered,
     config::{Account, Config},
     domain::{
         calendar::QuotaDay,

@@ -138,8 +138,6 @@ async fn drain(shared: &Shared, grace: Duration) {
     }
 }
 
-pub(crate) use crate::backoff::jittered;
-
 /// Sleeps unless cancelled first; returns false when cancelled.
 pub(crate) async fn sleep_or_cancel(cancel: &CancellationToken, d: Duration) -> bool {
     tokio::select! {

@@ -31,7 +31,6 @@ use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use super::{
     admission::{Gate, RateGate},
-    jittered,
     metrics::Metrics,
     pauses::Pauses,
     settle::{Disposition, Published, Settlement, Settler},
@@ -40,12 +39,13 @@ use super::{
 };
 use crate::{
     amqp::{Publisher, Topology, headers},
+    backoff::jittered,
     config::{Account, Config},
     domain::{
         calendar::QuotaDay,
         errcode::{self, Action},
         job::{self, Job, JobKind, MAX_JOB_BYTES},
-        outcome::{Answer, Outcome, Policy, decide},
+        outcome::{Answer, Outcome, Policy, decide, later},
         result::SendResult,
     },
     store::{Redis, ledger::Claim, limits::Pause},
@@ -162,7 +162,7 @@ impl Pipeline {
         if let Some((left, pause)) = self.pauses.of(account).await {
             debug!(why = %pause.why, "account paused; the job waits in a delay queue");
             return match pause.parked {
-                true => Settlement::park(&job, chrono_later(left), attempts, pause.why),
+                true => Settlement::park(&job, later(Utc::now(), left), attempts, pause.why),
                 false => Settlement::Delay { after: left, attempts, why: pause.why },
             };
         }
@@ -506,10 +506,6 @@ fn recorded_result(job: &Job, recorded: Vec<u8>) -> Settlement {
             Settlement::publish(SendResult::failed(job, None, None, "ledger record unreadable".into(), 0))
         }
     }
-}
-
-fn chrono_later(left: Duration) -> chrono::DateTime<Utc> {
-    crate::domain::outcome::later(Utc::now(), left)
 }
 
 /// A delivery refused for its size, without its body.
